@@ -1,0 +1,35 @@
+# Fresh machine: `make demo` runs the main job, `make test` runs the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build on these machines.
+TORCH_VERSION := 2.13.0
+
+.PHONY: test demo lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch-$(TORCH_VERSION): | $(BIN)/python
+	$(BIN)/pip install "torch==$(TORCH_VERSION)"
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+$(VENV)/.compare-installed: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
+	$(BIN)/pip install -e ".[compare]"
+	touch $@
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check src tests benchmarks examples
+
+test: lint
+	$(BIN)/python -m pytest -n 2
+
+demo: $(VENV)/.compare-installed
+	$(BIN)/python examples/quickstart.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

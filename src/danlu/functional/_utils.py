@@ -1,0 +1,40 @@
+"""Helpers shared by the functional cores: foreach choice and device/dtype grouping."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["group_by_device_and_dtype", "resolve_foreach"]
+
+
+def resolve_foreach(foreach: bool | None, tensors: Sequence[Tensor]) -> bool:
+    """``foreach=None`` picks the way torch.optim does: foreach when every tensor is a plain
+    tensor on a device with foreach kernels (CUDA and friends), the for-loop otherwise."""
+    if foreach is not None:
+        return foreach
+    if torch.jit.is_scripting() or not tensors:
+        return False
+    try:
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+    except ImportError:  # pragma: no cover - torch moved the helper
+        return all(t.device.type == "cuda" for t in tensors)
+    _, use_foreach = _default_to_fused_or_foreach(list(tensors), differentiable=False)
+    return bool(use_foreach)
+
+
+def group_by_device_and_dtype(
+    tensor_lists: Sequence[Sequence[Tensor]],
+) -> Iterator[tuple[list[list[Tensor]], list[int]]]:
+    """Split parallel tensor lists by the (device, dtype) of the first list.
+
+    Yields ``(lists, indices)`` where ``lists[j]`` holds the members of ``tensor_lists[j]``
+    whose position is in ``indices``; foreach kernels need one device and dtype per call.
+    """
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensor_lists[0]):
+        buckets.setdefault((t.device, t.dtype), []).append(i)
+    for indices in buckets.values():
+        yield [[lst[i] for i in indices] for lst in tensor_lists], indices

@@ -1,0 +1,93 @@
+"""Lion, SPEC.md §1(a): the math only, tensors in, tensors updated in place.
+
+    c_t = β1·m_{t-1} + (1-β1)·g_t
+    θ_t = θ_{t-1} - η·(sign(c_t) + λ·θ_{t-1})
+    m_t = β2·m_{t-1} + (1-β2)·g_t
+
+Decay uses the old parameter and is multiplied by the lr (google/automl lion_pytorch.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
+
+__all__ = ["lion"]
+
+
+def lion(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool = False,
+    foreach: bool | None = None,
+) -> None:
+    """One Lion step on each (param, grad, exp_avg) triple; updates params and exp_avgs."""
+    if not params:
+        return
+    fn = _multi_tensor_lion if resolve_foreach(foreach, params) else _single_tensor_lion
+    fn(
+        list(params),
+        list(grads),
+        list(exp_avgs),
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        maximize=maximize,
+    )
+
+
+def _single_tensor_lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
+        if maximize:
+            grad = -grad
+        update = torch.lerp(exp_avg, grad, 1 - beta1).sign_()
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        param.sub_(update.mul_(lr))
+        exp_avg.lerp_(grad, 1 - beta2)
+
+
+def _multi_tensor_lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    for (device_params, device_grads, device_exp_avgs), _ in group_by_device_and_dtype(
+        [params, grads, exp_avgs]
+    ):
+        if maximize:
+            device_grads = torch._foreach_neg(device_grads)
+        updates = torch._foreach_lerp(device_exp_avgs, device_grads, 1 - beta1)
+        torch._foreach_sign_(updates)
+        if weight_decay != 0:
+            torch._foreach_mul_(device_params, 1 - lr * weight_decay)
+        torch._foreach_mul_(updates, lr)
+        torch._foreach_sub_(device_params, updates)
+        torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta2)

@@ -1,0 +1,168 @@
+"""Tiger, SPEC.md §2(a): the math only, tensors in, tensors updated in place.
+
+One call is one micro-step of the reference code (bojone/tiger tiger.py). With
+``grad_accum_steps = k`` the momentum decays by β on the first micro-step of a window, adds
+(1-β)·g/k on every micro-step, and the parameters move only on the last one::
+
+    m ← β'·m + (1-β)/k · g                   β' = β on a window's first micro-step, else 1
+    θ ← θ - η·(sign(m) + λ·θ)                only on a window's last micro-step
+
+with the per-kind step size (the reference code's name rules, as explicit kinds):
+
+* ``"elementwise"`` (biases, norm gains): η = 0.5·α and λ = 0;
+* ``"matrix"``: η = α·max(RMS(θ), rms_floor), RMS over the whole tensor;
+* ``"embedding"``: η = α·max(RMS(θ_row), rms_floor), one RMS per row (last axis).
+
+The decay is multiplied by the same η, RMS factor included, as in the reference code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
+
+__all__ = ["KINDS", "tiger", "tiger_step_size"]
+
+KINDS = ("matrix", "elementwise", "embedding")
+
+
+def tiger_step_size(
+    param: Tensor, *, lr: float | Tensor, kind: str, rms_floor: float
+) -> float | Tensor:
+    """η for one tensor: 0.5·α, α·max(RMS(θ), floor), or a column of per-row values."""
+    if kind == "elementwise":
+        return 0.5 * lr
+    dtype = torch.promote_types(param.dtype, torch.float32)
+    if kind == "matrix":
+        rms = torch.linalg.vector_norm(param, dtype=dtype) / math.sqrt(max(param.numel(), 1))
+    elif kind == "embedding":
+        width = param.shape[-1] if param.dim() > 0 else 1
+        rms = torch.linalg.vector_norm(param, dim=-1, keepdim=True, dtype=dtype) / math.sqrt(
+            max(width, 1)
+        )
+    else:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return rms.clamp_min_(rms_floor).mul_(lr)
+
+
+def tiger(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta: float,
+    weight_decay: float,
+    kind: str,
+    rms_floor: float,
+    grad_accum_steps: int = 1,
+    first_micro_step: bool = True,
+    last_micro_step: bool = True,
+    maximize: bool = False,
+    foreach: bool | None = None,
+) -> None:
+    """One Tiger micro-step on tensors of one ``kind``; updates exp_avgs and (on the last
+    micro-step of a window) params."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not params:
+        return
+    fn = _multi_tensor_tiger if resolve_foreach(foreach, params) else _single_tensor_tiger
+    fn(
+        list(params),
+        list(grads),
+        list(exp_avgs),
+        lr=lr,
+        beta=beta,
+        weight_decay=0.0 if kind == "elementwise" else weight_decay,
+        kind=kind,
+        rms_floor=rms_floor,
+        grad_accum_steps=grad_accum_steps,
+        first_micro_step=first_micro_step,
+        last_micro_step=last_micro_step,
+        maximize=maximize,
+    )
+
+
+def _single_tensor_tiger(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta: float,
+    weight_decay: float,
+    kind: str,
+    rms_floor: float,
+    grad_accum_steps: int,
+    first_micro_step: bool,
+    last_micro_step: bool,
+    maximize: bool,
+) -> None:
+    for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
+        if maximize:
+            grad = -grad
+        if grad_accum_steps == 1:
+            exp_avg.lerp_(grad, 1 - beta)
+        else:
+            if first_micro_step:
+                exp_avg.mul_(beta)
+            exp_avg.add_(grad, alpha=(1 - beta) / grad_accum_steps)
+        if not last_micro_step:
+            continue
+        step_size = tiger_step_size(param, lr=lr, kind=kind, rms_floor=rms_floor)
+        update = torch.sign(exp_avg)
+        if weight_decay != 0:
+            update.add_(param, alpha=weight_decay)
+        param.sub_(update.mul_(step_size))
+
+
+def _multi_tensor_tiger(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta: float,
+    weight_decay: float,
+    kind: str,
+    rms_floor: float,
+    grad_accum_steps: int,
+    first_micro_step: bool,
+    last_micro_step: bool,
+    maximize: bool,
+) -> None:
+    for (device_params, device_grads, device_exp_avgs), _ in group_by_device_and_dtype(
+        [params, grads, exp_avgs]
+    ):
+        if maximize:
+            device_grads = torch._foreach_neg(device_grads)
+        if grad_accum_steps == 1:
+            torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta)
+        else:
+            if first_micro_step:
+                torch._foreach_mul_(device_exp_avgs, beta)
+            torch._foreach_add_(device_exp_avgs, device_grads, alpha=(1 - beta) / grad_accum_steps)
+        if not last_micro_step:
+            continue
+        updates = torch._foreach_sign(device_exp_avgs)
+        if weight_decay != 0:
+            torch._foreach_add_(updates, device_params, alpha=weight_decay)
+        if kind == "elementwise":
+            torch._foreach_mul_(updates, 0.5 * lr)
+        elif kind == "matrix":
+            dtype = torch.promote_types(device_params[0].dtype, torch.float32)
+            norms = list(torch._foreach_norm(device_params, 2, dtype=dtype))
+            torch._foreach_div_(norms, [math.sqrt(max(p.numel(), 1)) for p in device_params])
+            torch._foreach_clamp_min_(norms, rms_floor)
+            torch._foreach_mul_(norms, lr)
+            torch._foreach_mul_(updates, norms)
+        else:
+            for update, param in zip(updates, device_params, strict=True):
+                update.mul_(tiger_step_size(param, lr=lr, kind=kind, rms_floor=rms_floor))
+        torch._foreach_sub_(device_params, updates)

@@ -1,0 +1,6 @@
+"""danlu's optimizers: thin shells over ``danlu.functional``."""
+
+from danlu.optim.lion import Lion
+from danlu.optim.tiger import Tiger
+
+__all__ = ["Lion", "Tiger"]

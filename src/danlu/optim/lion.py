@@ -1,0 +1,99 @@
+"""The Lion optimizer shell, SPEC.md §1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from danlu.functional.lion import lion
+from danlu.optim._base import (
+    DanluOptimizer,
+    GroupTensors,
+    ParamsT,
+    check_beta,
+    check_choice,
+    check_foreach,
+    check_non_negative,
+)
+
+__all__ = ["Lion"]
+
+
+class Lion(DanluOptimizer):
+    r"""Lion (EvoLved Sign Momentum), SPEC.md §1; Chen et al. 2023 (arXiv 2302.06675); kexue 9473.
+
+    .. math::
+        c_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+        \theta_t = \theta_{t-1} - \eta\,(\mathrm{sign}(c_t) + \lambda\theta_{t-1}),\quad
+        m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t
+
+    Defaults are google/automl's ``lion_pytorch.py``: ``lr=1e-4``, ``betas=(0.9, 0.99)``,
+    ``weight_decay=0``. Weight decay uses the old parameter and is multiplied by the lr (so
+    when moving from AdamW, divide the lr by 3-10 and multiply weight_decay by the same factor;
+    ``danlu.recipes.adamw_to_lion``). For language models the paper uses ``betas=(0.95, 0.98)``.
+
+    State: one momentum buffer ``exp_avg`` per parameter (4 bytes per fp32 parameter), the same
+    key and layout as ``lion_pytorch.Lion``. Lion cannot hide gradient accumulation in its
+    momentum (SPEC §1(c)); wrap it in ``danlu.GradientAccumulation`` or use ``danlu.Tiger``.
+
+    Args:
+        params: parameters, named parameters or param groups.
+        lr: step size η (≥ 0).
+        betas: (β1, β2), each in [0, 1): interpolation for the update and momentum decay.
+        weight_decay: decoupled decay λ (≥ 0), applied as θ·(1 − ηλ).
+        maximize: ascend instead of descend (the user's gradients are not modified).
+        foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
+    """
+
+    _display_name = "danlu.Lion"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | torch.Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "foreach": foreach,
+        }
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any], *, where: str) -> None:
+        check_non_negative(f"{where}lr", group["lr"])
+        betas = group["betas"]
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
+        check_beta(f"{where}betas[0]", betas[0])
+        check_beta(f"{where}betas[1]", betas[1])
+        check_non_negative(f"{where}weight_decay", group["weight_decay"])
+        check_choice(f"{where}maximize", group["maximize"], (False, True))
+        check_foreach(group["foreach"])
+
+    def _step(self, gathered: list[GroupTensors]) -> None:
+        for work in gathered:
+            group = work.group
+            exp_avgs = [
+                self._state_tensor(p, "exp_avg", lambda p=p: torch.zeros_like(p))
+                for p in work.params
+            ]
+            beta1, beta2 = group["betas"]
+            lion(
+                work.params,
+                work.grads,
+                exp_avgs,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+            )

@@ -1,0 +1,217 @@
+"""The Tiger optimizer shell, SPEC.md §2 (and §3 for the accumulation hidden in momentum)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from danlu.functional.nonfinite import finite_flags, shrink_
+from danlu.functional.tiger import KINDS, tiger
+from danlu.optim._base import (
+    DanluOptimizer,
+    GroupTensors,
+    ParamsT,
+    check_beta,
+    check_choice,
+    check_foreach,
+    check_in_range,
+    check_int_at_least,
+    check_non_negative,
+)
+
+__all__ = ["NONFINITE_MODES", "NONFINITE_SCOPES", "Tiger"]
+
+NONFINITE_MODES = ("shrink", "skip", "raise")
+NONFINITE_SCOPES = ("tensor", "global")
+
+
+def default_kind(param: Tensor) -> str:
+    """The fallback when a group has no ``kind``: ndim ≤ 1 → elementwise, otherwise matrix."""
+    return "elementwise" if param.dim() <= 1 else "matrix"
+
+
+class Tiger(DanluOptimizer):
+    r"""Tiger (Tight-fisted Optimizer), SPEC.md §2; kexue 9512; code bojone/tiger.
+
+    .. math::
+        m_t = \beta m_{t-1} + (1-\beta) g_t,\qquad
+        \theta_t = \theta_{t-1} - \eta_t\,[\mathrm{sign}(m_t) + \lambda\theta_{t-1}]
+
+    ``lr`` is the global *relative* step α; the absolute step η depends on the param group's
+    ``kind`` (see ``danlu.param_groups``, which tags groups for you):
+
+    * ``"elementwise"`` (biases, norm gains): η = 0.5·α and no weight decay;
+    * ``"matrix"``: η = α·max(RMS(θ), rms_floor), the RMS of the whole tensor;
+    * ``"embedding"``: η = α·max(RMS(row), rms_floor), one RMS per row.
+
+    A group without ``kind`` falls back to: ndim ≤ 1 → elementwise, otherwise matrix. A group's
+    ``center`` (default 0; 1 for norm gains) is where ``"shrink"`` pulls the parameter.
+
+    **Gradient accumulation inside the momentum** (SPEC §3): with ``grad_accum_steps=k`` call
+    ``step()`` after every micro-batch; the momentum decays by β on the first micro-step of each
+    window, adds (1-β)·g/k on every micro-step, and parameters move only on the k-th. This is
+    exactly Tiger with k = 1 on the mean of the k micro-batch gradients, with no extra buffer:
+    the state stays one momentum per parameter.
+
+    **Non-finite gradients** (checked with ``isfinite``, so ±Inf too):
+    ``"shrink"`` leaves the momentum as it is and sets θ ← (θ − c)·s + c (s = shrink_ratio);
+    ``"skip"`` leaves θ and the momentum untouched; ``"raise"`` raises FloatingPointError naming
+    the parameter and modifies nothing. ``nonfinite_scope="tensor"`` acts per tensor (the
+    reference code); ``"global"`` treats every tensor as non-finite when any is (like AMP's
+    GradScaler). The micro-step counter advances either way, so windows stay aligned.
+
+    Defaults are the reference code's (``lr=1e-3``, ``beta=0.965``, ``weight_decay=0.01``,
+    ``shrink_ratio=0.99``). The blog recommends α between 1e-3 and 2e-3, β = 0.945 for vision
+    and 0.965 for language; LAMB learning rates carry over unchanged.
+
+    Deviations from the reference:
+        * ``rms_floor=1e-3``: the RMS factor is max(RMS, rms_floor), so a zero-initialised
+          matrix (or embedding row) still trains; the reference has no floor and such a matrix
+          never moves. ``rms_floor=0`` gives the reference behaviour.
+        * non-finite detection uses ``isfinite`` (the reference: ``isnan``, so Inf passed).
+        * parameter kinds are explicit group tags instead of name regexes.
+
+    Args:
+        params: parameters, named parameters or param groups (keys ``kind``, ``center``).
+        lr: global relative step α (≥ 0); works with ``torch.optim.lr_scheduler`` and
+            ``danlu.schedules.PiecewiseLinearLR``.
+        beta: momentum coefficient in [0, 1).
+        weight_decay: decoupled decay λ (≥ 0), multiplied by η (RMS factor included).
+        grad_accum_steps: micro-steps per update (integer ≥ 1).
+        shrink_ratio: s in (0, 1] for ``nonfinite="shrink"``.
+        nonfinite: ``"shrink"``, ``"skip"`` or ``"raise"``.
+        nonfinite_scope: ``"tensor"`` or ``"global"``.
+        rms_floor: lower bound (≥ 0) of the RMS factor.
+        maximize: ascend instead of descend (the user's gradients are not modified).
+        foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
+    """
+
+    _display_name = "danlu.Tiger"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        beta: float = 0.965,
+        weight_decay: float = 0.01,
+        *,
+        grad_accum_steps: int = 1,
+        shrink_ratio: float = 0.99,
+        nonfinite: str = "shrink",
+        nonfinite_scope: str = "tensor",
+        rms_floor: float = 1e-3,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "beta": beta,
+            "weight_decay": weight_decay,
+            "grad_accum_steps": grad_accum_steps,
+            "shrink_ratio": shrink_ratio,
+            "nonfinite": nonfinite,
+            "nonfinite_scope": nonfinite_scope,
+            "rms_floor": rms_floor,
+            "kind": None,
+            "center": 0.0,
+            "maximize": maximize,
+            "foreach": foreach,
+        }
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any], *, where: str) -> None:
+        check_non_negative(f"{where}lr", group["lr"])
+        check_beta(f"{where}beta", group["beta"])
+        check_non_negative(f"{where}weight_decay", group["weight_decay"])
+        check_int_at_least(f"{where}grad_accum_steps", group["grad_accum_steps"], 1)
+        check_in_range(
+            f"{where}shrink_ratio", group["shrink_ratio"], 0.0, 1.0, low_open=True, high_open=False
+        )
+        check_choice(f"{where}nonfinite", group["nonfinite"], NONFINITE_MODES)
+        check_choice(f"{where}nonfinite_scope", group["nonfinite_scope"], NONFINITE_SCOPES)
+        check_non_negative(f"{where}rms_floor", group["rms_floor"])
+        check_choice(f"{where}kind", group["kind"], (None, *KINDS))
+        center = group["center"]
+        if (
+            isinstance(center, bool)
+            or not isinstance(center, int | float)
+            or not math.isfinite(center)
+        ):
+            raise ValueError(f"{where}center must be a finite float, got {center!r}")
+        check_choice(f"{where}maximize", group["maximize"], (False, True))
+        check_foreach(group["foreach"])
+
+    def _step(self, gathered: list[GroupTensors]) -> None:
+        # Phase 1: decide, without writing anything, which tensors have non-finite gradients.
+        flags = [finite_flags(work.grads) for work in gathered]
+        any_bad = not all(all(f) for f in flags)
+        for work, group_flags in zip(gathered, flags, strict=True):
+            if any_bad and work.group["nonfinite_scope"] == "global":
+                group_flags[:] = [False] * len(group_flags)
+        bad_names = [
+            name
+            for work, group_flags in zip(gathered, flags, strict=True)
+            if work.group["nonfinite"] == "raise"
+            for name, ok in zip(work.names, group_flags, strict=True)
+            if not ok
+        ]
+        if bad_names:
+            raise FloatingPointError(
+                "danlu.Tiger: non-finite gradient in "
+                + ", ".join(bad_names)
+                + " (nonfinite='raise'; nothing was modified)"
+            )
+        # Phase 2: update.
+        for work, group_flags in zip(gathered, flags, strict=True):
+            self._step_group(work, group_flags)
+
+    def _step_group(self, work: GroupTensors, group_flags: list[bool]) -> None:
+        group = work.group
+        k = group["grad_accum_steps"]
+        partitions: dict[tuple[str, bool, bool], tuple[list[Tensor], list[Tensor], list[Tensor]]]
+        partitions = {}
+        shrink: list[Tensor] = []
+        steps: list[Tensor] = []
+        for p, g, ok in zip(work.params, work.grads, group_flags, strict=True):
+            exp_avg = self._state_tensor(p, "exp_avg", lambda p=p: torch.zeros_like(p))
+            step = self._state_tensor(p, "step", lambda: torch.tensor(0.0, dtype=torch.float32))
+            steps.append(step)
+            if not ok:
+                if group["nonfinite"] == "shrink":
+                    shrink.append(p)
+                continue
+            if p.numel() == 0:
+                continue
+            if k == 1:
+                first = last = True
+            else:
+                t = int(step.item())
+                first, last = t % k == 0, (t + 1) % k == 0
+            kind = group["kind"] or default_kind(p)
+            bucket = partitions.setdefault((kind, first, last), ([], [], []))
+            bucket[0].append(p)
+            bucket[1].append(g)
+            bucket[2].append(exp_avg)
+        for (kind, first, last), (params, grads, exp_avgs) in partitions.items():
+            tiger(
+                params,
+                grads,
+                exp_avgs,
+                lr=group["lr"],
+                beta=group["beta"],
+                weight_decay=group["weight_decay"],
+                kind=kind,
+                rms_floor=group["rms_floor"],
+                grad_accum_steps=k,
+                first_micro_step=first,
+                last_micro_step=last,
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+            )
+        if shrink:
+            shrink_(shrink, center=float(group["center"]), ratio=group["shrink_ratio"])
+        if steps:
+            torch._foreach_add_(steps, 1.0)

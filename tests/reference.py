@@ -1,0 +1,56 @@
+"""Independent NumPy float64 re-implementations of the algorithms, written from SPEC.md.
+
+These never call danlu; tests compare danlu against them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def lion_step(theta, m, g, *, lr, beta1, beta2, wd):
+    """SPEC §1(a). Returns (theta, m)."""
+    theta, m, g = (np.asarray(x, dtype=np.float64) for x in (theta, m, g))
+    c = beta1 * m + (1 - beta1) * g
+    new_theta = theta - lr * (np.sign(c) + wd * theta)
+    new_m = beta2 * m + (1 - beta2) * g
+    return new_theta, new_m
+
+
+def tiger_eta(theta, *, lr, kind, rms_floor):
+    theta = np.asarray(theta, dtype=np.float64)
+    if kind == "elementwise":
+        return 0.5 * lr
+    if kind == "matrix":
+        return lr * max(np.sqrt(np.mean(theta**2)), rms_floor)
+    rms_rows = np.sqrt(np.mean(theta**2, axis=-1, keepdims=True))
+    return lr * np.maximum(rms_rows, rms_floor)
+
+
+def tiger_step(theta, m, g, *, lr, beta, wd, kind, rms_floor=0.0):
+    """SPEC §2(a), k = 1, written as the reference code: u = (sign(m) + d·θ)·η."""
+    theta, m, g = (np.asarray(x, dtype=np.float64) for x in (theta, m, g))
+    if kind == "elementwise":
+        wd = 0.0
+    new_m = beta * m + (1 - beta) * g
+    eta = tiger_eta(theta, lr=lr, kind=kind, rms_floor=rms_floor)
+    new_theta = theta - eta * (np.sign(new_m) + wd * theta)
+    return new_theta, new_m
+
+
+def tiger_accumulated(theta, micro_grads, *, k, lr, beta, wd, kind, rms_floor=0.0):
+    """SPEC §2(a)/§3(a) literally, 1-based t: decay at the first micro-step of each window,
+    add (1-β)g/k every micro-step, update when k | t. Returns the (θ, m) history per micro-step."""
+    theta = np.asarray(theta, dtype=np.float64)
+    m = np.zeros_like(theta)
+    history = []
+    for t, g in enumerate(micro_grads, start=1):
+        g = np.asarray(g, dtype=np.float64)
+        decay = beta if (t - 1) % k == 0 else 1.0
+        m = decay * m + (1 - beta) / k * g
+        if t % k == 0:
+            w = 0.0 if kind == "elementwise" else wd
+            eta = tiger_eta(theta, lr=lr, kind=kind, rms_floor=rms_floor)
+            theta = theta - eta * (np.sign(m) + w * theta)
+        history.append((theta.copy(), m.copy()))
+    return history
