@@ -23,7 +23,7 @@ $(VENV)/.compare-installed: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
 	touch $@
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest -n 2
