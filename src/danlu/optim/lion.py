@@ -16,6 +16,7 @@ from danlu.optim._base import (
     check_foreach,
     check_non_negative,
 )
+from danlu.registry import register
 
 __all__ = ["Lion"]
 
@@ -97,3 +98,13 @@ class Lion(DanluOptimizer):
                 maximize=group["maximize"],
                 foreach=group["foreach"],
             )
+
+
+register(
+    "lion",
+    Lion,
+    spec_section="§1",
+    summary="sign of an interpolated momentum, decoupled decay (Chen et al. 2023)",
+    state_bytes="4",
+    state_bytes_accum="8",
+)

@@ -21,6 +21,7 @@ from danlu.optim._base import (
     check_int_at_least,
     check_non_negative,
 )
+from danlu.registry import register
 
 __all__ = ["NONFINITE_MODES", "NONFINITE_SCOPES", "Tiger"]
 
@@ -215,3 +216,13 @@ class Tiger(DanluOptimizer):
             shrink_(shrink, center=float(group["center"]), ratio=group["shrink_ratio"])
         if steps:
             torch._foreach_add_(steps, 1.0)
+
+
+register(
+    "tiger",
+    Tiger,
+    spec_section="§2",
+    summary="Lion with β1 = β2, RMS-relative lr, accumulation inside the momentum",
+    state_bytes="4",
+    state_bytes_accum="4",
+)
