@@ -38,3 +38,38 @@ def group_by_device_and_dtype(
         buckets.setdefault((t.device, t.dtype), []).append(i)
     for indices in buckets.values():
         yield [[lst[i] for i in indices] for lst in tensor_lists], indices
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run (CUDA and an importable triton)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_path(foreach: bool | None, fused: bool | None, tensors: Sequence[Tensor]) -> str:
+    """Which implementation runs: "triton", "compiled", "foreach", "chunked" or "single".
+
+    * ``fused=True``: Triton kernels on CUDA when triton imports, otherwise the foreach math
+      compiled by ``torch.compile`` (the CPU fast path; the first call compiles).
+    * ``fused=None`` (default): Triton on CUDA when available; else ``foreach`` as torch.optim
+      would choose it; else, on CPU, the chunked for-loop (the single-tensor math applied to
+      cache-sized slices: bit-identical, no parameter-sized temporaries).
+    * ``fused=False``: never a fused kernel.
+    """
+    if foreach and fused:
+        raise ValueError("foreach and fused cannot both be True")
+    on_cuda = bool(tensors) and all(t.device.type == "cuda" for t in tensors)
+    if fused:
+        return "triton" if on_cuda and triton_available() else "compiled"
+    if fused is None and foreach is None and on_cuda and triton_available():
+        return "triton"
+    if resolve_foreach(foreach, tensors):
+        return "foreach"
+    if tensors and all(t.device.type == "cpu" for t in tensors):
+        return "chunked"
+    return "single"

@@ -9,12 +9,12 @@ Decay uses the old parameter and is multiplied by the lr (google/automl lion_pyt
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
+from danlu.functional._utils import group_by_device_and_dtype, select_path
 
 __all__ = ["lion"]
 
@@ -30,11 +30,16 @@ def lion(
     weight_decay: float,
     maximize: bool = False,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> None:
-    """One Lion step on each (param, grad, exp_avg) triple; updates params and exp_avgs."""
+    """One Lion step on each (param, grad, exp_avg) triple; updates params and exp_avgs.
+
+    ``foreach``/``fused`` choose the implementation (see ``functional._utils.select_path``);
+    all of them compute the same update.
+    """
     if not params:
         return
-    fn = _multi_tensor_lion if resolve_foreach(foreach, params) else _single_tensor_lion
+    fn = _implementation(select_path(foreach, fused, params))
     fn(
         list(params),
         list(grads),
@@ -45,6 +50,24 @@ def lion(
         weight_decay=weight_decay,
         maximize=maximize,
     )
+
+
+def _implementation(path: str) -> Callable[..., None]:
+    if path == "single":
+        return _single_tensor_lion
+    if path == "foreach":
+        return _multi_tensor_lion
+    if path == "chunked":
+        from danlu.kernels.chunked import lion_chunked
+
+        return lion_chunked
+    if path == "compiled":
+        from danlu.kernels.compiled import lion_compiled
+
+        return lion_compiled
+    from danlu.kernels.triton_lion import lion_triton
+
+    return lion_triton
 
 
 def _single_tensor_lion(

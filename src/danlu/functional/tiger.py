@@ -19,12 +19,12 @@ The decay is multiplied by the same η, RMS factor included, as in the reference
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
+from danlu.functional._utils import group_by_device_and_dtype, select_path
 
 __all__ = ["KINDS", "tiger", "tiger_step_size"]
 
@@ -65,14 +65,16 @@ def tiger(
     last_micro_step: bool = True,
     maximize: bool = False,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> None:
     """One Tiger micro-step on tensors of one ``kind``; updates exp_avgs and (on the last
-    micro-step of a window) params."""
+    micro-step of a window) params. ``foreach``/``fused`` choose the implementation (see
+    ``functional._utils.select_path``); all of them compute the same update."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not params:
         return
-    fn = _multi_tensor_tiger if resolve_foreach(foreach, params) else _single_tensor_tiger
+    fn = _implementation(select_path(foreach, fused, params))
     fn(
         list(params),
         list(grads),
@@ -87,6 +89,24 @@ def tiger(
         last_micro_step=last_micro_step,
         maximize=maximize,
     )
+
+
+def _implementation(path: str) -> Callable[..., None]:
+    if path == "single":
+        return _single_tensor_tiger
+    if path == "foreach":
+        return _multi_tensor_tiger
+    if path == "chunked":
+        from danlu.kernels.chunked import tiger_chunked
+
+        return tiger_chunked
+    if path == "compiled":
+        from danlu.kernels.compiled import tiger_compiled
+
+        return tiger_compiled
+    from danlu.kernels.triton_tiger import tiger_triton
+
+    return tiger_triton
 
 
 def _single_tensor_tiger(

@@ -87,6 +87,16 @@ def check_foreach(value: Any) -> None:
         raise ValueError(f"foreach must be None, True or False, got {value!r}")
 
 
+def check_implementation(group: dict[str, Any], *, where: str = "") -> None:
+    """``foreach`` and ``fused`` are None, True or False, and not both True (as torch.optim)."""
+    for key in ("foreach", "fused"):
+        value = group.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{where}{key} must be None, True or False, got {value!r}")
+    if group.get("foreach") and group.get("fused"):
+        raise ValueError(f"{where}foreach and fused cannot both be True")
+
+
 # ----------------------------------------------------------------------------------------------
 
 

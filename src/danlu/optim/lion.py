@@ -13,7 +13,7 @@ from danlu.optim._base import (
     ParamsT,
     check_beta,
     check_choice,
-    check_foreach,
+    check_implementation,
     check_non_negative,
 )
 from danlu.registry import register
@@ -45,6 +45,10 @@ class Lion(DanluOptimizer):
         weight_decay: decoupled decay λ (≥ 0), applied as θ·(1 − ηλ).
         maximize: ascend instead of descend (the user's gradients are not modified).
         foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
+        fused: ``True`` runs the fused kernel (Triton on CUDA; on CPU the foreach math
+            compiled with ``torch.compile``, which compiles on the first step); ``None``
+            (default) uses Triton on CUDA when available and, on CPU, the chunked for-loop
+            (bit-identical to the single-tensor math, no parameter-sized temporaries).
     """
 
     _display_name = "danlu.Lion"
@@ -58,6 +62,7 @@ class Lion(DanluOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -65,6 +70,7 @@ class Lion(DanluOptimizer):
             "weight_decay": weight_decay,
             "maximize": maximize,
             "foreach": foreach,
+            "fused": fused,
         }
         super().__init__(params, defaults)
 
@@ -77,7 +83,7 @@ class Lion(DanluOptimizer):
         check_beta(f"{where}betas[1]", betas[1])
         check_non_negative(f"{where}weight_decay", group["weight_decay"])
         check_choice(f"{where}maximize", group["maximize"], (False, True))
-        check_foreach(group["foreach"])
+        check_implementation(group, where=where)
 
     def _step(self, gathered: list[GroupTensors]) -> None:
         for work in gathered:
@@ -97,6 +103,7 @@ class Lion(DanluOptimizer):
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
                 foreach=group["foreach"],
+                fused=group["fused"],
             )
 
 

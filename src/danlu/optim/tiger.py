@@ -16,7 +16,7 @@ from danlu.optim._base import (
     ParamsT,
     check_beta,
     check_choice,
-    check_foreach,
+    check_implementation,
     check_in_range,
     check_int_at_least,
     check_non_negative,
@@ -88,6 +88,10 @@ class Tiger(DanluOptimizer):
         rms_floor: lower bound (≥ 0) of the RMS factor.
         maximize: ascend instead of descend (the user's gradients are not modified).
         foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
+        fused: ``True`` runs the fused kernel (Triton on CUDA; on CPU the foreach math
+            compiled with ``torch.compile``, which compiles on the first step); ``None``
+            (default) uses Triton on CUDA when available and, on CPU, the chunked for-loop
+            (bit-identical to the single-tensor math, no parameter-sized temporaries).
     """
 
     _display_name = "danlu.Tiger"
@@ -106,6 +110,7 @@ class Tiger(DanluOptimizer):
         rms_floor: float = 1e-3,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -120,6 +125,7 @@ class Tiger(DanluOptimizer):
             "center": 0.0,
             "maximize": maximize,
             "foreach": foreach,
+            "fused": fused,
         }
         super().__init__(params, defaults)
 
@@ -143,7 +149,7 @@ class Tiger(DanluOptimizer):
         ):
             raise ValueError(f"{where}center must be a finite float, got {center!r}")
         check_choice(f"{where}maximize", group["maximize"], (False, True))
-        check_foreach(group["foreach"])
+        check_implementation(group, where=where)
 
     def _step(self, gathered: list[GroupTensors]) -> None:
         # Phase 1: decide, without writing anything, which tensors have non-finite gradients.
@@ -211,6 +217,7 @@ class Tiger(DanluOptimizer):
                 last_micro_step=last,
                 maximize=group["maximize"],
                 foreach=group["foreach"],
+                fused=group["fused"],
             )
         if shrink:
             shrink_(shrink, center=float(group["center"]), ratio=group["shrink_ratio"])

@@ -1,0 +1,158 @@
+"""The CPU for-loop path: the single-tensor math applied to cache-sized slices.
+
+Each tensor is processed in slices of ``CHUNK`` elements with reusable scratch buffers, so
+every byte of p, g and m comes from memory once and stays in cache for the few elementwise
+ops of the update; no parameter-sized temporary is allocated. The ops are those of
+``functional/<name>._single_tensor_<name>``, elementwise and in the same order, so the
+results are bit-identical to it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["CHUNK", "lion_chunked", "tiger_chunked"]
+
+#: Elements per slice: a few tensors × 1 MiB (fp32) sit in the L2/L3 caches of common CPUs.
+CHUNK = 1 << 18
+
+_scratch: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
+
+
+def scratch_buffer(like: Tensor, size: int, slot: int = 0) -> Tensor:
+    """A reusable 1-D buffer of at least ``size`` elements (one per device, dtype and slot)."""
+    key = (like.device, like.dtype, slot)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < size:
+        buf = torch.empty(size, dtype=like.dtype, device=like.device)
+        _scratch[key] = buf
+    return buf[:size]
+
+
+def _slices(t: Tensor, size: int) -> list[Tensor]:
+    flat = t.view(-1)
+    return [flat[i : i + size] for i in range(0, flat.numel(), size)]
+
+
+def _all_contiguous(*tensors: Tensor) -> bool:
+    return all(t.is_contiguous() for t in tensors)
+
+
+def lion_chunked(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    chunk: int = CHUNK,
+) -> None:
+    """Lion (SPEC §1(a)), bit-identical to ``functional.lion._single_tensor_lion``."""
+    from danlu.functional.lion import _single_tensor_lion
+
+    for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
+        if param.numel() <= chunk or not _all_contiguous(param, grad, exp_avg):
+            _single_tensor_lion(
+                [param],
+                [grad],
+                [exp_avg],
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=weight_decay,
+                maximize=maximize,
+            )
+            continue
+        update_buf = scratch_buffer(param, chunk, slot=0)
+        neg_buf = scratch_buffer(grad, chunk, slot=1) if maximize else None
+        for p, g, m in zip(
+            _slices(param, chunk), _slices(grad, chunk), _slices(exp_avg, chunk), strict=True
+        ):
+            n = p.numel()
+            if neg_buf is not None:
+                g = torch.neg(g, out=neg_buf[:n])
+            update = torch.lerp(m, g, 1 - beta1, out=update_buf[:n]).sign_()
+            if weight_decay != 0:
+                p.mul_(1 - lr * weight_decay)
+            p.sub_(update.mul_(lr))
+            m.lerp_(g, 1 - beta2)
+
+
+def tiger_chunked(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta: float,
+    weight_decay: float,
+    kind: str,
+    rms_floor: float,
+    grad_accum_steps: int,
+    first_micro_step: bool,
+    last_micro_step: bool,
+    maximize: bool,
+    chunk: int = CHUNK,
+) -> None:
+    """Tiger (SPEC §2(a)), bit-identical to ``functional.tiger._single_tensor_tiger``.
+
+    The RMS step size is computed over the whole tensor (or each whole row) first; slices of
+    an embedding hold whole rows so that each row keeps its own step size.
+    """
+    from danlu.functional.tiger import _single_tensor_tiger, tiger_step_size
+
+    for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
+        if param.numel() <= chunk or not _all_contiguous(param, grad, exp_avg):
+            _single_tensor_tiger(
+                [param],
+                [grad],
+                [exp_avg],
+                lr=lr,
+                beta=beta,
+                weight_decay=weight_decay,
+                kind=kind,
+                rms_floor=rms_floor,
+                grad_accum_steps=grad_accum_steps,
+                first_micro_step=first_micro_step,
+                last_micro_step=last_micro_step,
+                maximize=maximize,
+            )
+            continue
+        step_size = (
+            tiger_step_size(param, lr=lr, kind=kind, rms_floor=rms_floor)
+            if last_micro_step
+            else None
+        )
+        width = param.shape[-1] if kind == "embedding" else 0
+        size = max(width, chunk - chunk % width) if width else chunk
+        update_buf = scratch_buffer(param, size, slot=0)
+        neg_buf = scratch_buffer(grad, size, slot=1) if maximize else None
+        for index, (p, g, m) in enumerate(
+            zip(_slices(param, size), _slices(grad, size), _slices(exp_avg, size), strict=True)
+        ):
+            n = p.numel()
+            if neg_buf is not None:
+                g = torch.neg(g, out=neg_buf[:n])
+            if grad_accum_steps == 1:
+                m.lerp_(g, 1 - beta)
+            else:
+                if first_micro_step:
+                    m.mul_(beta)
+                m.add_(g, alpha=(1 - beta) / grad_accum_steps)
+            if step_size is None:
+                continue
+            update = torch.sign(m, out=update_buf[:n])
+            if weight_decay != 0:
+                update.add_(p, alpha=weight_decay)
+            if width:
+                rows = n // width
+                first_row = index * (size // width)
+                row_steps = step_size.view(-1, 1)[first_row : first_row + rows]
+                update.view(rows, width).mul_(row_steps)
+            else:
+                update.mul_(step_size)
+            p.sub_(update)

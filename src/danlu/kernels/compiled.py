@@ -1,0 +1,110 @@
+"""The fused path without Triton: the foreach math of ``danlu.functional`` compiled by
+``torch.compile`` into one loop nest per param group (C++/OpenMP on CPU).
+
+Shapes are static, so each distinct list of shapes compiles once (the first step of a
+parameter set takes seconds; Inductor caches the result on disk for later processes). The lr
+is passed as a 0-d tensor so that an LR scheduler does not trigger recompilation
+(pytorch#133898). Compiled functions are built once per algorithm, never per step (ao#2500).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["lion_compiled", "tiger_compiled"]
+
+_compiled: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+#: Each param group (a distinct list of shapes) is one cache entry of the compiled function.
+_RECOMPILE_LIMIT = 256
+
+
+def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    compiled = _compiled.get(fn)
+    if compiled is None:
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+        _compiled[fn] = compiled
+    return compiled
+
+
+@contextlib.contextmanager
+def _recompile_limit() -> Iterator[None]:
+    config = torch._dynamo.config
+    with config.patch(cache_size_limit=max(config.cache_size_limit, _RECOMPILE_LIMIT)):
+        yield
+
+
+def _lr_tensor(lr: float | Tensor, like: Tensor) -> Tensor:
+    """lr as a 0-d tensor in the parameter's precision (at least fp32)."""
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    if isinstance(lr, Tensor):
+        return lr.to(device=like.device, dtype=dtype)
+    return torch.tensor(lr, dtype=dtype, device=like.device)
+
+
+def lion_compiled(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Lion (SPEC §1(a)): ``functional.lion._multi_tensor_lion`` compiled."""
+    from danlu.functional.lion import _multi_tensor_lion
+
+    with _recompile_limit():
+        _compile(_multi_tensor_lion)(
+            params,
+            grads,
+            exp_avgs,
+            lr=_lr_tensor(lr, params[0]),
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            maximize=maximize,
+        )
+
+
+def tiger_compiled(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta: float,
+    weight_decay: float,
+    kind: str,
+    rms_floor: float,
+    grad_accum_steps: int,
+    first_micro_step: bool,
+    last_micro_step: bool,
+    maximize: bool,
+) -> None:
+    """Tiger (SPEC §2(a)): ``functional.tiger._multi_tensor_tiger`` compiled (RMS reductions
+    and the update fused into as few passes as Inductor can manage)."""
+    from danlu.functional.tiger import _multi_tensor_tiger
+
+    with _recompile_limit():
+        _compile(_multi_tensor_tiger)(
+            params,
+            grads,
+            exp_avgs,
+            lr=_lr_tensor(lr, params[0]),
+            beta=beta,
+            weight_decay=weight_decay,
+            kind=kind,
+            rms_floor=rms_floor,
+            grad_accum_steps=grad_accum_steps,
+            first_micro_step=first_micro_step,
+            last_micro_step=last_micro_step,
+            maximize=maximize,
+        )

@@ -1,0 +1,155 @@
+"""Fast paths against the functional core (DESIGN.md "Correctness": odd sizes, empty tensors)."""
+
+import pytest
+import torch
+
+import danlu
+from danlu.functional.lion import _single_tensor_lion
+from danlu.functional.tiger import _single_tensor_tiger
+from danlu.kernels.chunked import lion_chunked, tiger_chunked
+from danlu.kernels.compiled import lion_compiled, tiger_compiled
+
+# sizes that are not multiples of the slice size (7 below), an empty tensor and a scalar
+SHAPES = [(0,), (), (1,), (5,), (13, 7), (3, 11, 5), (50, 3)]
+CHUNK = 7
+
+
+def tensors(shapes, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    exp_avgs = [torch.randn(s, generator=gen, dtype=dtype) * 0.1 for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=dtype) for s in shapes] for _ in range(4)]
+    return params, exp_avgs, grads
+
+
+def clone(ts):
+    return [t.clone() for t in ts]
+
+
+LION_KW = [
+    {"lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0, "maximize": False},
+    {"lr": 3e-3, "beta1": 0.95, "beta2": 0.98, "weight_decay": 0.5, "maximize": True},
+    {"lr": torch.tensor(2e-3), "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1, "maximize": False},
+]
+
+
+@pytest.mark.parametrize("kw", LION_KW)
+def test_lion_chunked_is_bit_identical(kw):
+    params, exp_avgs, grads = tensors(SHAPES)
+    p1, m1, p2, m2 = clone(params), clone(exp_avgs), clone(params), clone(exp_avgs)
+    for g in grads:
+        _single_tensor_lion(p1, g, m1, **kw)
+        lion_chunked(p2, g, m2, chunk=CHUNK, **kw)
+    for a, b in zip(p1 + m1, p2 + m2, strict=True):
+        assert torch.equal(a, b)
+
+
+TIGER_CASES = [
+    (kind, k, maximize, wd)
+    for kind in ("matrix", "elementwise", "embedding")
+    for k, maximize, wd in ((1, False, 0.01), (2, True, 0.0), (3, False, 0.5))
+]
+
+
+def run_tiger(fn, params, exp_avgs, grads, *, kind, k, maximize, wd, **extra):
+    for t, g in enumerate(grads):
+        fn(
+            params,
+            g,
+            exp_avgs,
+            lr=1e-2,
+            beta=0.9,
+            weight_decay=wd,
+            kind=kind,
+            rms_floor=1e-3,
+            grad_accum_steps=k,
+            first_micro_step=t % k == 0,
+            last_micro_step=(t + 1) % k == 0,
+            maximize=maximize,
+            **extra,
+        )
+
+
+@pytest.mark.parametrize("kind,k,maximize,wd", TIGER_CASES)
+def test_tiger_chunked_is_bit_identical(kind, k, maximize, wd):
+    shapes = [s for s in SHAPES if kind != "embedding" or len(s) > 0]
+    params, exp_avgs, grads = tensors(shapes)
+    p1, m1, p2, m2 = clone(params), clone(exp_avgs), clone(params), clone(exp_avgs)
+    run_tiger(_single_tensor_tiger, p1, m1, grads, kind=kind, k=k, maximize=maximize, wd=wd)
+    run_tiger(tiger_chunked, p2, m2, grads, kind=kind, k=k, maximize=maximize, wd=wd, chunk=CHUNK)
+    for a, b in zip(p1 + m1, p2 + m2, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_embedding_slices_hold_whole_rows():
+    # width 3 does not divide the slice size 7: slices of 6 elements keep row step sizes apart
+    p = torch.tensor([[3.0, 4.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [9.0, 0.0, 0.0]])
+    g = torch.ones_like(p)
+    p1, p2, m1, m2 = p.clone(), p.clone(), torch.zeros_like(p), torch.zeros_like(p)
+    kw = {
+        "lr": 0.1,
+        "beta": 0.9,
+        "weight_decay": 0.0,
+        "kind": "embedding",
+        "rms_floor": 0.0,
+        "grad_accum_steps": 1,
+        "first_micro_step": True,
+        "last_micro_step": True,
+        "maximize": False,
+    }
+    _single_tensor_tiger([p1], [g], [m1], **kw)
+    tiger_chunked([p2], [g], [m2], chunk=7, **kw)
+    assert torch.equal(p1, p2)
+    rms = p.pow(2).mean(dim=1).sqrt()
+    torch.testing.assert_close(p - p2, (0.1 * rms).unsqueeze(1).expand_as(p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lion_compiled_matches_single(dtype):
+    params, exp_avgs, grads = tensors(SHAPES, dtype=dtype, seed=1)
+    kw = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1, "maximize": False}
+    p1, m1, p2, m2 = clone(params), clone(exp_avgs), clone(params), clone(exp_avgs)
+    for g in grads:
+        _single_tensor_lion(p1, g, m1, **kw)
+        lion_compiled(p2, g, m2, **kw)
+    tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-13, "atol": 1e-15}
+    for a, b in zip(p1 + m1, p2 + m2, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("kind", ["matrix", "elementwise", "embedding"])
+def test_tiger_compiled_matches_single(kind):
+    shapes = [s for s in SHAPES if kind != "embedding" or len(s) > 0]
+    params, exp_avgs, grads = tensors(shapes, dtype=torch.float64, seed=2)
+    p1, m1, p2, m2 = clone(params), clone(exp_avgs), clone(params), clone(exp_avgs)
+    run_tiger(_single_tensor_tiger, p1, m1, grads, kind=kind, k=2, maximize=False, wd=0.01)
+    run_tiger(tiger_compiled, p2, m2, grads, kind=kind, k=2, maximize=False, wd=0.01)
+    for a, b in zip(p1 + m1, p2 + m2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["lion", "tiger"])
+def test_fused_optimizer_equals_default(name):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(20, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)
+    ).double()
+    clone_model = torch.nn.Sequential(
+        torch.nn.Embedding(20, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)
+    ).double()
+    clone_model.load_state_dict(model.state_dict())
+    o1 = danlu.create_optimizer(name, model, lr=1e-2)
+    o2 = danlu.create_optimizer(name, clone_model, lr=1e-2, fused=True)
+    x = torch.randint(0, 20, (16, 4))
+    for _ in range(3):
+        for m, o in ((model, o1), (clone_model, o2)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    for a, b in zip(model.parameters(), clone_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_foreach_and_fused_both_true_is_rejected():
+    with pytest.raises(ValueError, match="fused"):
+        danlu.Lion([torch.nn.Parameter(torch.ones(2))], foreach=True, fused=True)
