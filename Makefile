@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build on these machines.
 TORCH_VERSION := 2.13.0
 
-.PHONY: test demo lint clean
+.PHONY: test demo lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: lint
 
 demo: $(VENV)/.compare-installed
 	$(BIN)/python examples/quickstart.py
+
+bench: $(VENV)/.dev-installed
+	$(BIN)/python benchmarks/step_bench.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
