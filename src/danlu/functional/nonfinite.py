@@ -13,29 +13,32 @@ from torch import Tensor
 
 from danlu.functional._utils import group_by_device_and_dtype
 
-__all__ = ["finite_flags", "shrink_"]
+__all__ = ["finite_flags", "finite_mask", "shrink_"]
+
+
+def finite_mask(tensors: Sequence[Tensor]) -> Tensor:
+    """A bool tensor with one entry per tensor: whether all its entries are finite.
+
+    One reduction per tensor (the max-abs norm, which is NaN or Inf exactly when an entry is,
+    and cannot overflow), computed on the tensors' device without synchronising with the
+    host. Empty tensors count as finite. The result lives on the first tensor's device.
+    """
+    if not tensors:
+        return torch.ones(0, dtype=torch.bool)
+    device = tensors[0].device
+    mask = torch.ones(len(tensors), dtype=torch.bool, device=device)
+    nonempty = [i for i, t in enumerate(tensors) if t.numel() > 0]
+    picked = [tensors[i] for i in nonempty]
+    for (group,), indices in group_by_device_and_dtype([picked]) if picked else ():
+        norms = torch.stack(torch._foreach_norm(group, float("inf")))
+        where = torch.tensor([nonempty[i] for i in indices], device=device)
+        mask.index_copy_(0, where, torch.isfinite(norms).to(device))
+    return mask
 
 
 def finite_flags(tensors: Sequence[Tensor]) -> list[bool]:
-    """For each tensor, whether every entry is finite.
-
-    One reduction per tensor (the max-abs norm, which is NaN or Inf exactly when an entry is,
-    and cannot overflow) and a single host read for all of them.
-    """
-    flags = [True] * len(tensors)
-    nonempty = [i for i, t in enumerate(tensors) if t.numel() > 0]
-    if not nonempty:
-        return flags
-    picked = [tensors[i] for i in nonempty]
-    per_device: list[Tensor] = []
-    order: list[int] = []
-    for (group,), indices in group_by_device_and_dtype([picked]):
-        norms = torch._foreach_norm(group, float("inf"))
-        per_device.append(torch.isfinite(torch.stack(norms)).cpu())
-        order.extend(nonempty[i] for i in indices)
-    for i, ok in zip(order, torch.cat(per_device).tolist(), strict=True):
-        flags[i] = bool(ok)
-    return flags
+    """:func:`finite_mask` read back to the host."""
+    return [bool(x) for x in finite_mask(tensors).tolist()]
 
 
 def shrink_(params: Sequence[Tensor], *, center: float, ratio: float) -> None:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from danlu.functional._utils import group_by_device_and_dtype, select_path
+from danlu.functional.nonfinite import shrink_
 
 __all__ = ["KINDS", "tiger", "tiger_step_size"]
 
@@ -64,17 +65,53 @@ def tiger(
     first_micro_step: bool = True,
     last_micro_step: bool = True,
     maximize: bool = False,
+    finite: Tensor | None = None,
+    nonfinite: str = "shrink",
+    center: float = 0.0,
+    shrink_ratio: float = 0.99,
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> None:
     """One Tiger micro-step on tensors of one ``kind``; updates exp_avgs and (on the last
-    micro-step of a window) params. ``foreach``/``fused`` choose the implementation (see
-    ``functional._utils.select_path``); all of them compute the same update."""
+    micro-step of a window) params.
+
+    ``finite`` (optional bool tensor, one entry per tensor) marks tensors whose gradient is
+    finite; the others get the non-finite policy of the reference code instead of the update:
+    ``nonfinite="shrink"`` sets θ ← (θ − center)·shrink_ratio + center, ``"skip"`` leaves θ;
+    the momentum is untouched either way. ``foreach``/``fused`` choose the implementation
+    (see ``functional._utils.select_path``); all of them compute the same update.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if nonfinite not in ("shrink", "skip"):
+        raise ValueError(f"nonfinite must be 'shrink' or 'skip', got {nonfinite!r}")
     if not params:
         return
-    fn = _implementation(select_path(foreach, fused, params))
+    path = select_path(foreach, fused, params)
+    if path == "triton":
+        from danlu.kernels.triton_tiger import tiger_triton
+
+        tiger_triton(
+            list(params), list(grads), list(exp_avgs), lr=lr, beta=beta,
+            weight_decay=0.0 if kind == "elementwise" else weight_decay, kind=kind,
+            rms_floor=rms_floor, grad_accum_steps=grad_accum_steps,
+            first_micro_step=first_micro_step, last_micro_step=last_micro_step,
+            maximize=maximize, finite=finite, nonfinite=nonfinite, center=center,
+            shrink_ratio=shrink_ratio,
+        )
+        return
+    if finite is not None:
+        flags = finite.tolist()
+        bad = [p for p, ok in zip(params, flags, strict=True) if not ok]
+        if nonfinite == "shrink":
+            shrink_(bad, center=center, ratio=shrink_ratio)
+        keep = [i for i, ok in enumerate(flags) if ok]
+        params = [params[i] for i in keep]
+        grads = [grads[i] for i in keep]
+        exp_avgs = [exp_avgs[i] for i in keep]
+        if not params:
+            return
+    fn = _implementation(path)
     fn(
         list(params),
         list(grads),
@@ -100,13 +137,9 @@ def _implementation(path: str) -> Callable[..., None]:
         from danlu.kernels.chunked import tiger_chunked
 
         return tiger_chunked
-    if path == "compiled":
-        from danlu.kernels.compiled import tiger_compiled
+    from danlu.kernels.compiled import tiger_compiled
 
-        return tiger_compiled
-    from danlu.kernels.triton_tiger import tiger_triton
-
-    return tiger_triton
+    return tiger_compiled
 
 
 def _single_tensor_tiger(

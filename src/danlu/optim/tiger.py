@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from danlu.functional.nonfinite import finite_flags, shrink_
+from danlu.functional.nonfinite import finite_mask
 from danlu.functional.tiger import KINDS, tiger
 from danlu.optim._base import (
     DanluOptimizer,
@@ -152,17 +153,23 @@ class Tiger(DanluOptimizer):
         check_implementation(group, where=where)
 
     def _step(self, gathered: list[GroupTensors]) -> None:
-        # Phase 1: decide, without writing anything, which tensors have non-finite gradients.
-        flags = [finite_flags(work.grads) for work in gathered]
-        any_bad = not all(all(f) for f in flags)
-        for work, group_flags in zip(gathered, flags, strict=True):
-            if any_bad and work.group["nonfinite_scope"] == "global":
-                group_flags[:] = [False] * len(group_flags)
+        # Phase 1, no writes: split each group into partitions that share a kind and a
+        # position in the accumulation window, and find the non-finite gradients (on the
+        # device: nothing here synchronises with the host unless nonfinite="raise").
+        partitions = [part for work in gathered for part in self._partitions(work)]
+        masks = [finite_mask(part.grads) for part in partitions]
+        global_parts = [
+            i for i, part in enumerate(partitions) if part.group["nonfinite_scope"] == "global"
+        ]
+        if global_parts:
+            all_finite = torch.stack([m.all().to(masks[0].device) for m in masks]).all()
+            for i in global_parts:
+                masks[i] = masks[i] & all_finite.to(masks[i].device)
         bad_names = [
             name
-            for work, group_flags in zip(gathered, flags, strict=True)
-            if work.group["nonfinite"] == "raise"
-            for name, ok in zip(work.names, group_flags, strict=True)
+            for part, mask in zip(partitions, masks, strict=True)
+            if part.group["nonfinite"] == "raise"
+            for name, ok in zip(part.names, mask.tolist(), strict=True)
             if not ok
         ]
         if bad_names:
@@ -171,59 +178,73 @@ class Tiger(DanluOptimizer):
                 + ", ".join(bad_names)
                 + " (nonfinite='raise'; nothing was modified)"
             )
-        # Phase 2: update.
-        for work, group_flags in zip(gathered, flags, strict=True):
-            self._step_group(work, group_flags)
+        # Phase 2: create state on first use and update.
+        for part, mask in zip(partitions, masks, strict=True):
+            group = part.group
+            exp_avgs = [
+                self._state_tensor(p, "exp_avg", lambda p=p: torch.zeros_like(p))
+                for p in part.params
+            ]
+            tiger(
+                part.params,
+                part.grads,
+                exp_avgs,
+                lr=group["lr"],
+                beta=group["beta"],
+                weight_decay=group["weight_decay"],
+                kind=part.kind,
+                rms_floor=group["rms_floor"],
+                grad_accum_steps=group["grad_accum_steps"],
+                first_micro_step=part.first,
+                last_micro_step=part.last,
+                maximize=group["maximize"],
+                finite=None if group["nonfinite"] == "raise" else mask,
+                nonfinite="skip" if group["nonfinite"] == "raise" else group["nonfinite"],
+                center=float(group["center"]),
+                shrink_ratio=group["shrink_ratio"],
+                foreach=group["foreach"],
+                fused=group["fused"],
+            )
+        steps = [
+            self._state_tensor(p, "step", lambda: torch.tensor(0.0, dtype=torch.float32))
+            for work in gathered
+            for p in work.params
+        ]
+        if steps:
+            torch._foreach_add_(steps, 1.0)
 
-    def _step_group(self, work: GroupTensors, group_flags: list[bool]) -> None:
+    def _partitions(self, work: GroupTensors) -> list[_Partition]:
         group = work.group
         k = group["grad_accum_steps"]
-        partitions: dict[tuple[str, bool, bool], tuple[list[Tensor], list[Tensor], list[Tensor]]]
-        partitions = {}
-        shrink: list[Tensor] = []
-        steps: list[Tensor] = []
-        for p, g, ok in zip(work.params, work.grads, group_flags, strict=True):
-            exp_avg = self._state_tensor(p, "exp_avg", lambda p=p: torch.zeros_like(p))
-            step = self._state_tensor(p, "step", lambda: torch.tensor(0.0, dtype=torch.float32))
-            steps.append(step)
-            if not ok:
-                if group["nonfinite"] == "shrink":
-                    shrink.append(p)
-                continue
+        parts: dict[tuple[str, bool, bool], _Partition] = {}
+        for p, g, name in zip(work.params, work.grads, work.names, strict=True):
             if p.numel() == 0:
                 continue
             if k == 1:
                 first = last = True
             else:
-                t = int(step.item())
+                step = self.state[p].get("step") if p in self.state else None
+                t = 0 if step is None else int(step.item())  # a CPU tensor: no device sync
                 first, last = t % k == 0, (t + 1) % k == 0
             kind = group["kind"] or default_kind(p)
-            bucket = partitions.setdefault((kind, first, last), ([], [], []))
-            bucket[0].append(p)
-            bucket[1].append(g)
-            bucket[2].append(exp_avg)
-        for (kind, first, last), (params, grads, exp_avgs) in partitions.items():
-            tiger(
-                params,
-                grads,
-                exp_avgs,
-                lr=group["lr"],
-                beta=group["beta"],
-                weight_decay=group["weight_decay"],
-                kind=kind,
-                rms_floor=group["rms_floor"],
-                grad_accum_steps=k,
-                first_micro_step=first,
-                last_micro_step=last,
-                maximize=group["maximize"],
-                foreach=group["foreach"],
-                fused=group["fused"],
-            )
-        if shrink:
-            shrink_(shrink, center=float(group["center"]), ratio=group["shrink_ratio"])
-        if steps:
-            torch._foreach_add_(steps, 1.0)
+            part = parts.setdefault((kind, first, last), _Partition(group, kind, first, last))
+            part.params.append(p)
+            part.grads.append(g)
+            part.names.append(name)
+        return list(parts.values())
 
+
+@dataclass
+class _Partition:
+    """Tensors of one group that share a kind and a position in the accumulation window."""
+
+    group: dict[str, Any]
+    kind: str
+    first: bool
+    last: bool
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
 
 register(
     "tiger",
