@@ -113,7 +113,18 @@ def trunc_normal_tf_(
     sample.erfinv_().mul_(math.sqrt(2.0)).clamp_(-bound, bound)
     sample.mul_(scale).add_(mean)
     tensor.copy_(sample)
-    return tensor.clamp_(mean - bound * scale, mean + bound * scale)
+    low = _representable_inside(mean - bound * scale, tensor.dtype, toward=math.inf)
+    high = _representable_inside(mean + bound * scale, tensor.dtype, toward=-math.inf)
+    return tensor.clamp_(low, high)
+
+
+def _representable_inside(value: float, dtype: torch.dtype, toward: float) -> float:
+    """``value`` rounded to ``dtype``, stepped once toward ``toward`` if rounding crossed it."""
+    rounded = torch.tensor(value, dtype=dtype)
+    crossed = float(rounded) > value if toward < value else float(rounded) < value
+    if crossed:
+        rounded = torch.nextafter(rounded, torch.tensor(toward, dtype=dtype))
+    return float(rounded)
 
 
 def fans(tensor: Tensor) -> tuple[int, int]:

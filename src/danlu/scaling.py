@@ -366,10 +366,11 @@ class SignNoiseScale:
     loss_drop_max: float
 
     def lr(self, batch: BatchT) -> BatchT:
+        """η*(B); with x = πκ²/2B (β² = 1/(1 + x)) it reads N√(1 + x) / (Q + xT), which
+        avoids the cancellation in 1 − β² when x is tiny (large ε or large B)."""
         batch = _check_batch("batch", batch)
-        beta = _sign_beta(batch, self.kappa2)
-        beta2 = beta * beta
-        return beta * self.nu_dot_g / (beta2 * self.quad + (1.0 - beta2) * self.trace)
+        x = _PI * self.kappa2 / (2.0 * batch)
+        return self.nu_dot_g * _sqrt(1.0 + x) / (self.quad + x * self.trace)
 
     def loss_drop(self, batch: BatchT) -> BatchT:
         batch = _check_batch("batch", batch)
@@ -603,12 +604,18 @@ class NoiseScaleMonitor:
     * On one process the step needs k ≥ 2 backward passes: accumulate gradients over
       micro-batches yourself, or let :meth:`backward_micro_batches` split the batch.
 
-    Call :meth:`update` once per optimizer step, after the last backward and before
-    ``zero_grad``. Each backward pass must cover ``micro_batch_size`` samples, all with the same
-    loss scaling (dividing each micro-batch loss by k, or a GradScaler, is fine: B_simple is a
-    ratio). The two parts are smoothed by separate bias-corrected EMAs (as the paper
-    recommends) and :attr:`b_simple` is their ratio. Not for sharded parameters (FSDP), whose
-    hooks see reduced shards.
+    Call :meth:`update` once per optimizer step, right after the last backward: before
+    anything rewrites ``.grad`` (``GradScaler.unscale_``, gradient clipping, ``zero_grad``).
+    Each backward pass must cover ``micro_batch_size`` samples, with the same loss scaling.
+    ``accumulation="mean"`` (the default) means each of the k backward passes of a step
+    computes loss/k, so ``.grad`` holds the batch's mean gradient; ``"sum"`` means they do not
+    divide. It only sets the units of :attr:`trace_sigma` and :attr:`grad_sq_norm` (per-sample
+    gradients); a GradScaler's factor S multiplies both by S². :attr:`b_simple` is a ratio and
+    depends on neither.
+
+    The two parts are smoothed by separate bias-corrected EMAs (as the paper recommends) and
+    :attr:`b_simple` is their ratio. Not for sharded parameters (FSDP), whose hooks see
+    reduced shards.
     """
 
     def __init__(
@@ -618,6 +625,7 @@ class NoiseScaleMonitor:
         *,
         ema: float = 0.95,
         interval: int = 1,
+        accumulation: str = "mean",
         process_group: Any = None,
     ) -> None:
         if (
@@ -637,6 +645,9 @@ class NoiseScaleMonitor:
         self.micro_batch_size = micro_batch_size
         self.ema = float(ema)
         self.interval = interval
+        if accumulation not in ("mean", "sum"):
+            raise ValueError(f"accumulation must be 'mean' or 'sum', got {accumulation!r}")
+        self.accumulation = accumulation
         self.process_group = process_group
         self.steps = 0
         self.last: NoiseScaleEstimate | None = None
@@ -674,10 +685,11 @@ class NoiseScaleMonitor:
 
     # -- measurement --------------------------------------------------------------------------
     def backward_micro_batches(self, loss_fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
-        """Split ``inputs`` along dim 0 into micro-batches of ``micro_batch_size``, run
-        ``loss_fn(*micro_inputs).backward()`` on each with the loss divided by their number
-        (so ``.grad`` ends up as the full-batch gradient of a mean loss), and return the
-        full-batch loss (detached). Batch-norm statistics see micro-batches."""
+        """Split ``inputs`` along dim 0 into micro-batches of ``micro_batch_size`` and run
+        ``loss_fn(*micro_inputs).backward()`` on each, the loss divided by their number under
+        ``accumulation="mean"`` (so ``.grad`` ends up as the full-batch gradient of a mean
+        loss). Returns the sum of the losses backpropagated (detached): the full-batch loss
+        under ``"mean"``. Batch-norm statistics see micro-batches."""
         if not inputs:
             raise ValueError("inputs must contain at least one tensor")
         size = inputs[0].shape[0]
@@ -691,7 +703,9 @@ class NoiseScaleMonitor:
         count = size // self.micro_batch_size
         losses = []
         for chunk in zip(*(x.split(self.micro_batch_size) for x in inputs), strict=True):
-            loss = loss_fn(*chunk) / count
+            loss = loss_fn(*chunk)
+            if self.accumulation == "mean":
+                loss = loss / count
             loss.backward()
             losses.append(loss.detach())
         return torch.stack(losses).sum()
@@ -737,6 +751,9 @@ class NoiseScaleMonitor:
         norms = [torch.linalg.vector_norm(g, dtype=torch.float32).to(self._device) for g in grads]
         mean_sq = float(torch.stack(norms).double().square().sum()) / local_passes**2
         small_sq = total_sq / total_passes
+        if self.accumulation == "mean":  # each pass saw G_i / k: back to per-sample units
+            small_sq *= local_passes**2
+            mean_sq *= local_passes**2
         if not (math.isfinite(small_sq) and math.isfinite(mean_sq)):
             return None
         estimate = noise_scale_from_norms(
