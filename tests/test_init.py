@@ -231,3 +231,12 @@ def test_activation_second_moment():
     x = torch.randn(1_000_000, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     scaled = torch.sigmoid(x) / math.sqrt(init.SIGMOID_SECOND_MOMENT)
     assert scaled.square().mean().item() == pytest.approx(1.0, abs=3e-3)
+
+
+@pytest.mark.gpu
+def test_trunc_normal_tf_cuda_bf16():
+    t = torch.empty(1_000_000, device="cuda", dtype=torch.bfloat16)
+    init.trunc_normal_tf_(t, std=0.02)
+    assert t.dtype == torch.bfloat16 and t.device.type == "cuda"
+    assert t.float().abs().max().item() <= 0.04
+    assert t.float().std().item() == pytest.approx(0.017593, abs=2e-4)

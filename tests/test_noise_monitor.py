@@ -155,3 +155,17 @@ def test_ddp_two_processes_gloo(tmp_path):
         result = torch.load(tmp_path / f"{rank}.pt")
         assert result["trace"] == pytest.approx(trace, rel=1e-4)
         assert result["g2"] == pytest.approx(g2, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_monitor_on_cuda_matches_reference():
+    x, y, weight, bias = _problem(4 * MICRO)
+    model = _model(weight, bias).cuda()
+    monitor = NoiseScaleMonitor(model, micro_batch_size=MICRO)
+    monitor.backward_micro_batches(lambda a, b: _loss(model, a, b), x.cuda(), y.cuda())
+    est = monitor.update()
+    trace, g2 = reference.noise_scale_from_micro_grads(
+        _micro_grads(x, y, weight, bias, MICRO), MICRO
+    )
+    assert est.trace_sigma == pytest.approx(trace, rel=1e-3)
+    assert est.grad_sq_norm == pytest.approx(g2, rel=1e-3, abs=1e-4)
