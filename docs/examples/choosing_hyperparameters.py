@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import danlu
 from danlu import init, recipes, scaling
@@ -99,9 +100,8 @@ def sign_optimizer_lr() -> None:
 
     for label, lr, wd in [("BERT-base", 1e-4, 0.01), ("1B model", 3e-4, 0.1)]:
         lion = recipes.adamw_to_lion(lr, wd)  # factor 10
-        print(
-            f"{label}: AdamW lr {lr:g}, wd {wd:g} -> Lion lr {lion.lr:g}, wd {lion.weight_decay:g}"
-        )
+        print(f"{label}: AdamW (lr, wd) = ({lr:g}, {wd:g})", end="")
+        print(f" -> Lion ({lion.lr:g}, {lion.weight_decay:g})")
 
 
 @example
@@ -143,13 +143,10 @@ def noise_scale_monitor() -> None:
     model = nn.Linear(64, 1, bias=False)
     nn.init.zeros_(model.weight)
 
-    def loss_fn(xb, yb):
-        return (model(xb).squeeze(-1) - yb).square().mean()
-
     # 8 steps of 512 samples, each as 16 micro-batches of 32 (no optimizer: w stays at 0).
     monitor = scaling.NoiseScaleMonitor(model, micro_batch_size=32, ema=0.8)
     for xb, yb in zip(x.split(512), y.split(512), strict=True):
-        monitor.backward_micro_batches(loss_fn, xb, yb)
+        monitor.backward_micro_batches(lambda a, b: F.mse_loss(model(a).squeeze(-1), b), xb, yb)
         step = monitor.update()
         model.zero_grad()
         print(f"this step {step.b_simple:5.1f}   smoothed {monitor.b_simple:5.1f}")
