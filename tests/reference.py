@@ -5,6 +5,8 @@ These never call danlu; tests compare danlu against them.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -54,3 +56,62 @@ def tiger_accumulated(theta, micro_grads, *, k, lr, beta, wd, kind, rms_floor=0.
             theta = theta - eta * (np.sign(m) + w * theta)
         history.append((theta.copy(), m.copy()))
     return history
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes: SPEC §8 (init) and §9 (lr vs batch size), by quadrature and by the moment matrices.
+
+
+@functools.cache
+def _legendre_nodes(points):
+    return np.polynomial.legendre.leggauss(points)
+
+
+def gauss_legendre(fn, lo, hi, points=200):
+    """∫_lo^hi fn(x) dx by Gauss-Legendre quadrature (exact for smooth fn on short intervals)."""
+    nodes, weights = _legendre_nodes(points)
+    x = 0.5 * (hi - lo) * nodes + 0.5 * (hi + lo)
+    return 0.5 * (hi - lo) * float(np.sum(weights * fn(x)))
+
+
+def normal_pdf(x):
+    return np.exp(-0.5 * np.asarray(x, dtype=np.float64) ** 2) / np.sqrt(2 * np.pi)
+
+
+def truncated_normal_variance(c):
+    """SPEC §8(a): γ = ∫x²φ / ∫φ over [-c, c]."""
+    return gauss_legendre(lambda x: x * x * normal_pdf(x), -c, c) / gauss_legendre(
+        normal_pdf, -c, c
+    )
+
+
+def clip_mean_by_quadrature(a, b, reach=14.0):
+    """E[clip(z/b, -1, 1)], z ~ N(a, 1), integrated piecewise between the kinks at ±b."""
+    lo, hi = a - reach, a + reach
+    density = lambda z: normal_pdf(z - a)  # noqa: E731
+    left = -gauss_legendre(density, lo, -b) if lo < -b else 0.0
+    middle = gauss_legendre(lambda z: z / b * density(z), -b, b)
+    right = gauss_legendre(density, b, hi) if hi > b else 0.0
+    return left + middle + right
+
+
+def softsign_opt_lr(batch, g, sigma2, hessian, eps):
+    """SPEC §9(a) from the moment matrices: E[φ] = βν, E[φφᵀ] = β²ννᵀ + (1-β²)I, and
+    η* = E[φ]·g / Σ_ij H_ij E[φφᵀ]_ij (the maximiser of η E[φ]·g - η²/2 E[φᵀHφ])."""
+    g, sigma2, h = (np.asarray(x, dtype=np.float64) for x in (g, sigma2, hessian))
+    nu = g / np.sqrt(g * g + eps * eps)
+    kappa2 = np.mean(sigma2 / (g * g + eps * eps))
+    beta2 = 1.0 / (1.0 + np.pi * kappa2 / (2.0 * batch))
+    mean = np.sqrt(beta2) * nu
+    second = beta2 * np.outer(nu, nu) + (1.0 - beta2) * np.eye(len(g))
+    return float(mean @ g) / float(np.sum(h * second))
+
+
+def noise_scale_from_micro_grads(grads, micro_batch):
+    """(tr Σ, |g|²) from K micro-batch gradients of ``micro_batch`` samples each, by the
+    across-gradient variance (SPEC §9(b)): tr Σ = b·Σ_i s_i², |g|² = |ḡ|² - tr Σ/(K b)."""
+    grads = np.asarray(grads, dtype=np.float64)
+    k = grads.shape[0]
+    trace = micro_batch * float(np.sum(np.var(grads, axis=0, ddof=1)))
+    mean = grads.mean(axis=0)
+    return trace, float(mean @ mean) - trace / (k * micro_batch)

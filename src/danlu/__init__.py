@@ -3,7 +3,7 @@
 See SPEC sections cited in each docstring for the exact algorithms.
 """
 
-from danlu import functional, schedules
+from danlu import functional, init, recipes, scaling, schedules
 from danlu.optim import Lion, Tiger
 from danlu.params import param_groups
 from danlu.registry import REGISTRY, OptimizerInfo, create_optimizer, register
@@ -18,7 +18,10 @@ __all__ = [
     "__version__",
     "create_optimizer",
     "functional",
+    "init",
     "param_groups",
+    "recipes",
     "register",
+    "scaling",
     "schedules",
 ]

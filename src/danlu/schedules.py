@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Mapping
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["PiecewiseLinearLR", "piecewise_linear"]
+__all__ = [
+    "InverseSquareDecayLR",
+    "InverseTimeDecayLR",
+    "PiecewiseLinearLR",
+    "inverse_square_decay",
+    "inverse_time_decay",
+    "piecewise_linear",
+]
 
 
 def _sorted_knots(
@@ -71,3 +79,109 @@ class PiecewiseLinearLR(LRScheduler):
     def get_lr(self) -> list[float]:  # type: ignore[override]
         factor = piecewise_linear(self.last_epoch, self.schedule, self.from_zero)
         return [base_lr * factor for base_lr in self.base_lrs]
+
+
+# ----------------------------------------------------------------------------------------------
+# The Amos-derived decays of SPEC §7.1 (kexue 9344).
+
+_SQRT2_MINUS_1 = math.sqrt(2.0) - 1.0
+
+
+def _check_halving_step(halving_step: float) -> float:
+    if (
+        isinstance(halving_step, bool)
+        or not isinstance(halving_step, int | float)
+        or not math.isfinite(halving_step)
+        or halving_step <= 0
+    ):
+        raise ValueError(f"halving_step must be a finite number > 0, got {halving_step!r}")
+    return float(halving_step)
+
+
+def inverse_square_decay(t: float, halving_step: float) -> float:
+    """1 / (α0·p·t + 1)² with α0·p = (√2 − 1)/T: the lr multiplier of a constant convergence
+    rate p (SPEC §7.1); 1 at t = 0, exactly 0.5 at t = T = ``halving_step``, ~1/t² later."""
+    return 1.0 / (_SQRT2_MINUS_1 * t / _check_halving_step(halving_step) + 1.0) ** 2
+
+
+def inverse_time_decay(t: float, halving_step: float) -> float:
+    """1 / (2·α0·p0·t + 1) with 2·α0·p0 = 1/T: the lr multiplier of a convergence rate that
+    slows as p_t = p0·e^{−S_t} (SPEC §7.1, the blog's preferred one); 0.5 at t = T."""
+    return 1.0 / (t / _check_halving_step(halving_step) + 1.0)
+
+
+class _AmosDecayLR(LRScheduler):
+    _decay = staticmethod(inverse_square_decay)
+    # α0·p (or α0·p0) as a function of the halving step T, and its inverse.
+    _rate_times_alpha0_at_halving = _SQRT2_MINUS_1
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        halving_step: float | None = None,
+        *,
+        alpha0: float | None = None,
+        rate: float | None = None,
+        warmup_steps: int = 0,
+        last_epoch: int = -1,
+    ) -> None:
+        for name, value in (("alpha0", alpha0), ("rate", rate)):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if halving_step is not None:
+            if rate is not None:
+                raise ValueError("give either halving_step or rate (with alpha0), not both")
+            self.halving_step = _check_halving_step(halving_step)
+            product = self._rate_times_alpha0_at_halving / self.halving_step
+            self.rate = None if alpha0 is None else product / alpha0
+        else:
+            if alpha0 is None or rate is None:
+                raise ValueError("give halving_step, or both alpha0 and rate")
+            self.rate = float(rate)
+            self.halving_step = self._rate_times_alpha0_at_halving / (alpha0 * rate)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        self.alpha0 = alpha0
+        self.warmup_steps = warmup_steps
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, t: float) -> float:
+        """The multiplier of the base lr at step ``t``."""
+        warmup = min(1.0, t / self.warmup_steps) if self.warmup_steps else 1.0
+        return warmup * self._decay(t, self.halving_step)
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        factor = self.factor(self.last_epoch)
+        return [base_lr * factor for base_lr in self.base_lrs]
+
+
+class InverseSquareDecayLR(_AmosDecayLR):
+    """lr_t = base_lr / (α0·p·t + 1)², SPEC §7.1 (kexue 9344): the Amos-derived schedule for a
+    constant convergence rate p.
+
+    Give the step ``halving_step`` = T at which the lr has halved (α0·p = (√2 − 1)/T), or the
+    blog's ``alpha0`` and ``rate`` p. ``alpha0`` is the relative step size (~1e-3); with
+    ``halving_step`` it only serves to report ``rate``. ``warmup_steps`` multiplies by a linear
+    ramp from 0. Call ``step()`` once per optimizer step.
+
+    The blog's decay ρ_t = α0²/(2q)·(same factor) is absolute; an optimizer whose decoupled
+    decay is multiplied by its lr (AdamW, Lion, Tiger) follows it with a constant
+    ``weight_decay`` = α0/(2qσ) (see :func:`danlu.recipes.sign_optimizer_hparams`).
+    """
+
+
+class InverseTimeDecayLR(_AmosDecayLR):
+    """lr_t = base_lr / (2·α0·p0·t + 1), SPEC §7.1 (kexue 9344): the Amos-derived schedule for a
+    convergence rate that slows as p_t = p0·e^{−S_t} (which the blog finds more realistic).
+
+    Give ``halving_step`` = T (2·α0·p0 = 1/T), or ``alpha0`` and ``rate`` p0; otherwise as
+    :class:`InverseSquareDecayLR`.
+    """
+
+    _decay = staticmethod(inverse_time_decay)
+    _rate_times_alpha0_at_halving = 0.5
