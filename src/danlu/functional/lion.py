@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from danlu.functional._utils import group_by_device_and_dtype, select_path
+from danlu.functional.precision import needs_upcast, upcast_step
 
 __all__ = ["lion"]
 
@@ -29,15 +30,32 @@ def lion(
     beta2: float,
     weight_decay: float,
     maximize: bool = False,
+    stochastic_rounding: bool = False,
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> None:
     """One Lion step on each (param, grad, exp_avg) triple; updates params and exp_avgs.
 
     ``foreach``/``fused`` choose the implementation (see ``functional._utils.select_path``);
-    all of them compute the same update.
+    all of them compute the same update. Momentum in another dtype than its parameter (e.g.
+    bf16) and ``stochastic_rounding`` of bf16 parameters run the math in fp32
+    (``functional.precision``).
     """
     if not params:
+        return
+    if needs_upcast(params, [exp_avgs], stochastic_rounding):
+        upcast_step(
+            _single_tensor_lion,
+            params,
+            grads,
+            [exp_avgs],
+            stochastic_rounding=stochastic_rounding,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            maximize=maximize,
+        )
         return
     fn = _implementation(select_path(foreach, fused, params))
     fn(

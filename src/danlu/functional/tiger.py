@@ -26,6 +26,7 @@ from torch import Tensor
 
 from danlu.functional._utils import group_by_device_and_dtype, select_path
 from danlu.functional.nonfinite import shrink_
+from danlu.functional.precision import needs_upcast, upcast_step
 
 __all__ = ["KINDS", "tiger", "tiger_step_size"]
 
@@ -69,6 +70,7 @@ def tiger(
     nonfinite: str = "shrink",
     center: float = 0.0,
     shrink_ratio: float = 0.99,
+    stochastic_rounding: bool = False,
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> None:
@@ -79,7 +81,9 @@ def tiger(
     finite; the others get the non-finite policy of the reference code instead of the update:
     ``nonfinite="shrink"`` sets θ ← (θ − center)·shrink_ratio + center, ``"skip"`` leaves θ;
     the momentum is untouched either way. ``foreach``/``fused`` choose the implementation
-    (see ``functional._utils.select_path``); all of them compute the same update.
+    (see ``functional._utils.select_path``); all of them compute the same update. Momentum
+    in another dtype than its parameter (e.g. bf16) and ``stochastic_rounding`` of bf16
+    parameters run the math in fp32 (``functional.precision``).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -88,15 +92,25 @@ def tiger(
     if not params:
         return
     path = select_path(foreach, fused, params)
-    if path == "triton":
+    if path == "triton" and not needs_upcast(params, [exp_avgs], stochastic_rounding):
         from danlu.kernels.triton_tiger import tiger_triton
 
         tiger_triton(
-            list(params), list(grads), list(exp_avgs), lr=lr, beta=beta,
-            weight_decay=0.0 if kind == "elementwise" else weight_decay, kind=kind,
-            rms_floor=rms_floor, grad_accum_steps=grad_accum_steps,
-            first_micro_step=first_micro_step, last_micro_step=last_micro_step,
-            maximize=maximize, finite=finite, nonfinite=nonfinite, center=center,
+            list(params),
+            list(grads),
+            list(exp_avgs),
+            lr=lr,
+            beta=beta,
+            weight_decay=0.0 if kind == "elementwise" else weight_decay,
+            kind=kind,
+            rms_floor=rms_floor,
+            grad_accum_steps=grad_accum_steps,
+            first_micro_step=first_micro_step,
+            last_micro_step=last_micro_step,
+            maximize=maximize,
+            finite=finite,
+            nonfinite=nonfinite,
+            center=center,
             shrink_ratio=shrink_ratio,
         )
         return
@@ -111,6 +125,24 @@ def tiger(
         exp_avgs = [exp_avgs[i] for i in keep]
         if not params:
             return
+    if needs_upcast(params, [exp_avgs], stochastic_rounding):
+        upcast_step(
+            _single_tensor_tiger,
+            params,
+            grads,
+            [exp_avgs],
+            stochastic_rounding=stochastic_rounding,
+            lr=lr,
+            beta=beta,
+            weight_decay=0.0 if kind == "elementwise" else weight_decay,
+            kind=kind,
+            rms_floor=rms_floor,
+            grad_accum_steps=grad_accum_steps,
+            first_micro_step=first_micro_step,
+            last_micro_step=last_micro_step,
+            maximize=maximize,
+        )
+        return
     fn = _implementation(path)
     fn(
         list(params),

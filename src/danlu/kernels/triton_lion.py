@@ -31,9 +31,20 @@ def _sign(x):
 
 @triton.jit
 def _lion_kernel(
-    p_addrs, g_addrs, m_addrs, sizes, block_tensor, block_index, lr_ptr,
-    weight1, weight2, weight_decay,
-    MAXIMIZE: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+    p_addrs,
+    g_addrs,
+    m_addrs,
+    sizes,
+    block_tensor,
+    block_index,
+    lr_ptr,
+    weight1,
+    weight2,
+    weight_decay,
+    MAXIMIZE: tl.constexpr,
+    DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tid = tl.load(block_tensor + pid)
@@ -81,9 +92,17 @@ def lion_triton(
             continue
         dtype = ps[0].dtype
         _lion_kernel[(tables.num_programs,)](
-            *tables.addresses, tables.sizes, tables.block_tensor, tables.block_index,
+            *tables.addresses,
+            tables.sizes,
+            tables.block_tensor,
+            tables.block_index,
             # 1 - β computed on the host in fp64, as the eager path does
-            _lr_tensor(lr, ps[0]), 1 - beta1, 1 - beta2, float(weight_decay),
-            MAXIMIZE=maximize, DTYPE=triton_dtype(dtype),
-            COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK=BLOCK,
+            _lr_tensor(lr, ps[0]),
+            1 - beta1,
+            1 - beta2,
+            float(weight_decay),
+            MAXIMIZE=maximize,
+            DTYPE=triton_dtype(dtype),
+            COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+            BLOCK=BLOCK,
         )

@@ -26,12 +26,31 @@ _MODES = {None: 0, "shrink": 1, "skip": 2}
 
 @triton.jit
 def _tiger_kernel(
-    p_addrs, g_addrs, m_addrs, sizes, block_tensor, block_index,
-    eta_ptr, ok_ptr, width,
-    beta, weight, grad_scale, weight_decay, center, shrink_ratio,
-    K1: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, ROWWISE: tl.constexpr,
-    MAXIMIZE: tl.constexpr, NONFINITE: tl.constexpr, DECAY: tl.constexpr,
-    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+    p_addrs,
+    g_addrs,
+    m_addrs,
+    sizes,
+    block_tensor,
+    block_index,
+    eta_ptr,
+    ok_ptr,
+    width,
+    beta,
+    weight,
+    grad_scale,
+    weight_decay,
+    center,
+    shrink_ratio,
+    K1: tl.constexpr,
+    FIRST: tl.constexpr,
+    LAST: tl.constexpr,
+    ROWWISE: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    NONFINITE: tl.constexpr,
+    DECAY: tl.constexpr,
+    DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tid = tl.load(block_tensor + pid)
@@ -115,12 +134,21 @@ def tiger_triton(
             else lr_t  # unused placeholder pointer
         )
         common = {
-            "beta": float(beta), "weight": 1 - beta, "grad_scale": (1 - beta) / grad_accum_steps,
-            "weight_decay": float(weight_decay), "center": float(center),
-            "shrink_ratio": float(shrink_ratio), "K1": grad_accum_steps == 1,
-            "FIRST": first_micro_step, "LAST": last_micro_step, "MAXIMIZE": maximize,
-            "NONFINITE": mode, "DECAY": weight_decay != 0, "DTYPE": triton_dtype(dtype),
-            "COMPUTE": tl.float64 if dtype == torch.float64 else tl.float32, "BLOCK": BLOCK,
+            "beta": float(beta),
+            "weight": 1 - beta,
+            "grad_scale": (1 - beta) / grad_accum_steps,
+            "weight_decay": float(weight_decay),
+            "center": float(center),
+            "shrink_ratio": float(shrink_ratio),
+            "K1": grad_accum_steps == 1,
+            "FIRST": first_micro_step,
+            "LAST": last_micro_step,
+            "MAXIMIZE": maximize,
+            "NONFINITE": mode,
+            "DECAY": weight_decay != 0,
+            "DTYPE": triton_dtype(dtype),
+            "COMPUTE": tl.float64 if dtype == torch.float64 else tl.float32,
+            "BLOCK": BLOCK,
         }
         if kind == "embedding":
             for i, (p, g, m) in enumerate(zip(ps, gs, ms, strict=True)):
@@ -134,8 +162,15 @@ def tiger_triton(
                     eta = lr_t
                 tables = launch_tables([[p], [g], [m]])
                 _tiger_kernel[(tables.num_programs,)](
-                    *tables.addresses, tables.sizes, tables.block_tensor, tables.block_index,
-                    eta, ok[i:] if mode else ok, width, ROWWISE=True, **common,
+                    *tables.addresses,
+                    tables.sizes,
+                    tables.block_tensor,
+                    tables.block_index,
+                    eta,
+                    ok[i:] if mode else ok,
+                    width,
+                    ROWWISE=True,
+                    **common,
                 )
             continue
         tables = launch_tables([ps, gs, ms])
@@ -143,6 +178,13 @@ def tiger_triton(
             continue
         eta = _step_sizes(ps, lr=lr_t, kind=kind, rms_floor=rms_floor) if last_micro_step else lr_t
         _tiger_kernel[(tables.num_programs,)](
-            *tables.addresses, tables.sizes, tables.block_tensor, tables.block_index,
-            eta, ok, 1, ROWWISE=False, **common,
+            *tables.addresses,
+            tables.sizes,
+            tables.block_tensor,
+            tables.block_index,
+            eta,
+            ok,
+            1,
+            ROWWISE=False,
+            **common,
         )

@@ -87,6 +87,13 @@ def check_foreach(value: Any) -> None:
         raise ValueError(f"foreach must be None, True or False, got {value!r}")
 
 
+def check_state_dtype(value: Any, *, where: str = "") -> None:
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise ValueError(
+            f"{where}state_dtype must be None or a floating torch.dtype, got {value!r}"
+        )
+
+
 def check_implementation(group: dict[str, Any], *, where: str = "") -> None:
     """``foreach`` and ``fused`` are None, True or False, and not both True (as torch.optim)."""
     for key in ("foreach", "fused"):
@@ -119,10 +126,37 @@ class DanluOptimizer(Optimizer):
 
     #: Human-readable name used in error messages.
     _display_name = "optimizer"
+    #: State keys stored in the group's ``state_dtype`` when one is set.
+    _state_dtype_keys: tuple[str, ...] = ()
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._check_group(defaults, where="")
         super().__init__(params, defaults)
+        self.register_load_state_dict_post_hook(DanluOptimizer._restore_state_dtypes)
+
+    def _state_dtype(self, group: dict[str, Any], key: str, param: Tensor) -> torch.dtype:
+        """The dtype that ``state[param][key]`` is kept in."""
+        wanted = group.get("state_dtype") if key in self._state_dtype_keys else None
+        return wanted or param.dtype
+
+    @staticmethod
+    def _restore_state_dtypes(optimizer: Optimizer) -> None:
+        # torch's load_state_dict casts floating state to the parameter's dtype (ao#3314):
+        # put each state tensor back in the dtype it is kept in.
+        assert isinstance(optimizer, DanluOptimizer)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                if not state:
+                    continue
+                for key, value in state.items():
+                    if not (isinstance(value, Tensor) and value.is_floating_point()):
+                        continue
+                    if key == "step":
+                        continue
+                    wanted = optimizer._state_dtype(group, key, p)
+                    if value.dtype != wanted:
+                        state[key] = value.to(wanted)
 
     # -- group checks ---------------------------------------------------------------------------
     def _check_group(self, group: dict[str, Any], *, where: str) -> None:

@@ -15,6 +15,7 @@ from danlu.optim._base import (
     check_choice,
     check_implementation,
     check_non_negative,
+    check_state_dtype,
 )
 from danlu.registry import register
 
@@ -43,6 +44,12 @@ class Lion(DanluOptimizer):
         lr: step size η (≥ 0).
         betas: (β1, β2), each in [0, 1): interpolation for the update and momentum decay.
         weight_decay: decoupled decay λ (≥ 0), applied as θ·(1 − ηλ).
+        state_dtype: dtype of the momentum (default: the parameter's). ``torch.bfloat16``
+            halves the state to 2 bytes per parameter; the math runs in fp32 and the
+            momentum is rounded to nearest. Kept through ``load_state_dict``.
+        stochastic_rounding: for bf16 parameters, run the update in fp32 and round the new
+            parameter stochastically (unbiased), so updates smaller than bf16's spacing are
+            not lost (pytorch#120376). Draws from torch's global RNG.
         maximize: ascend instead of descend (the user's gradients are not modified).
         foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
         fused: ``True`` runs the fused kernel (Triton on CUDA; on CPU the foreach math
@@ -51,6 +58,7 @@ class Lion(DanluOptimizer):
             (bit-identical to the single-tensor math, no parameter-sized temporaries).
     """
 
+    _state_dtype_keys = ("exp_avg",)
     _display_name = "danlu.Lion"
 
     def __init__(
@@ -60,6 +68,8 @@ class Lion(DanluOptimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
         *,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -68,6 +78,8 @@ class Lion(DanluOptimizer):
             "lr": lr,
             "betas": betas,
             "weight_decay": weight_decay,
+            "state_dtype": state_dtype,
+            "stochastic_rounding": stochastic_rounding,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -83,13 +95,21 @@ class Lion(DanluOptimizer):
         check_beta(f"{where}betas[1]", betas[1])
         check_non_negative(f"{where}weight_decay", group["weight_decay"])
         check_choice(f"{where}maximize", group["maximize"], (False, True))
+        check_state_dtype(group["state_dtype"], where=where)
+        check_choice(f"{where}stochastic_rounding", group["stochastic_rounding"], (False, True))
         check_implementation(group, where=where)
 
     def _step(self, gathered: list[GroupTensors]) -> None:
         for work in gathered:
             group = work.group
             exp_avgs = [
-                self._state_tensor(p, "exp_avg", lambda p=p: torch.zeros_like(p))
+                self._state_tensor(
+                    p,
+                    "exp_avg",
+                    lambda p=p, group=group: torch.zeros_like(
+                        p, dtype=self._state_dtype(group, "exp_avg", p)
+                    ),
+                )
                 for p in work.params
             ]
             beta1, beta2 = group["betas"]
@@ -102,6 +122,7 @@ class Lion(DanluOptimizer):
                 beta2=beta2,
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
+                stochastic_rounding=group["stochastic_rounding"],
                 foreach=group["foreach"],
                 fused=group["fused"],
             )

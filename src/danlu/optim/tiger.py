@@ -21,6 +21,7 @@ from danlu.optim._base import (
     check_in_range,
     check_int_at_least,
     check_non_negative,
+    check_state_dtype,
 )
 from danlu.registry import register
 
@@ -87,6 +88,12 @@ class Tiger(DanluOptimizer):
         nonfinite: ``"shrink"``, ``"skip"`` or ``"raise"``.
         nonfinite_scope: ``"tensor"`` or ``"global"``.
         rms_floor: lower bound (≥ 0) of the RMS factor.
+        state_dtype: dtype of the momentum (default: the parameter's). ``torch.bfloat16``
+            halves the state to 2 bytes per parameter; the math runs in fp32 and the
+            momentum is rounded to nearest. Kept through ``load_state_dict``.
+        stochastic_rounding: for bf16 parameters, run the update in fp32 and round the new
+            parameter stochastically (unbiased), so updates smaller than bf16's spacing are
+            not lost (pytorch#120376). Draws from torch's global RNG.
         maximize: ascend instead of descend (the user's gradients are not modified).
         foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
         fused: ``True`` runs the fused kernel (Triton on CUDA; on CPU the foreach math
@@ -95,6 +102,7 @@ class Tiger(DanluOptimizer):
             (bit-identical to the single-tensor math, no parameter-sized temporaries).
     """
 
+    _state_dtype_keys = ("exp_avg",)
     _display_name = "danlu.Tiger"
 
     def __init__(
@@ -109,6 +117,8 @@ class Tiger(DanluOptimizer):
         nonfinite: str = "shrink",
         nonfinite_scope: str = "tensor",
         rms_floor: float = 1e-3,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -124,6 +134,8 @@ class Tiger(DanluOptimizer):
             "rms_floor": rms_floor,
             "kind": None,
             "center": 0.0,
+            "state_dtype": state_dtype,
+            "stochastic_rounding": stochastic_rounding,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -150,6 +162,8 @@ class Tiger(DanluOptimizer):
         ):
             raise ValueError(f"{where}center must be a finite float, got {center!r}")
         check_choice(f"{where}maximize", group["maximize"], (False, True))
+        check_state_dtype(group["state_dtype"], where=where)
+        check_choice(f"{where}stochastic_rounding", group["stochastic_rounding"], (False, True))
         check_implementation(group, where=where)
 
     def _step(self, gathered: list[GroupTensors]) -> None:
@@ -182,7 +196,13 @@ class Tiger(DanluOptimizer):
         for part, mask in zip(partitions, masks, strict=True):
             group = part.group
             exp_avgs = [
-                self._state_tensor(p, "exp_avg", lambda p=p: torch.zeros_like(p))
+                self._state_tensor(
+                    p,
+                    "exp_avg",
+                    lambda p=p, group=group: torch.zeros_like(
+                        p, dtype=self._state_dtype(group, "exp_avg", p)
+                    ),
+                )
                 for p in part.params
             ]
             tiger(
@@ -202,6 +222,7 @@ class Tiger(DanluOptimizer):
                 nonfinite="skip" if group["nonfinite"] == "raise" else group["nonfinite"],
                 center=float(group["center"]),
                 shrink_ratio=group["shrink_ratio"],
+                stochastic_rounding=group["stochastic_rounding"],
                 foreach=group["foreach"],
                 fused=group["fused"],
             )
@@ -245,6 +266,7 @@ class _Partition:
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+
 
 register(
     "tiger",

@@ -1,0 +1,71 @@
+"""Low-precision parameters and state: fp32 math, stochastic rounding to bf16.
+
+``state_dtype`` (e.g. bf16 momentum for fp32 parameters, halving Lion's and Tiger's state) and
+``stochastic_rounding`` (bf16 parameters whose tiny updates would otherwise round away,
+pytorch#120376) both run the optimizer's math in fp32 on upcast copies and write the results
+back: the state with round-to-nearest, bf16 parameters with stochastic rounding when asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["needs_upcast", "stochastic_round_", "upcast_step"]
+
+
+def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Write fp32 ``src`` into bf16 ``dst`` with stochastic rounding: round up with probability
+    equal to the discarded fraction, so that E[dst] = src. Inf and NaN are kept."""
+    if dst.dtype != torch.bfloat16 or src.dtype != torch.float32:
+        raise ValueError("stochastic_round_ writes fp32 values into a bf16 tensor")
+    bits = src.contiguous().view(torch.int32)
+    noise = torch.randint(
+        0, 1 << 16, bits.shape, dtype=torch.int32, device=src.device, generator=generator
+    )
+    # bf16 is the top half of fp32: adding uniform noise to the discarded half and truncating
+    # rounds the magnitude up with the right probability (the sign bit is untouched)
+    rounded = (bits + noise).bitwise_and_(-65536)
+    finite = torch.isfinite(src)
+    dst.copy_(torch.where(finite, rounded.view(torch.float32), src).view_as(dst))
+    return dst
+
+
+def needs_upcast(
+    params: Sequence[Tensor], states: Sequence[Sequence[Tensor]], stochastic_rounding: bool
+) -> bool:
+    """Whether a state dtype differs from its parameter, or bf16 parameters are to be
+    stochastically rounded."""
+    if stochastic_rounding and any(p.dtype == torch.bfloat16 for p in params):
+        return True
+    return any(s.dtype != p.dtype for state in states for p, s in zip(params, state, strict=True))
+
+
+def upcast_step(
+    fn: Callable[..., None],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[Sequence[Tensor]],
+    *,
+    stochastic_rounding: bool,
+    generator: torch.Generator | None = None,
+    **kwargs: Any,
+) -> None:
+    """Run ``fn(params, grads, *states, **kwargs)`` one tensor at a time in (at least) fp32 and
+    write the results back in each tensor's own dtype."""
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        compute = torch.promote_types(p.dtype, torch.float32)
+        p_hi = p.to(compute)
+        state_hi = [state[i].to(compute) for state in states]
+        fn([p_hi], [g.to(compute)], *[[s] for s in state_hi], **kwargs)
+        for state, s_hi in zip(states, state_hi, strict=True):
+            state[i].copy_(s_hi)
+        if p_hi is p:
+            continue
+        if stochastic_rounding and p.dtype == torch.bfloat16:
+            stochastic_round_(p, p_hi, generator)
+        else:
+            p.copy_(p_hi)
