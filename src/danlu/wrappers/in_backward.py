@@ -72,6 +72,8 @@ class StepInBackward(OptimizerWrapper):
     * ``zero_grad()``: the gradients are already freed; it clears any left.
     * Schedulers work on ``param_groups`` as usual: the new lr applies from the next backward.
     * ``state_dict``/``load_state_dict`` are the inner optimizer's.
+    * A ``NonFiniteGuard(scope="tensor")`` inside works per parameter; its counters then count
+      per-parameter steps.
     * ``remove()`` (or leaving a ``with`` block) removes the hooks; the inner optimizer then
       works as an ordinary one again.
 
