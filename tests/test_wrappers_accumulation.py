@@ -11,7 +11,9 @@ import danlu
 
 def micro_batches(k, windows, seed=0):
     tokens, target = make_data(n=16 * k * windows, seed=seed)
-    return [(tokens[i * 16 : (i + 1) * 16], target[i * 16 : (i + 1) * 16]) for i in range(k * windows)]
+    return [
+        (tokens[i * 16 : (i + 1) * 16], target[i * 16 : (i + 1) * 16]) for i in range(k * windows)
+    ]
 
 
 def loss_fn(model, batch):
@@ -69,7 +71,9 @@ def test_equals_one_step_on_the_mean_gradient(name, k, reset):
             for p, g in zip(model.parameters(), grads, strict=True):
                 p.grad = g
         opt.step()
-    for (key, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
+    for (key, a), b in zip(
+        reference.state_dict().items(), model.state_dict().values(), strict=True
+    ):
         if name == "sgd":
             assert torch.equal(a, b), key
         else:

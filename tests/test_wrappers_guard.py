@@ -19,10 +19,7 @@ def setup(inner="adamw", **kw):
         {"params": [gamma], "center": 1.0, "param_names": ["norm.weight"]},
         {"params": [kernel], "param_names": ["linear.weight"]},
     ]
-    if inner == "adamw":
-        opt = torch.optim.AdamW(groups, lr=0.1)
-    else:
-        opt = danlu.Tiger(groups, lr=0.1)
+    opt = torch.optim.AdamW(groups, lr=0.1) if inner == "adamw" else danlu.Tiger(groups, lr=0.1)
     return gamma, kernel, danlu.NonFiniteGuard(opt, **kw)
 
 
@@ -54,8 +51,12 @@ def test_skip_tensor_scope(bad):
     # the same step on the kernel alone, with a bare optimizer
     twin = nn.Parameter(kernel.detach().clone())
     bare = torch.optim.AdamW([twin], lr=0.1)
-    bare.load_state_dict({"state": {0: copy.deepcopy(guard.state[kernel])}, "param_groups": [
-        {**guard.param_groups[1], "params": [0]}]})
+    bare.load_state_dict(
+        {
+            "state": {0: copy.deepcopy(guard.state[kernel])},
+            "param_groups": [{**guard.param_groups[1], "params": [0]}],
+        }
+    )
     bad_grad = torch.tensor([1.0, bad], dtype=torch.float64)
     gamma.grad = bad_grad
     kernel.grad = twin.grad = torch.tensor([0.5, -0.5], dtype=torch.float64)

@@ -64,7 +64,9 @@ def test_equals_the_ordinary_loop_bit_for_bit(name, net):
     run(ordinary, OPTIMIZERS[name](ordinary), 7)
     opt = danlu.step_in_backward(OPTIMIZERS[name](hooked))
     run(hooked, opt, 7)
-    for (key, a), b in zip(ordinary.state_dict().items(), hooked.state_dict().values(), strict=True):
+    for (key, a), b in zip(
+        ordinary.state_dict().items(), hooked.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), key
 
 
@@ -158,6 +160,7 @@ def test_guard_with_tensor_scope_skips_only_the_bad_parameter():
     model = TinyNet()
     guard = danlu.NonFiniteGuard(danlu.Tiger(danlu.param_groups(model), lr=2e-2))
     opt = danlu.step_in_backward(guard)
+    assert opt.active
     model.hidden.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
     before = model.hidden.weight.detach().clone()
     bias_before = model.hidden.bias.detach().clone()

@@ -73,7 +73,7 @@ def embedding_drift(
     if table.numel() == 0:
         ratios = torch.zeros(table.shape[0], dtype=torch.float32, device=table.device)
     else:
-        ratios = table.abs().amax(dim=1).float() * lam
+        ratios = table.abs().amax(dim=1).to(torch.promote_types(table.dtype, torch.float32)) * lam
     count = int(ratios.numel())
     order = torch.argsort(ratios, descending=True)[: min(top, count)]
     return EmbeddingDrift(
