@@ -24,14 +24,14 @@ def test_spec_3e_hidden_accumulation_scalar(foreach):
     assert state["exp_avg"].item() == pytest.approx(0.05, abs=1e-15)
     assert state["exp_avg_sq"].item() == pytest.approx(0.0005, abs=1e-15)
     assert p.item() == 0.0, "no update on the first micro-step"
-    assert state["step"].item() == 0 and state["micro_step"].item() == 1
+    assert state["step"].item() == 0 and state["micro_step"] == 1
     p.grad = torch.tensor([3.0], dtype=F64)
     opt.step()
     assert state["exp_avg"].item() == pytest.approx(0.2, abs=1e-15)
     assert state["exp_avg_sq"].item() == pytest.approx(0.005, abs=1e-15)
     assert p.item() == pytest.approx(-2 / 5**0.5, abs=1e-12)  # -0.894427
     # bias correction counts updates: counting micro-steps would give 0.665576
-    assert state["step"].item() == 1 and state["micro_step"].item() == 2
+    assert state["step"].item() == 1 and state["micro_step"] == 2
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -141,3 +141,21 @@ def test_maximize_with_accumulation_leaves_grads_alone():
         ob.step()
         assert torch.equal(a.grad, g)
     assert torch.equal(a.detach(), b.detach())
+
+
+def test_resume_mid_window_in_bf16_keeps_the_window():
+    # load_state_dict casts floating state tensors to the parameter dtype; the micro-step count
+    # must survive that exactly (bf16 cannot count past 256).
+    p = nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    opt = danlu.AdamW([p], lr=0.1, grad_accum_steps=3)
+    for _ in range(301):  # 100 updates and one micro-step into the next window
+        p.grad = torch.ones(3, dtype=torch.bfloat16)
+        opt.step()
+    q = nn.Parameter(p.detach().clone())
+    resumed = danlu.AdamW([q], lr=0.1, grad_accum_steps=3)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.state[q]["micro_step"] == 301
+    for expected_updates in (100, 101):
+        q.grad = torch.ones(3, dtype=torch.bfloat16)
+        resumed.step()
+        assert resumed.state[q]["step"].item() == expected_updates

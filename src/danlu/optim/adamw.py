@@ -109,7 +109,6 @@ class AdamW(DanluOptimizer):
         group = work.group
         k = group["grad_accum_steps"]
         partitions: dict[tuple[bool, bool], tuple[list[Tensor], ...]] = {}
-        micro_steps: list[Tensor] = []
         for p, g in zip(work.params, work.grads, strict=True):
             exp_avg = self._state_tensor(
                 p, "exp_avg", lambda p=p: torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -123,12 +122,9 @@ class AdamW(DanluOptimizer):
             if k == 1:
                 first = last = True
             else:
-                micro = self._state_tensor(
-                    p, "micro_step", lambda: torch.tensor(0, dtype=torch.int64)
-                )
-                t = int(micro.item())
+                # A Python int: load_state_dict would cast a tensor to the parameter's dtype.
+                t = self.state[p].get("micro_step", 0)
                 first, last = t % k == 0, (t + 1) % k == 0
-                micro_steps.append(micro)
             bucket = partitions.setdefault((first, last), ([], [], [], [], []))
             for lst, tensor in zip(bucket, (p, g, exp_avg, exp_avg_sq, step), strict=True):
                 lst.append(tensor)
@@ -152,8 +148,9 @@ class AdamW(DanluOptimizer):
                 maximize=group["maximize"],
                 foreach=group["foreach"],
             )
-        for micro in micro_steps:
-            micro += 1
+        if k > 1:
+            for p in work.params:
+                self.state[p]["micro_step"] = self.state[p].get("micro_step", 0) + 1
 
 
 register(

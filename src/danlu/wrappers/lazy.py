@@ -88,10 +88,11 @@ class Lazy(OptimizerWrapper):
         loss = self._call_closure(closure)
         sparse_grads: list[tuple[Tensor, Tensor]] = []
         restores: list[tuple[Tensor, tuple[Tensor, ...], Tensor]] = []
+        stepped = {id(p) for _, p in iter_params(self)}  # step_in_backward passes one at a time
         try:
             for p in self.lazy_params:
                 grad = p.grad
-                if grad is None:
+                if grad is None or id(p) not in stepped:
                     continue
                 if grad.is_sparse:
                     if grad.sparse_dim() != 1:
