@@ -2,7 +2,6 @@
 Adam for the embeddings (MultiOptimizer), tied embeddings with HalfSwap. Plus the diagnostics
 and the tied-embedding helpers of danlu.nn (SPEC §8(a))."""
 
-import contextlib
 import math
 
 import pytest
@@ -56,16 +55,6 @@ def zipf_batches(steps, seed, batch=16, length=16):
         yield x[:, :-1], x[:, 1:]
 
 
-@contextlib.contextmanager
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def train(kind, seed=0):
     """Returns (model, gradient of the rare row at step 0)."""
     torch.manual_seed(seed)
@@ -79,13 +68,12 @@ def train(kind, seed=0):
         if kind == "lazy":
             opt = danlu.Lazy(opt)
     g0 = None
-    with one_thread():
-        for step, (x, y) in enumerate(zipf_batches(STEPS, seed)):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1)).backward()
-            if step == 0:
-                g0 = model.embed.weight.grad[RARE].clone()
-            opt.step()
+    for step, (x, y) in enumerate(zipf_batches(STEPS, seed)):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1)).backward()
+        if step == 0:
+            g0 = model.embed.weight.grad[RARE].clone()
+        opt.step()
     return model, g0
 
 
