@@ -148,7 +148,7 @@ def _multi_tensor_adamw(
         device_steps,
     ), _ in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps]):
         if maximize:
-            device_grads = torch._foreach_neg(device_grads)
+            device_grads = list(torch._foreach_neg(device_grads))
         if k == 1:
             torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta1)
             torch._foreach_mul_(device_exp_avg_sqs, beta2)

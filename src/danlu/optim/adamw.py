@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -110,14 +111,9 @@ class AdamW(DanluOptimizer):
         k = group["grad_accum_steps"]
         partitions: dict[tuple[bool, bool], tuple[list[Tensor], ...]] = {}
         for p, g in zip(work.params, work.grads, strict=True):
-            exp_avg = self._state_tensor(
-                p, "exp_avg", lambda p=p: torch.zeros_like(p, memory_format=torch.preserve_format)
-            )
-            exp_avg_sq = self._state_tensor(
-                p,
-                "exp_avg_sq",
-                lambda p=p: torch.zeros_like(p, memory_format=torch.preserve_format),
-            )
+            zeros = partial(torch.zeros_like, p, memory_format=torch.preserve_format)
+            exp_avg = self._state_tensor(p, "exp_avg", zeros)
+            exp_avg_sq = self._state_tensor(p, "exp_avg_sq", zeros)
             step = self._state_tensor(p, "step", lambda: torch.tensor(0.0, dtype=torch.float32))
             if k == 1:
                 first = last = True

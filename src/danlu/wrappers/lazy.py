@@ -100,10 +100,10 @@ class Lazy(OptimizerWrapper):
                             f"danlu.Lazy: sparse gradients must be sparse over rows only "
                             f"(sparse_dim 1), got sparse_dim {grad.sparse_dim()}"
                         )
+                    sparse_grads.append((p, grad))
                     grad = grad.coalesce()
                     present = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
                     present[grad.indices()[0]] = True
-                    sparse_grads.append((p, p.grad))
                     p.grad = grad.to_dense()
                 else:
                     present = (grad != 0).any(dim=-1)
