@@ -39,6 +39,10 @@ class GradientAccumulation(OptimizerWrapper):
     did. ``state_dict()`` includes the micro-step counter and the running sums, so a checkpoint
     taken after ``step()`` mid-window resumes bit for bit.
 
+    Not for use under AMP's ``GradScaler`` (its ``unscale_`` rewrites ``.grad``, here the running
+    sum, and a skipped inf step would leave the window stuck): there, use the scaler's own
+    recipe (k backward passes, then ``scaler.step(optimizer)`` on the bare optimizer).
+
     Put a :class:`NonFiniteGuard` inside (``GradientAccumulation(NonFiniteGuard(opt), k)``): the
     guard then checks the mean gradient once per update.
 
