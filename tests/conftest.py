@@ -15,6 +15,10 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "danlu"))
 
+# The tests use tiny tensors: intra-op threads only add synchronisation, and with pytest-xdist
+# on a 2-core CI machine they oversubscribe the cores (10-50x slower steps under load).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

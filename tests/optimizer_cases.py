@@ -5,6 +5,24 @@ and the hyper-parameter values that must raise ValueError (argument name, bad va
 """
 
 CASES = {
+    "adamw": {
+        "kwargs": {"lr": 3e-2, "weight_decay": 0.01},
+        "invalid": [
+            ("lr", -1e-3),
+            ("lr", float("inf")),
+            ("betas", (1.0, 0.999)),
+            ("betas", (0.9, -0.1)),
+            ("betas", (0.9,)),
+            ("eps", -1e-8),
+            ("weight_decay", -0.1),
+            ("grad_accum_steps", 0),
+            ("grad_accum_steps", 1.5),
+            ("eps_inside_sqrt", "yes"),
+            ("maximize", "no"),
+            ("foreach", "yes"),
+        ],
+        "invalid_group": [("lr", -1.0), ("eps", float("nan")), ("grad_accum_steps", 0)],
+    },
     "lion": {
         "kwargs": {"lr": 3e-3, "weight_decay": 0.1},
         "invalid": [

@@ -115,3 +115,60 @@ def noise_scale_from_micro_grads(grads, micro_batch):
     trace = micro_batch * float(np.sum(np.var(grads, axis=0, ddof=1)))
     mean = grads.mean(axis=0)
     return trace, float(mean @ mean) - trace / (k * micro_batch)
+def adam_accumulated(
+    theta, micro_grads, *, k, lr, beta1, beta2, eps, wd=0.0, eps_inside_sqrt=False
+):
+    """SPEC §3(a) literally, 1-based micro-step t: decay the moments when (t-1) % k == 0, add
+    (1-β)/k of g (of g² for v) every micro-step, update when k | t with bias correction over the
+    update count n = t/k and decoupled decay θ(1 - ηλ). With k = 1 this is AdamW.
+    Returns the (θ, m, v) history per micro-step."""
+    theta = np.asarray(theta, dtype=np.float64)
+    m = np.zeros_like(theta)
+    v = np.zeros_like(theta)
+    history = []
+    for t, g in enumerate(micro_grads, start=1):
+        g = np.asarray(g, dtype=np.float64)
+        if (t - 1) % k == 0:
+            m = beta1 * m
+            v = beta2 * v
+        m = m + (1 - beta1) / k * g
+        v = v + (1 - beta2) / k * g * g
+        if t % k == 0:
+            n = t // k
+            m_hat = m / (1 - beta1**n)
+            v_hat = v / (1 - beta2**n)
+            denom = np.sqrt(v_hat + eps) if eps_inside_sqrt else np.sqrt(v_hat) + eps
+            theta = theta * (1 - lr * wd) - lr * m_hat / denom
+        history.append((theta.copy(), m.copy(), v.copy()))
+    return history
+
+
+def adam_lazy_rows(theta, grads, *, lr, beta1, beta2, eps, variant):
+    """Adam on a table (rows × dim) with the row mask r_i = any_j(g_ij != 0) of SPEC §4(a'):
+
+    * ``"dense"``: plain Adam;
+    * ``"masked"`` (bojone's lazy): moments of every row updated, the parameter delta of absent
+      rows dropped;
+    * ``"frozen"`` (standard lazy): moments and parameters of absent rows left as they were,
+      bias correction with the global step t.
+
+    Absent rows are selected with np.where, never multiplied by the mask. Returns the θ history.
+    """
+    theta = np.asarray(theta, dtype=np.float64)
+    m = np.zeros_like(theta)
+    v = np.zeros_like(theta)
+    history = []
+    for t, g in enumerate(grads, start=1):
+        g = np.asarray(g, dtype=np.float64)
+        present = np.any(g != 0, axis=-1, keepdims=True)
+        new_m = beta1 * m + (1 - beta1) * g
+        new_v = beta2 * v + (1 - beta2) * g * g
+        if variant == "frozen":
+            new_m = np.where(present, new_m, m)
+            new_v = np.where(present, new_v, v)
+        m, v = new_m, new_v
+        with np.errstate(invalid="ignore", divide="ignore"):
+            delta = -lr * (m / (1 - beta1**t)) / (np.sqrt(v / (1 - beta2**t)) + eps)
+        theta = theta + delta if variant == "dense" else np.where(present, theta + delta, theta)
+        history.append(theta.copy())
+    return history

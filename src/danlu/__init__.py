@@ -3,25 +3,47 @@
 See SPEC sections cited in each docstring for the exact algorithms.
 """
 
-from danlu import functional, init, recipes, scaling, schedules
-from danlu.optim import Lion, Tiger
+from danlu import diagnostics, functional, init, nn, recipes, scaling, schedules, wrappers
+from danlu.optim import AdamW, Lion, Tiger
 from danlu.params import param_groups
 from danlu.registry import REGISTRY, OptimizerInfo, create_optimizer, register
+from danlu.wrappers import (
+    GradientAccumulation,
+    Lazy,
+    MultiOptimizer,
+    NonFiniteGuard,
+    StepInBackward,
+    UpdateEvery,
+    accumulation_betas,
+    step_in_backward,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "REGISTRY",
+    "AdamW",
+    "GradientAccumulation",
+    "Lazy",
     "Lion",
+    "MultiOptimizer",
+    "NonFiniteGuard",
     "OptimizerInfo",
+    "StepInBackward",
     "Tiger",
+    "UpdateEvery",
     "__version__",
+    "accumulation_betas",
     "create_optimizer",
+    "diagnostics",
     "functional",
     "init",
+    "nn",
     "param_groups",
     "recipes",
     "register",
     "scaling",
     "schedules",
+    "step_in_backward",
+    "wrappers",
 ]

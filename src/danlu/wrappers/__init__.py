@@ -1,0 +1,22 @@
+"""Wrappers around any ``torch.optim.Optimizer``: gradient accumulation, lazy row updates, the
+non-finite guard, several optimizers as one, and the step inside backward (SPEC.md §3, §4,
+§11). Each keeps the optimizer interface, so lr schedulers and checkpoints work as usual."""
+
+from danlu.wrappers._base import OptimizerWrapper
+from danlu.wrappers.accumulation import GradientAccumulation, UpdateEvery, accumulation_betas
+from danlu.wrappers.guard import NonFiniteGuard
+from danlu.wrappers.in_backward import StepInBackward, step_in_backward
+from danlu.wrappers.lazy import Lazy
+from danlu.wrappers.multi import MultiOptimizer
+
+__all__ = [
+    "GradientAccumulation",
+    "Lazy",
+    "MultiOptimizer",
+    "NonFiniteGuard",
+    "OptimizerWrapper",
+    "StepInBackward",
+    "UpdateEvery",
+    "accumulation_betas",
+    "step_in_backward",
+]

@@ -1,0 +1,178 @@
+"""AdamW with gradient accumulation hidden in its moments, SPEC.md §3(a): the math only.
+
+One call is one micro-step. With ``grad_accum_steps = k = 1`` it is torch.optim.AdamW::
+
+    m ← m + (1-β1)·(g - m)        v ← β2·v + (1-β2)·g²
+    θ ← θ·(1 - η·λ) - η·m̂ / (√v̂ + ε)      m̂ = m / (1-β1^n),  v̂ = v / (1-β2^n)
+
+With k > 1 (the blog's variant, kexue 8634) the moments decay on the first micro-step of a
+window, every micro-step adds its share, and the parameter moves on the last one::
+
+    m ← β1'·m + (1-β1)/k · g       v ← β2'·v + (1-β2)/k · g²      β' = β on a window's first
+                                                                  micro-step, else 1
+
+so m is exactly the EMA of the mean gradient while v uses the mean of the squares in place of
+the square of the mean. Bias correction counts updates n (``steps``), and the decoupled decay
+acts only on updates. ``eps_inside_sqrt`` puts ε under the root, √(v̂ + ε), as in the post.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
+
+__all__ = ["adamw"]
+
+
+def adamw(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    eps_inside_sqrt: bool = False,
+    grad_accum_steps: int = 1,
+    first_micro_step: bool = True,
+    last_micro_step: bool = True,
+    maximize: bool = False,
+    foreach: bool | None = None,
+) -> None:
+    """One AdamW micro-step. ``steps`` holds each parameter's update count (0-d tensors); it
+    is incremented on the last micro-step of a window, before the bias correction."""
+    if not params:
+        return
+    if isinstance(lr, Tensor):
+        lr = float(lr.item())
+    fn = _multi_tensor_adamw if resolve_foreach(foreach, params) else _single_tensor_adamw
+    fn(
+        list(params),
+        list(grads),
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        list(steps),
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        eps_inside_sqrt=eps_inside_sqrt,
+        grad_accum_steps=grad_accum_steps,
+        first_micro_step=first_micro_step,
+        last_micro_step=last_micro_step,
+        maximize=maximize,
+    )
+
+
+def _single_tensor_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    eps_inside_sqrt: bool,
+    grad_accum_steps: int,
+    first_micro_step: bool,
+    last_micro_step: bool,
+    maximize: bool,
+) -> None:
+    k = grad_accum_steps
+    for param, grad, exp_avg, exp_avg_sq, step in zip(
+        params, grads, exp_avgs, exp_avg_sqs, steps, strict=True
+    ):
+        if maximize:
+            grad = -grad
+        if k == 1:
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        else:
+            if first_micro_step:
+                exp_avg.mul_(beta1)
+                exp_avg_sq.mul_(beta2)
+            exp_avg.add_(grad, alpha=(1 - beta1) / k)
+            exp_avg_sq.addcmul_(grad, grad, value=(1 - beta2) / k)
+        if not last_micro_step:
+            continue
+        step += 1
+        n = float(step.item())
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        step_size = lr / (1 - beta1**n)
+        bias_correction2 = 1 - beta2**n
+        if eps_inside_sqrt:
+            denom = (exp_avg_sq / bias_correction2).add_(eps).sqrt_()
+        else:
+            denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def _multi_tensor_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    eps_inside_sqrt: bool,
+    grad_accum_steps: int,
+    first_micro_step: bool,
+    last_micro_step: bool,
+    maximize: bool,
+) -> None:
+    k = grad_accum_steps
+    for (
+        device_params,
+        device_grads,
+        device_exp_avgs,
+        device_exp_avg_sqs,
+        device_steps,
+    ), _ in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps]):
+        if maximize:
+            device_grads = list(torch._foreach_neg(device_grads))
+        if k == 1:
+            torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta1)
+            torch._foreach_mul_(device_exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(device_exp_avg_sqs, device_grads, device_grads, 1 - beta2)
+        else:
+            if first_micro_step:
+                torch._foreach_mul_(device_exp_avgs, beta1)
+                torch._foreach_mul_(device_exp_avg_sqs, beta2)
+            torch._foreach_add_(device_exp_avgs, device_grads, alpha=(1 - beta1) / k)
+            torch._foreach_addcmul_(device_exp_avg_sqs, device_grads, device_grads, (1 - beta2) / k)
+        if not last_micro_step:
+            continue
+        torch._foreach_add_(device_steps, 1.0)
+        counts = [float(s.item()) for s in device_steps]
+        if weight_decay != 0:
+            torch._foreach_mul_(device_params, 1 - lr * weight_decay)
+        step_sizes = [-(lr / (1 - beta1**n)) for n in counts]
+        bias_corrections2 = [1 - beta2**n for n in counts]
+        if eps_inside_sqrt:
+            denoms = torch._foreach_div(device_exp_avg_sqs, bias_corrections2)
+            torch._foreach_add_(denoms, eps)
+            torch._foreach_sqrt_(denoms)
+        else:
+            denoms = torch._foreach_sqrt(device_exp_avg_sqs)
+            torch._foreach_div_(denoms, [bc**0.5 for bc in bias_corrections2])
+            torch._foreach_add_(denoms, eps)
+        torch._foreach_addcdiv_(device_params, device_exp_avgs, denoms, step_sizes)

@@ -1,0 +1,202 @@
+"""Gradient accumulation for any optimizer (SPEC.md §11) and the blog's "no-code" recipe
+(SPEC.md §3(a), §3(b))."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, overload
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from danlu.optim._base import check_beta, check_int_at_least
+from danlu.wrappers._base import OptimizerWrapper, iter_params
+
+__all__ = ["GradientAccumulation", "UpdateEvery", "accumulation_betas"]
+
+
+class GradientAccumulation(OptimizerWrapper):
+    """Apply one inner step with the mean of ``steps`` micro-batch gradients (SPEC §11).
+
+    Call ``zero_grad()``, ``backward()`` and ``step()`` on every micro-batch as usual. The first
+    k − 1 calls of ``step()`` only count; the k-th divides the summed gradients by k and calls the
+    inner optimizer's ``step()`` once, so the inner step count (and its bias correction, its
+    schedule) counts updates. The result equals one inner step on the mean gradient
+    ((g₁ + … + g_k)/k summed left to right) bit for bit, whatever the optimizer.
+
+    **Where the sum lives.** In the ``.grad`` tensors themselves: between micro-steps
+    ``zero_grad()`` does nothing (it zeroes after an update), so ``backward()`` adds each
+    micro-batch into ``.grad`` as autograd always does. No buffer beyond the gradients is
+    allocated. If something else replaces or resets ``.grad`` between micro-steps (assigning
+    ``p.grad``, or ``model.zero_grad()`` setting it to ``None``), the wrapper still holds the
+    running sum and adds the new gradient to it. Do not zero the gradients in place between
+    micro-steps by other means (``model.zero_grad(set_to_none=False)``): that erases the sum.
+    On an update step ``.grad`` is divided by k in place.
+
+    ``will_update`` says whether the next ``step()`` applies an update (use it for DDP's
+    ``no_sync()`` or to step an lr scheduler once per update); ``updated`` whether the last one
+    did. ``state_dict()`` includes the micro-step counter and the running sums, so a checkpoint
+    taken after ``step()`` mid-window resumes bit for bit.
+
+    Not for use under AMP's ``GradScaler`` (its ``unscale_`` rewrites ``.grad``, here the running
+    sum, and a skipped inf step would leave the window stuck): there, use the scaler's own
+    recipe (k backward passes, then ``scaler.step(optimizer)`` on the bare optimizer).
+
+    Put a :class:`NonFiniteGuard` inside (``GradientAccumulation(NonFiniteGuard(opt), k)``): the
+    guard then checks the mean gradient once per update.
+
+    Memory: none beyond the ``.grad`` tensors (12 bytes per fp32 parameter with Adam, counting
+    the gradient, as in the SPEC §0 table). For Tiger or SGD-momentum use the accumulation hidden
+    in the momentum instead (``danlu.Tiger(grad_accum_steps=k)``), which needs no gradient kept
+    between micro-steps; for Adam, ``danlu.AdamW(grad_accum_steps=k)`` does the same with the
+    blog's approximation of v.
+    """
+
+    def __init__(self, optimizer: Optimizer, steps: int) -> None:
+        super().__init__(optimizer)
+        check_int_at_least("steps", steps, 1)
+        self.steps = steps
+        self.micro_step = 0
+        self.updated = False
+        self._sums: dict[Tensor, Tensor] = {}
+
+    @property
+    def will_update(self) -> bool:
+        """Whether the next ``step()`` applies an update."""
+        return self.micro_step + 1 >= self.steps
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.micro_step == 0:
+            self.optimizer.zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = self._call_closure(closure)
+        params = [p for _, p in iter_params(self)]
+        for p in params:
+            running = self._sums.get(p)
+            if running is not None and p.grad is not running:
+                if p.grad is not None:
+                    running.add_(p.grad)
+                p.grad = running
+        if self.micro_step + 1 < self.steps:
+            self.micro_step += 1
+            self._sums = {p: p.grad for p in params if p.grad is not None}
+            self.updated = False
+            return loss
+        grads = [p.grad for p in params if p.grad is not None]
+        for g in grads:
+            g.div_(self.steps)
+        try:
+            self.optimizer.step()
+        except BaseException:
+            # Leave the window as it was, so the step can be retried (exact for k a power of 2).
+            for g in grads:
+                g.mul_(self.steps)
+            self._sums = {p: p.grad for p in params if p.grad is not None}
+            raise
+        self.micro_step = 0
+        self._sums = {}
+        self.updated = True
+        return loss
+
+    def _wrapper_state(self) -> dict[str, Any]:
+        index = self._param_index()
+        sums = {index[id(p)][0]: s for p, s in self._sums.items() if id(p) in index}
+        return {"steps": self.steps, "micro_step": self.micro_step, "sums": sums}
+
+    def _check_wrapper_state(self, record: dict[str, Any]) -> None:
+        micro = record.get("micro_step")
+        if not isinstance(micro, int) or micro < 0:
+            raise ValueError(f"state_dict: bad GradientAccumulation micro_step {micro!r}")
+        if micro > 0 and record.get("steps") != self.steps:
+            raise ValueError(
+                f"state_dict was saved mid-window with steps={record.get('steps')!r}; "
+                f"this wrapper has steps={self.steps}"
+            )
+
+    def _load_wrapper_state(self, record: dict[str, Any]) -> None:
+        self.micro_step = record["micro_step"]
+        self.updated = False
+        index = {i: p for i, (_, p) in enumerate(iter_params(self))}
+        self._sums = {}
+        for i, saved in record.get("sums", {}).items():
+            p = index[int(i)]
+            running = saved.to(device=p.device, dtype=p.dtype, copy=True)
+            p.grad = running
+            self._sums[p] = running
+
+
+class UpdateEvery(OptimizerWrapper):
+    """Step the inner optimizer on every micro-step, but with lr = 0 except on every
+    ``steps``-th one: the lr multiplied by χ_{t/k} of SPEC §3(b).
+
+    With the betas from :func:`accumulation_betas` this is the blog's "no-code" approximation
+    of gradient accumulation: the moments keep an EMA of every micro-gradient with
+    β̃ = 1 − (1 − β)/k, and the parameters move once per k micro-steps. Alone (betas unchanged)
+    it is the blog's surprising finding that updating less often can train better. Decoupled
+    weight decay is multiplied by the lr and is gated too. Bias correction in the inner optimizer
+    counts micro-steps, which β̃ already accounts for (β̃^k ≈ β).
+
+    The lr is zeroed only during the inner ``step()`` and restored afterwards, so schedulers see
+    and set the real lr.
+    """
+
+    def __init__(self, optimizer: Optimizer, steps: int) -> None:
+        super().__init__(optimizer)
+        check_int_at_least("steps", steps, 1)
+        self.steps = steps
+        self.micro_step = 0
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = self._call_closure(closure)
+        if self.micro_step + 1 >= self.steps:
+            self.optimizer.step()
+        else:
+            saved = [group["lr"] for group in self.param_groups]
+            for group in self.param_groups:
+                lr = group["lr"]
+                group["lr"] = torch.zeros_like(lr) if isinstance(lr, Tensor) else 0.0
+            try:
+                self.optimizer.step()
+            finally:
+                for group, lr in zip(self.param_groups, saved, strict=True):
+                    group["lr"] = lr
+        self.micro_step = (self.micro_step + 1) % self.steps
+        return loss
+
+    def _wrapper_state(self) -> dict[str, Any]:
+        return {"steps": self.steps, "micro_step": self.micro_step}
+
+    def _check_wrapper_state(self, record: dict[str, Any]) -> None:
+        micro = record.get("micro_step")
+        if not isinstance(micro, int) or not 0 <= micro < self.steps:
+            raise ValueError(
+                f"state_dict: UpdateEvery micro_step {micro!r} is not in [0, {self.steps})"
+            )
+
+    def _load_wrapper_state(self, record: dict[str, Any]) -> None:
+        self.micro_step = record["micro_step"]
+
+
+@overload
+def accumulation_betas(betas: float, steps: int) -> float: ...
+@overload
+def accumulation_betas(betas: Sequence[float], steps: int) -> tuple[float, ...]: ...
+
+
+def accumulation_betas(betas: float | Sequence[float], steps: int) -> float | tuple[float, ...]:
+    """β̃ = 1 − (1 − β)/k for each β: the betas of the blog's "no-code" accumulation recipe
+    (SPEC §3(a)); pair them with :class:`UpdateEvery` (``steps=k``).
+
+    ``accumulation_betas((0.9, 0.999), 4) == (0.975, 0.99975)``; a single float gives a float.
+    """
+    check_int_at_least("steps", steps, 1)
+    if isinstance(betas, Sequence):
+        for i, beta in enumerate(betas):
+            check_beta(f"betas[{i}]", beta)
+        return tuple(1 - (1 - float(beta)) / steps for beta in betas)
+    check_beta("betas", betas)
+    return 1 - (1 - float(betas)) / steps

@@ -1,0 +1,148 @@
+"""The non-finite gradient guard for any optimizer (SPEC.md §2(a) "NaN prevention", §2(c))."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from danlu.functional.nonfinite import finite_flags, shrink_
+from danlu.optim._base import check_choice, check_in_range
+from danlu.wrappers._base import OptimizerWrapper, iter_params, unwrap
+
+__all__ = ["NonFiniteGuard"]
+
+MODES = ("skip", "shrink", "raise")
+SCOPES = ("tensor", "global")
+
+
+def _dense_values(grad: Tensor) -> Tensor:
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
+class NonFiniteGuard(OptimizerWrapper):
+    """Check every gradient for NaN and ±Inf before the inner step (SPEC §2(c): ``isfinite``,
+    not the reference's ``isnan``).
+
+    ``mode``:
+
+    * ``"skip"``: a tensor with a non-finite gradient is left exactly as it was, its optimizer
+      state included (the inner optimizer does not see its gradient);
+    * ``"shrink"``: as "skip", and the parameter is pulled toward its init centre,
+      θ ← (θ − c)·s + c with s = ``shrink_ratio`` and c the group's ``center`` (1 for norm gains
+      when the groups come from ``danlu.param_groups``; 0 when absent): Tiger's fallback;
+    * ``"raise"``: raise ``FloatingPointError`` naming the tensors; nothing is modified.
+
+    ``scope="tensor"`` acts on the offending tensors only, and the others step normally (the
+    reference code's choice). ``scope="global"`` treats every tensor as non-finite when one is,
+    so the inner optimizer is not called at all (AMP GradScaler semantics; the safe choice for
+    optimizers whose step couples tensors).
+
+    Counters (saved in ``state_dict``): ``steps`` (calls of ``step()``), ``skipped_steps`` (calls
+    in which some tensor was skipped or shrunk), ``skipped_tensors`` (tensor-steps skipped or
+    shrunk in all), ``last_nonfinite`` (names of the tensors found in the last call).
+
+    The user's gradients are not modified. With "tensor" scope, an inner optimizer that counts
+    micro-steps per tensor (Tiger or danlu.AdamW with ``grad_accum_steps``) does not count a
+    skipped tensor's micro-step, so its window shifts; use Tiger's own ``nonfinite`` option
+    there. Wrap a :class:`GradientAccumulation` from the outside (``GradientAccumulation(
+    NonFiniteGuard(opt), k)``), not the reverse.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        mode: str = "skip",
+        scope: str = "tensor",
+        shrink_ratio: float = 0.99,
+    ) -> None:
+        super().__init__(optimizer)
+        from danlu.wrappers.accumulation import GradientAccumulation
+
+        if any(isinstance(o, GradientAccumulation) for o in unwrap(optimizer)):
+            raise ValueError(
+                "optimizer: put the guard inside the accumulation, "
+                "GradientAccumulation(NonFiniteGuard(opt), steps), so that it checks the mean "
+                "gradient of each window"
+            )
+        check_choice("mode", mode, MODES)
+        check_choice("scope", scope, SCOPES)
+        check_in_range("shrink_ratio", shrink_ratio, 0.0, 1.0, low_open=True, high_open=False)
+        self.mode = mode
+        self.scope = scope
+        self.shrink_ratio = float(shrink_ratio)
+        self.steps = 0
+        self.skipped_steps = 0
+        self.skipped_tensors = 0
+        self.last_nonfinite: list[str] = []
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = self._call_closure(closure)
+        entries = [
+            (index, group, p)
+            for index, (group, p) in enumerate(iter_params(self))
+            if p.grad is not None
+        ]
+        flags = finite_flags([_dense_values(p.grad) for _, _, p in entries])  # type: ignore[arg-type]
+        bad = [entry for entry, ok in zip(entries, flags, strict=True) if not ok]
+        if bad and self.scope == "global":
+            bad = entries
+        names = [self._name(index, group, p) for index, group, p in bad]
+        if bad and self.mode == "raise":
+            raise FloatingPointError(
+                "danlu.NonFiniteGuard: non-finite gradient in "
+                + ", ".join(names)
+                + " (mode='raise'; nothing was modified)"
+            )
+        self.steps += 1
+        self.last_nonfinite = names
+        if not bad:
+            self.optimizer.step()
+            return loss
+        if len(bad) < len(entries):
+            hidden = [(p, p.grad) for _, _, p in bad]
+            for p, _ in hidden:
+                p.grad = None
+            try:
+                self.optimizer.step()
+            finally:
+                for p, grad in hidden:
+                    p.grad = grad
+        if self.mode == "shrink":
+            for _, group, p in bad:
+                shrink_([p], center=float(group.get("center", 0.0)), ratio=self.shrink_ratio)
+        self.skipped_steps += 1
+        self.skipped_tensors += len(bad)
+        return loss
+
+    @staticmethod
+    def _name(index: int, group: dict[str, Any], p: Tensor) -> str:
+        names = group.get("param_names")
+        if names is not None:
+            position = next(i for i, q in enumerate(group["params"]) if q is p)
+            if position < len(names):
+                return f"{names[position]!r} (shape {tuple(p.shape)})"
+        return f"parameter {index} (shape {tuple(p.shape)})"
+
+    def _wrapper_state(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "skipped_tensors": self.skipped_tensors,
+            "last_nonfinite": list(self.last_nonfinite),
+        }
+
+    def _check_wrapper_state(self, record: dict[str, Any]) -> None:
+        for key in ("steps", "skipped_steps", "skipped_tensors"):
+            if not isinstance(record.get(key), int):
+                raise ValueError(f"state_dict: NonFiniteGuard record lacks an integer {key!r}")
+
+    def _load_wrapper_state(self, record: dict[str, Any]) -> None:
+        self.steps = record["steps"]
+        self.skipped_steps = record["skipped_steps"]
+        self.skipped_tensors = record["skipped_tensors"]
+        self.last_nonfinite = list(record.get("last_nonfinite", []))

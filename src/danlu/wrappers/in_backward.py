@@ -1,0 +1,168 @@
+"""The optimizer step inside ``backward()``: each gradient is folded into the optimizer state as
+soon as autograd has produced it, and freed (what makes Tiger's memory claim of SPEC.md §2 and
+§0 real: parameters + one momentum, no gradient buffers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from danlu.wrappers._base import OptimizerWrapper, iter_params, unwrap
+from danlu.wrappers.accumulation import GradientAccumulation, UpdateEvery
+from danlu.wrappers.guard import NonFiniteGuard
+from danlu.wrappers.multi import MultiOptimizer
+
+__all__ = ["StepInBackward", "step_in_backward"]
+
+
+def _check_per_parameter(optimizer: Optimizer, where: str = "optimizer") -> None:
+    """Raise ValueError for anything whose step cannot be split into per-parameter steps."""
+    if isinstance(optimizer, MultiOptimizer):
+        for name, inner in optimizer.optimizers.items():
+            _check_per_parameter(inner, f"{where}[{name!r}]")
+        return
+    for opt in unwrap(optimizer):
+        if isinstance(opt, StepInBackward):
+            raise ValueError(f"{where} already steps inside backward")
+        if isinstance(opt, GradientAccumulation | UpdateEvery):
+            raise ValueError(
+                f"{where}: danlu.{type(opt).__name__} counts whole steps and keeps the gradient "
+                "between micro-batches, so it cannot run inside backward; use the accumulation "
+                "hidden in the momentum (danlu.Tiger or danlu.AdamW with grad_accum_steps=k)"
+            )
+        if isinstance(opt, NonFiniteGuard) and opt.scope == "global":
+            raise ValueError(
+                f"{where}: NonFiniteGuard(scope='global') needs every gradient before stepping "
+                "any; inside backward only scope='tensor' is possible"
+            )
+        if isinstance(opt, MultiOptimizer):
+            raise ValueError(
+                f"{where}: wrap the optimizers inside the MultiOptimizer, not the MultiOptimizer"
+            )
+        if not isinstance(opt, OptimizerWrapper):
+            for index, group in enumerate(opt.param_groups):
+                if group.get("nonfinite_scope") == "global":
+                    raise ValueError(
+                        f"{where}.param_groups[{index}]: nonfinite_scope='global' needs every "
+                        "gradient before stepping any; use nonfinite_scope='tensor' inside "
+                        "backward"
+                    )
+
+
+class StepInBackward(OptimizerWrapper):
+    """Step each parameter from its ``register_post_accumulate_grad_hook`` and free its gradient.
+
+    Made by :func:`step_in_backward`. During ``loss.backward()`` every parameter is stepped (the
+    inner optimizer's ``step()`` run with a copy of the parameter's group holding that parameter
+    alone) right after autograd has accumulated its gradient, and ``.grad`` is set to ``None``.
+    The result equals the ordinary ``backward(); step()`` loop for any optimizer whose update
+    treats tensors independently (Tiger, Lion, Adam(W), SGD, AdaFactor, ...), while the
+    gradients of all parameters never exist at once. With ``danlu.Tiger`` (with or without
+    ``grad_accum_steps``) a training step holds the parameters and one momentum, plus the
+    gradients in flight.
+
+    * ``step()`` runs the closure if given, then steps only parameters that still hold a
+      gradient (one assigned by hand, say); otherwise it does nothing. Keep calling it once per
+      iteration so that lr schedulers see the usual order.
+    * ``zero_grad()``: the gradients are already freed; it clears any left.
+    * Schedulers work on ``param_groups`` as usual: the new lr applies from the next backward.
+    * ``state_dict``/``load_state_dict`` are the inner optimizer's.
+    * A ``NonFiniteGuard(scope="tensor")`` inside works per parameter; its counters then count
+      per-parameter steps.
+    * ``remove()`` (or leaving a ``with`` block) removes the hooks; the inner optimizer then
+      works as an ordinary one again.
+
+    Not possible per parameter, hence rejected with ValueError: ``GradientAccumulation`` and
+    ``UpdateEvery`` (use ``grad_accum_steps``; Lion cannot hide accumulation, SPEC §1(c)),
+    global non-finite checks (``NonFiniteGuard(scope="global")``, Tiger's
+    ``nonfinite_scope="global"``), and a ``MultiOptimizer`` inside another wrapper. Gradient
+    clipping by the global norm is impossible too (it needs all gradients). Do not use
+    ``retain_graph=True`` backward passes twice over the same graph, nor DDP (its reducer
+    needs the gradients).
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        super().__init__(optimizer)
+        _check_per_parameter(optimizer)
+        self._handles: dict[int, RemovableHandle] = {}
+        self._groups: dict[int, dict[str, Any]] = {}
+        self._register([p for _, p in iter_params(self)])
+
+    def _register(self, params: list[Tensor]) -> None:
+        for p in params:
+            if id(p) not in self._handles and p.requires_grad:
+                self._handles[id(p)] = p.register_post_accumulate_grad_hook(self._hook)
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are registered."""
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> StepInBackward:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+        _check_per_parameter(self.optimizer)
+        self._register([p for _, p in iter_params(self)])
+
+    @torch.no_grad()
+    def _hook(self, p: Tensor) -> None:
+        self._step_parameter(self.optimizer, p)
+        p.grad = None
+
+    def _step_parameter(self, opt: Optimizer, p: Tensor) -> None:
+        if isinstance(opt, MultiOptimizer):
+            owner = opt.owner(p)
+            if owner is not None:
+                self._step_parameter(owner, p)
+            return
+        groups = opt.param_groups
+        group = self._groups.get(id(p))
+        if group is None or not any(g is group for g in groups):
+            group = next((g for g in groups if any(q is p for q in g["params"])), None)
+            if group is None:
+                return
+            self._groups[id(p)] = group
+        single = {**group, "params": [p]}
+        opt.param_groups = [single]
+        try:
+            opt.step()
+        finally:
+            opt.param_groups = groups
+            for key, value in single.items():
+                if key != "params" and group.get(key) is not value:
+                    group[key] = value
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = self._call_closure(closure)
+        if any(p.grad is not None for _, p in iter_params(self)):
+            self.optimizer.step()
+        return loss
+
+    def __repr__(self) -> str:
+        return f"StepInBackward({self.optimizer!r}, active={self.active})"
+
+
+def step_in_backward(optimizer: Optimizer) -> StepInBackward:
+    """Make ``optimizer`` step each parameter inside ``backward()`` and free its gradient.
+
+    ``opt = danlu.step_in_backward(danlu.Tiger(danlu.param_groups(model), lr=1e-3))``, then the
+    usual loop (``loss.backward(); opt.step(); opt.zero_grad()``). See :class:`StepInBackward`.
+    """
+    return StepInBackward(optimizer)
