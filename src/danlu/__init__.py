@@ -4,7 +4,7 @@ See SPEC sections cited in each docstring for the exact algorithms.
 """
 
 from danlu import functional, schedules
-from danlu.optim import Lion, Tiger
+from danlu.optim import AdaFactor, AdaX, Amos, Lion, Tiger
 from danlu.params import param_groups
 from danlu.registry import REGISTRY, OptimizerInfo, create_optimizer, register
 
@@ -12,6 +12,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "REGISTRY",
+    "AdaFactor",
+    "AdaX",
+    "Amos",
     "Lion",
     "OptimizerInfo",
     "Tiger",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "DanluOptimizer",
     "GroupTensors",
     "check_beta",
+    "check_finite",
     "check_in_range",
     "check_non_negative",
     "check_positive",
@@ -67,6 +69,11 @@ def check_in_range(
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
+def check_finite(name: str, value: Any) -> None:
+    if not _is_number(value) or not math.isfinite(_as_float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 def check_beta(name: str, value: Any) -> None:
     check_in_range(name, value, 0.0, 1.0, low_open=False, high_open=True)
 
@@ -85,6 +92,20 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
 def check_foreach(value: Any) -> None:
     if value is not None and not isinstance(value, bool):
         raise ValueError(f"foreach must be None, True or False, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def step_buckets(steps: Sequence[Tensor]) -> dict[float, list[int]]:
+    """Positions of ``steps`` (0-d CPU step counters) grouped by value, read in one host call."""
+    buckets: dict[float, list[int]] = {}
+    if steps:
+        for i, value in enumerate(torch.stack(list(steps)).tolist()):
+            buckets.setdefault(value, []).append(i)
+    return buckets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,6 +130,11 @@ class DanluOptimizer(Optimizer):
 
     #: Human-readable name used in error messages.
     _display_name = "optimizer"
+
+    #: State keys kept in float32 (float64 for float64 params) whatever the parameter dtype.
+    #: ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter dtype;
+    #: ``load_state_dict`` below restores these keys from the saved values instead.
+    _float32_state_keys: tuple[str, ...] = ()
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._check_group(defaults, where="")
@@ -172,6 +198,23 @@ class DanluOptimizer(Optimizer):
             out.grads.append(p.grad)
             out.names.append(label)
         return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if not self._float32_state_keys:
+            return
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        by_saved_id = dict(zip(saved_ids, params, strict=False))
+        for saved_id, saved_state in state_dict["state"].items():
+            p = by_saved_id.get(saved_id)
+            if p is None:
+                continue
+            for key in self._float32_state_keys:
+                value = saved_state.get(key)
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    dtype = torch.promote_types(p.dtype, torch.float32)
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
 
     def _state_tensor(self, p: Tensor, key: str, factory: Callable[[], Tensor]) -> Tensor:
         """Return ``state[p][key]``, creating it on first use."""

@@ -1,0 +1,338 @@
+"""AdaFactor, SPEC.md §5(a): the math only, tensors in, tensors updated in place.
+
+One call is one update of tensors that share the step count ``t`` (1-based)::
+
+    β̂_t  = 1 − t^(−c)                       (or a constant beta2)
+    V     = g² + ε1
+    factored:    R ← β̂ R + (1−β̂) mean(V, largest axis)      C ← β̂ C + (1−β̂) mean(V, second axis)
+                 v̂ = R·C / mean(R, second axis)              (all other axes kept)
+    unfactored:  v̂ ← β̂ v̂ + (1−β̂) V
+    u  = g / √v̂,   û = u / max(1, RMS(u)/d)                   (update clipping, whole tensor)
+    momentum (β1 > 0, "unit" order, bert4keras):   m ← β1 m + (1−β1) û;  û ← m
+    α_t = lr, or the relative step min(1e-2, 1/√t) · lr  (× 0.05 without parameter scaling)
+    s   = max(ε2, RMS(θ_{t−1}))  with parameter scaling, else 1
+    θ  ← θ − α_t·λ·θ − α_t·s·û
+
+In the ``"scaled"`` momentum order (transformers/fairseq) the EMA is taken over α_t·s·û and
+θ ← θ − α_t·λ·θ − m. Statistics (R, C, v̂) are kept in float32 or wider whatever the
+parameter dtype: ε1 = 1e-30 underflows in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import cast
+
+import torch
+from torch import Tensor
+
+from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
+
+__all__ = [
+    "FACTORED_DIMS",
+    "MOMENTUM_MODES",
+    "adafactor",
+    "adafactor_beta2",
+    "adafactor_factored_axes",
+    "adafactor_step_size",
+    "statistics_dtype",
+]
+
+FACTORED_DIMS = ("two_largest", "last_two")
+MOMENTUM_MODES = ("unit", "scaled")
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the second-moment statistics: float32, or float64 for float64 params."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def adafactor_factored_axes(
+    shape: Sequence[int], *, factored_dims: str = "two_largest", min_dim_size_to_factor: int = 128
+) -> tuple[int, int] | None:
+    """The axes ``(largest, second)`` that AdaFactor factors for a tensor of ``shape``, or None.
+
+    ``"two_largest"`` (SPEC §5(a), bert4keras/mesh-tensorflow): the two largest dims, ties
+    broken toward the later axis (so (128, 128) → (1, 0)); not factored when the second
+    largest is below ``min_dim_size_to_factor``. ``"last_two"`` (torch.optim.Adafactor,
+    transformers): the last two dims of every tensor with ndim ≥ 2, no size threshold.
+    The row statistic averages over ``largest``, the column statistic over ``second``.
+    """
+    ndim = len(shape)
+    if ndim < 2:
+        return None
+    if factored_dims == "last_two":
+        return ndim - 1, ndim - 2
+    if factored_dims != "two_largest":
+        raise ValueError(f"factored_dims must be one of {FACTORED_DIMS}, got {factored_dims!r}")
+    order = sorted(range(ndim), key=lambda axis: (shape[axis], axis))
+    largest, second = order[-1], order[-2]
+    if shape[second] < min_dim_size_to_factor:
+        return None
+    return largest, second
+
+
+def adafactor_beta2(step: float, *, decay_rate: float = 0.8, beta2: float | None = None) -> float:
+    """β̂_t = 1 − t^(−decay_rate) (0 at t = 1, → 1), or the constant ``beta2`` when given."""
+    if beta2 is not None:
+        return float(beta2)
+    return 1.0 - float(step) ** (-decay_rate)
+
+
+def adafactor_step_size(
+    step: float,
+    *,
+    lr: float | Tensor,
+    relative_step: bool,
+    multiply_by_parameter_scale: bool,
+) -> float | Tensor:
+    """α_t: ``lr``, or with ``relative_step`` lr · min(1e-2, 1/√t), × 0.05 without parameter
+    scaling (the mesh-tensorflow convention bert4keras follows). ``lr`` is then a multiplier
+    (1.0 by default) that LR schedulers can scale."""
+    if not relative_step:
+        return lr
+    rho = min(1e-2, 1.0 / math.sqrt(step))
+    if not multiply_by_parameter_scale:
+        rho *= 0.05
+    return lr * rho
+
+
+def _rms_divisor(tensor: Tensor) -> float:
+    return math.sqrt(max(tensor.numel(), 1))
+
+
+def adafactor(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avg_sq_rows: Sequence[Tensor | None],
+    exp_avg_sq_cols: Sequence[Tensor | None],
+    exp_avg_sqs: Sequence[Tensor | None],
+    exp_avgs: Sequence[Tensor | None],
+    *,
+    step: float,
+    lr: float | Tensor,
+    relative_step: bool = False,
+    beta1: float = 0.0,
+    beta2: float | None = None,
+    decay_rate: float = 0.8,
+    eps1: float = 1e-30,
+    eps2: float = 1e-3,
+    clip_threshold: float | None = 1.0,
+    multiply_by_parameter_scale: bool = True,
+    weight_decay: float = 0.0,
+    factored_dims: str = "two_largest",
+    min_dim_size_to_factor: int = 128,
+    momentum_mode: str = "unit",
+    maximize: bool = False,
+    foreach: bool | None = None,
+) -> None:
+    """One AdaFactor update at step ``step`` (1-based) of every tensor.
+
+    For each parameter either ``exp_avg_sq_rows[i]``/``exp_avg_sq_cols[i]`` (factored, keepdim
+    shapes with size 1 on the averaged axis, see :func:`adafactor_factored_axes`) or
+    ``exp_avg_sqs[i]`` (full shape) is given; ``exp_avgs[i]`` is the momentum (needed when
+    ``beta1 > 0``). Statistics must be float32 (or float64); the momentum may be any float dtype.
+    """
+    if factored_dims not in FACTORED_DIMS:
+        raise ValueError(f"factored_dims must be one of {FACTORED_DIMS}, got {factored_dims!r}")
+    if momentum_mode not in MOMENTUM_MODES:
+        raise ValueError(f"momentum_mode must be one of {MOMENTUM_MODES}, got {momentum_mode!r}")
+    if not params:
+        return
+    if beta1 > 0 and any(m is None for m in exp_avgs):
+        raise ValueError("adafactor: beta1 > 0 needs a momentum tensor in exp_avgs for every param")
+    fn = _multi_tensor_adafactor if resolve_foreach(foreach, params) else _single_tensor_adafactor
+    fn(
+        list(params),
+        list(grads),
+        list(exp_avg_sq_rows),
+        list(exp_avg_sq_cols),
+        list(exp_avg_sqs),
+        list(exp_avgs),
+        beta2_t=adafactor_beta2(step, decay_rate=decay_rate, beta2=beta2),
+        step_size=adafactor_step_size(
+            step,
+            lr=lr,
+            relative_step=relative_step,
+            multiply_by_parameter_scale=multiply_by_parameter_scale,
+        ),
+        beta1=beta1,
+        eps1=eps1,
+        eps2=eps2,
+        clip_threshold=clip_threshold,
+        multiply_by_parameter_scale=multiply_by_parameter_scale,
+        weight_decay=weight_decay,
+        factored_dims=factored_dims,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+        momentum_mode=momentum_mode,
+        maximize=maximize,
+    )
+
+
+def _cast_like(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:
+    return [t.to(other.dtype) for t, other in zip(tensors, like, strict=True)]
+
+
+def _axes(param: Tensor, row: Tensor | None, factored_dims: str, min_dim: int) -> tuple[int, int]:
+    axes = adafactor_factored_axes(
+        param.shape, factored_dims=factored_dims, min_dim_size_to_factor=min_dim
+    )
+    if axes is None or row is None:
+        raise ValueError(
+            f"AdaFactor state does not match the factoring rule for a tensor of shape "
+            f"{tuple(param.shape)} (factored_dims={factored_dims!r}, "
+            f"min_dim_size_to_factor={min_dim})"
+        )
+    return axes
+
+
+def _single_tensor_adafactor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg_sq_rows: list[Tensor | None],
+    exp_avg_sq_cols: list[Tensor | None],
+    exp_avg_sqs: list[Tensor | None],
+    exp_avgs: list[Tensor | None],
+    *,
+    beta2_t: float,
+    step_size: float | Tensor,
+    beta1: float,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float | None,
+    multiply_by_parameter_scale: bool,
+    weight_decay: float,
+    factored_dims: str,
+    min_dim_size_to_factor: int,
+    momentum_mode: str,
+    maximize: bool,
+) -> None:
+    for param, grad, row, col, full, exp_avg in zip(
+        params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, strict=True
+    ):
+        stats = row if full is None else full
+        assert stats is not None  # the shell always passes one layout
+        g = grad.to(stats.dtype)
+        if maximize:
+            g = -g
+        g2 = (g * g).add_(eps1)
+        if full is None:
+            largest, second = _axes(param, row, factored_dims, min_dim_size_to_factor)
+            assert row is not None and col is not None
+            row.lerp_(g2.mean(dim=largest, keepdim=True), 1 - beta2_t)
+            col.lerp_(g2.mean(dim=second, keepdim=True), 1 - beta2_t)
+            v_hat = (row * col).div_(row.mean(dim=second, keepdim=True))
+        else:
+            full.lerp_(g2, 1 - beta2_t)
+            v_hat = full
+        update = g / v_hat.sqrt()
+        if clip_threshold is not None:
+            denom = torch.linalg.vector_norm(update) / (_rms_divisor(update) * clip_threshold)
+            update.div_(denom.clamp_min_(1.0))
+        use_momentum = beta1 > 0
+        if use_momentum and momentum_mode == "unit":
+            assert exp_avg is not None
+            exp_avg.lerp_(update.to(exp_avg.dtype), 1 - beta1)
+            update = exp_avg.to(stats.dtype, copy=True)
+        if multiply_by_parameter_scale:
+            scale = torch.linalg.vector_norm(param, dtype=stats.dtype) / _rms_divisor(param)
+            factor = scale.clamp_min_(eps2).mul_(step_size)
+        else:
+            factor = step_size
+        update.mul_(factor)
+        if use_momentum and momentum_mode == "scaled":
+            assert exp_avg is not None
+            exp_avg.lerp_(update.to(exp_avg.dtype), 1 - beta1)
+            update = exp_avg
+        if weight_decay != 0:
+            param.mul_(1 - step_size * weight_decay)
+        param.sub_(update)
+
+
+def _multi_tensor_adafactor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg_sq_rows: list[Tensor | None],
+    exp_avg_sq_cols: list[Tensor | None],
+    exp_avg_sqs: list[Tensor | None],
+    exp_avgs: list[Tensor | None],
+    *,
+    beta2_t: float,
+    step_size: float | Tensor,
+    beta1: float,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float | None,
+    multiply_by_parameter_scale: bool,
+    weight_decay: float,
+    factored_dims: str,
+    min_dim_size_to_factor: int,
+    momentum_mode: str,
+    maximize: bool,
+) -> None:
+    grouped = group_by_device_and_dtype(
+        [params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs]
+    )
+    for (device_params, device_grads, rows, cols, fulls, device_exp_avgs), _ in grouped:
+        first_stats = rows[0] if fulls[0] is None else fulls[0]
+        assert first_stats is not None
+        stat_dtype = first_stats.dtype
+        gs = [g.to(stat_dtype) for g in device_grads]
+        gs = list(torch._foreach_neg(gs)) if maximize else gs
+        g2s = list(torch._foreach_mul(gs, gs))
+        torch._foreach_add_(g2s, eps1)
+
+        factored = [i for i, full in enumerate(fulls) if full is None]
+        unfactored = [i for i, full in enumerate(fulls) if full is not None]
+        v_hats: list[Tensor] = [g2s[0]] * len(device_params)
+        if factored:
+            axes = [
+                _axes(device_params[i], rows[i], factored_dims, min_dim_size_to_factor)
+                for i in factored
+            ]
+            f_rows = [cast(Tensor, rows[i]) for i in factored]
+            f_cols = [cast(Tensor, cols[i]) for i in factored]
+            pairs = list(zip(factored, axes, strict=True))
+            row_means = [g2s[i].mean(dim=largest, keepdim=True) for i, (largest, _) in pairs]
+            col_means = [g2s[i].mean(dim=second, keepdim=True) for i, (_, second) in pairs]
+            torch._foreach_lerp_(f_rows, row_means, 1 - beta2_t)
+            torch._foreach_lerp_(f_cols, col_means, 1 - beta2_t)
+            products = list(torch._foreach_mul(f_rows, f_cols))
+            normalisers = [
+                r.mean(dim=a[1], keepdim=True) for r, a in zip(f_rows, axes, strict=True)
+            ]
+            torch._foreach_div_(products, normalisers)
+            for i, v in zip(factored, products, strict=True):
+                v_hats[i] = v
+        if unfactored:
+            u_fulls = [cast(Tensor, fulls[i]) for i in unfactored]
+            torch._foreach_lerp_(u_fulls, [g2s[i] for i in unfactored], 1 - beta2_t)
+            for i, v in zip(unfactored, u_fulls, strict=True):
+                v_hats[i] = v
+
+        updates = list(torch._foreach_div(gs, torch._foreach_sqrt(v_hats)))
+        if clip_threshold is not None:
+            denoms = list(torch._foreach_norm(updates))
+            torch._foreach_div_(denoms, [_rms_divisor(u) * clip_threshold for u in updates])
+            torch._foreach_clamp_min_(denoms, 1.0)
+            torch._foreach_div_(updates, denoms)
+        use_momentum = beta1 > 0
+        momenta = [cast(Tensor, m) for m in device_exp_avgs] if use_momentum else []
+        if use_momentum and momentum_mode == "unit":
+            torch._foreach_lerp_(momenta, _cast_like(updates, momenta), 1 - beta1)
+            updates = [m.to(stat_dtype, copy=True) for m in momenta]
+        if multiply_by_parameter_scale:
+            factors = list(torch._foreach_norm(device_params, 2, dtype=stat_dtype))
+            torch._foreach_div_(factors, [_rms_divisor(p) for p in device_params])
+            torch._foreach_clamp_min_(factors, eps2)
+            torch._foreach_mul_(factors, step_size)
+            torch._foreach_mul_(updates, factors)
+        else:
+            torch._foreach_mul_(updates, step_size)
+        if use_momentum and momentum_mode == "scaled":
+            torch._foreach_lerp_(momenta, _cast_like(updates, momenta), 1 - beta1)
+            updates = momenta
+        if weight_decay != 0:
+            torch._foreach_mul_(device_params, 1 - step_size * weight_decay)
+        torch._foreach_sub_(device_params, updates)
