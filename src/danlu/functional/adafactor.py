@@ -15,7 +15,7 @@ One call is one update of tensors that share the step count ``t`` (1-based)::
 
 In the ``"scaled"`` momentum order (transformers/fairseq) the EMA is taken over α_t·s·û and
 θ ← θ − α_t·λ·θ − m. Statistics (R, C, v̂) are kept in float32 or wider whatever the
-parameter dtype: ε1 = 1e-30 underflows in bf16/fp16.
+parameter dtype: ε1 = 1e-30 underflows in fp16, and bf16 is too coarse for the EMA.
 """
 
 from __future__ import annotations

@@ -35,6 +35,8 @@ _MAX_EXPONENT = 700.0
 
 def adax_new_sample_weight(step: float, beta2: float) -> float:
     """1 − β̂_t = β2 / ((1+β2)^t − 1): the weight of the newest g² in v̂ (1 at t = 1)."""
+    if step <= 1:
+        return 1.0  # (1+β2)^1 − 1 = β2 exactly
     exponent = float(step) * math.log1p(beta2)
     if exponent > _MAX_EXPONENT:
         return 0.0

@@ -56,8 +56,8 @@ class AdaFactor(DanluOptimizer):
     not factored when its second largest dim is below ``min_dim_size_to_factor`` (128).
     ``factored_dims="last_two"`` factors the last two dims of every tensor with ndim ≥ 2 with no
     size threshold, as torch.optim.Adafactor and transformers.Adafactor do. The statistics are
-    float32 (float64 for float64 params) whatever the parameter dtype: ε1 = 1e-30 underflows in
-    bf16, and a bf16 EMA freezes once 1−β̂ falls below its resolution.
+    float32 (float64 for float64 params) whatever the parameter dtype: ε1 = 1e-30 underflows to
+    0 in fp16, and a bf16 EMA stops moving once 1−β̂ falls below bf16's resolution.
 
     **Step size.** α_t is ``lr`` (``1e-3`` by default; the blog recommends an explicit lr of
     about 1e-3, even for fine-tuning). ``lr=None`` selects the paper's relative step
