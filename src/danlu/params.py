@@ -73,8 +73,13 @@ def _output_parameter_ids(model: nn.Module, output_layer: OutputLayerSpec | None
     items: list[Any]
     if isinstance(output_layer, nn.Module | str | Tensor):
         items = [output_layer]
-    else:
+    elif isinstance(output_layer, Iterable):
         items = list(output_layer)
+    else:
+        raise ValueError(
+            "output_layer must be a module, a parameter, a name or a list of them, "
+            f"got {type(output_layer).__name__}"
+        )
     modules = dict(model.named_modules())
     named = dict(model.named_parameters(remove_duplicate=False))
     owned = {id(p) for p in model.parameters()}
