@@ -187,6 +187,14 @@ def _axes(param: Tensor, row: Tensor | None, factored_dims: str, min_dim: int) -
     return axes
 
 
+def _apply(param: Tensor, source: Tensor, coef: float | Tensor) -> None:
+    """θ ← θ − coef·source with coef a number or a 0-d tensor (kept on the device)."""
+    if isinstance(coef, Tensor):
+        param.addcmul_(source, coef, value=-1.0)
+    else:
+        param.add_(source, alpha=-coef)
+
+
 def _single_tensor_adafactor(
     params: list[Tensor],
     grads: list[Tensor],
@@ -216,38 +224,47 @@ def _single_tensor_adafactor(
         g = grad.to(stats.dtype)
         if maximize:
             g = -g
-        g2 = (g * g).add_(eps1)
+        # One full-size temporary: g², then reused for the update.
+        buffer = torch.square(g)
         if full is None:
             largest, second = _axes(param, row, factored_dims, min_dim_size_to_factor)
             assert row is not None and col is not None
-            row.lerp_(g2.mean(dim=largest, keepdim=True), 1 - beta2_t)
-            col.lerp_(g2.mean(dim=second, keepdim=True), 1 - beta2_t)
-            v_hat = (row * col).div_(row.mean(dim=second, keepdim=True))
+            # mean(g² + ε1) = mean(g²) + ε1
+            row.lerp_(buffer.mean(dim=largest, keepdim=True).add_(eps1), 1 - beta2_t)
+            col.lerp_(buffer.mean(dim=second, keepdim=True).add_(eps1), 1 - beta2_t)
+            # g / √(R·C/mean(R)) = g · (R/mean(R))^(-1/2) · C^(-1/2): no full-size v̂.
+            row_factor = row.div(row.mean(dim=second, keepdim=True)).rsqrt_()
+            update = torch.mul(g, row_factor, out=buffer).mul_(col.rsqrt())
         else:
-            full.lerp_(g2, 1 - beta2_t)
-            v_hat = full
-        update = g / v_hat.sqrt()
+            full.lerp_(buffer.add_(eps1), 1 - beta2_t)
+            update = torch.rsqrt(full, out=buffer).mul_(g)
+        clip_denom = None
         if clip_threshold is not None:
-            denom = torch.linalg.vector_norm(update) / (_rms_divisor(update) * clip_threshold)
-            update.div_(denom.clamp_min_(1.0))
-        use_momentum = beta1 > 0
-        if use_momentum and momentum_mode == "unit":
-            assert exp_avg is not None
-            exp_avg.lerp_(update.to(exp_avg.dtype), 1 - beta1)
-            update = exp_avg.to(stats.dtype, copy=True)
+            clip_denom = torch.linalg.vector_norm(update).div_(
+                _rms_divisor(update) * clip_threshold
+            )
+            clip_denom.clamp_min_(1.0)
         if multiply_by_parameter_scale:
             scale = torch.linalg.vector_norm(param, dtype=stats.dtype) / _rms_divisor(param)
-            factor = scale.clamp_min_(eps2).mul_(step_size)
+            factor: float | Tensor = scale.clamp_min_(eps2).mul_(step_size)
         else:
             factor = step_size
-        update.mul_(factor)
-        if use_momentum and momentum_mode == "scaled":
+        source, coef = update, factor
+        if beta1 > 0 and momentum_mode == "unit":
             assert exp_avg is not None
+            if clip_denom is not None:
+                update.div_(clip_denom)
             exp_avg.lerp_(update.to(exp_avg.dtype), 1 - beta1)
-            update = exp_avg
+            source = exp_avg
+        elif clip_denom is not None:
+            coef = clip_denom.reciprocal_().mul_(factor)
+        if beta1 > 0 and momentum_mode == "scaled":
+            assert exp_avg is not None
+            exp_avg.lerp_(update.mul_(coef).to(exp_avg.dtype), 1 - beta1)
+            source, coef = exp_avg, 1.0
         if weight_decay != 0:
             param.mul_(1 - step_size * weight_decay)
-        param.sub_(update)
+        _apply(param, source, coef)
 
 
 def _multi_tensor_adafactor(
@@ -280,12 +297,10 @@ def _multi_tensor_adafactor(
         stat_dtype = first_stats.dtype
         gs = [g.to(stat_dtype) for g in device_grads]
         gs = list(torch._foreach_neg(gs)) if maximize else gs
-        g2s = list(torch._foreach_mul(gs, gs))
-        torch._foreach_add_(g2s, eps1)
 
+        updates: list[Tensor] = list(gs)  # placeholders, replaced below
         factored = [i for i, full in enumerate(fulls) if full is None]
         unfactored = [i for i, full in enumerate(fulls) if full is not None]
-        v_hats: list[Tensor] = [g2s[0]] * len(device_params)
         if factored:
             axes = [
                 _axes(device_params[i], rows[i], factored_dims, min_dim_size_to_factor)
@@ -293,46 +308,72 @@ def _multi_tensor_adafactor(
             ]
             f_rows = [cast(Tensor, rows[i]) for i in factored]
             f_cols = [cast(Tensor, cols[i]) for i in factored]
-            pairs = list(zip(factored, axes, strict=True))
-            row_means = [g2s[i].mean(dim=largest, keepdim=True) for i, (largest, _) in pairs]
-            col_means = [g2s[i].mean(dim=second, keepdim=True) for i, (_, second) in pairs]
+            squares = list(torch._foreach_mul([gs[i] for i in factored], [gs[i] for i in factored]))
+            row_means = [
+                sq.mean(dim=a[0], keepdim=True) for sq, a in zip(squares, axes, strict=True)
+            ]
+            col_means = [
+                sq.mean(dim=a[1], keepdim=True) for sq, a in zip(squares, axes, strict=True)
+            ]
+            del squares
+            torch._foreach_add_(row_means, eps1)
+            torch._foreach_add_(col_means, eps1)
             torch._foreach_lerp_(f_rows, row_means, 1 - beta2_t)
             torch._foreach_lerp_(f_cols, col_means, 1 - beta2_t)
-            products = list(torch._foreach_mul(f_rows, f_cols))
             normalisers = [
                 r.mean(dim=a[1], keepdim=True) for r, a in zip(f_rows, axes, strict=True)
             ]
-            torch._foreach_div_(products, normalisers)
-            for i, v in zip(factored, products, strict=True):
-                v_hats[i] = v
+            row_factors = list(torch._foreach_div(f_rows, normalisers))
+            torch._foreach_rsqrt_(row_factors)
+            f_updates = list(torch._foreach_mul([gs[i] for i in factored], row_factors))
+            torch._foreach_mul_(f_updates, torch._foreach_rsqrt(f_cols))
+            for i, u in zip(factored, f_updates, strict=True):
+                updates[i] = u
         if unfactored:
             u_fulls = [cast(Tensor, fulls[i]) for i in unfactored]
-            torch._foreach_lerp_(u_fulls, [g2s[i] for i in unfactored], 1 - beta2_t)
-            for i, v in zip(unfactored, u_fulls, strict=True):
-                v_hats[i] = v
+            u_grads = [gs[i] for i in unfactored]
+            squares = list(torch._foreach_mul(u_grads, u_grads))
+            torch._foreach_add_(squares, eps1)
+            torch._foreach_lerp_(u_fulls, squares, 1 - beta2_t)
+            u_updates = list(torch._foreach_rsqrt(u_fulls))
+            torch._foreach_mul_(u_updates, u_grads)
+            for i, u in zip(unfactored, u_updates, strict=True):
+                updates[i] = u
 
-        updates = list(torch._foreach_div(gs, torch._foreach_sqrt(v_hats)))
+        clip_denoms = None
         if clip_threshold is not None:
-            denoms = list(torch._foreach_norm(updates))
-            torch._foreach_div_(denoms, [_rms_divisor(u) * clip_threshold for u in updates])
-            torch._foreach_clamp_min_(denoms, 1.0)
-            torch._foreach_div_(updates, denoms)
-        use_momentum = beta1 > 0
-        momenta = [cast(Tensor, m) for m in device_exp_avgs] if use_momentum else []
-        if use_momentum and momentum_mode == "unit":
-            torch._foreach_lerp_(momenta, _cast_like(updates, momenta), 1 - beta1)
-            updates = [m.to(stat_dtype, copy=True) for m in momenta]
+            clip_denoms = list(torch._foreach_norm(updates))
+            torch._foreach_div_(clip_denoms, [_rms_divisor(u) * clip_threshold for u in updates])
+            torch._foreach_clamp_min_(clip_denoms, 1.0)
+        factors: list[Tensor] | float | Tensor
         if multiply_by_parameter_scale:
             factors = list(torch._foreach_norm(device_params, 2, dtype=stat_dtype))
             torch._foreach_div_(factors, [_rms_divisor(p) for p in device_params])
             torch._foreach_clamp_min_(factors, eps2)
             torch._foreach_mul_(factors, step_size)
-            torch._foreach_mul_(updates, factors)
         else:
-            torch._foreach_mul_(updates, step_size)
-        if use_momentum and momentum_mode == "scaled":
+            factors = step_size
+        sources, coefs = updates, factors
+        use_momentum = beta1 > 0
+        momenta = [cast(Tensor, m) for m in device_exp_avgs] if use_momentum else []
+        if use_momentum and momentum_mode == "unit":
+            if clip_denoms is not None:
+                torch._foreach_div_(updates, clip_denoms)
             torch._foreach_lerp_(momenta, _cast_like(updates, momenta), 1 - beta1)
-            updates = momenta
+            sources = momenta
+        elif clip_denoms is not None:
+            torch._foreach_reciprocal_(clip_denoms)
+            torch._foreach_mul_(clip_denoms, factors)
+            coefs = clip_denoms
+        if use_momentum and momentum_mode == "scaled":
+            torch._foreach_mul_(updates, coefs)
+            torch._foreach_lerp_(momenta, _cast_like(updates, momenta), 1 - beta1)
+            sources, coefs = momenta, 1.0
         if weight_decay != 0:
             torch._foreach_mul_(device_params, 1 - step_size * weight_decay)
-        torch._foreach_sub_(device_params, updates)
+        if isinstance(coefs, list):
+            torch._foreach_addcmul_(device_params, sources, coefs, value=-1.0)
+        elif isinstance(coefs, Tensor):
+            torch._foreach_addcmul_(device_params, sources, [coefs] * len(sources), value=-1.0)
+        else:
+            torch._foreach_add_(device_params, sources, alpha=-coefs)

@@ -109,10 +109,12 @@ def _single_tensor_adax(
         g = grad.to(exp_avg_sq.dtype)
         exp_avg_sq.lerp_(g * g, new_sample_weight)
         denom = exp_avg_sq.add(eps).sqrt_() if eps_inside_sqrt else exp_avg_sq.sqrt().add_(eps)
-        update = exp_avg.to(exp_avg_sq.dtype).div(denom).mul_(lr)
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
-        param.sub_(update)
+        if isinstance(lr, Tensor):
+            param.addcmul_(exp_avg.div(denom), lr, value=-1.0)
+        else:
+            param.addcdiv_(exp_avg, denom, value=-lr)
 
 
 def _multi_tensor_adax(
@@ -143,8 +145,10 @@ def _multi_tensor_adax(
         else:
             denoms = torch._foreach_sqrt(device_exp_avg_sqs)
             torch._foreach_add_(denoms, eps)
-        updates = torch._foreach_div([m.to(v_dtype) for m in device_exp_avgs], denoms)
-        torch._foreach_mul_(updates, lr)
         if weight_decay != 0:
             torch._foreach_mul_(device_params, 1 - lr * weight_decay)
-        torch._foreach_sub_(device_params, updates)
+        if isinstance(lr, Tensor):
+            updates = torch._foreach_div(device_exp_avgs, denoms)
+            torch._foreach_addcmul_(device_params, updates, [lr] * len(updates), value=-1.0)
+        else:
+            torch._foreach_addcdiv_(device_params, device_exp_avgs, denoms, -lr)

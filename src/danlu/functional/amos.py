@@ -173,19 +173,21 @@ def _single_tensor_amos(
             g = -g
         if clip_value is not None:
             g = g.clamp(-clip_value, clip_value)
+        # Slot-shaped factors (v, b and everything below have the slot's shape).
         g2 = _mean_square(g, v)
         v.lerp_(g2, 1 - beta)
         rcpl_v_hat = v.clamp_min(eps).reciprocal_().mul_(bias_correction)
         decay_c = b.mul(zeta * _sqrt(lr)).add_(1.0).rsqrt_()
         decay_d = b.mul(zeta * _sqrt(lr * eta)).add_(1.0).reciprocal_()
         gamma = decay_c.mul_(rcpl_v_hat).mul_(g2).mul_(math.sqrt(fr) * lr**2)
-        step_scale = rcpl_v_hat.sqrt_().mul_(-(lr * eta))
-        delta = g.mul_(step_scale) if g is not grad else g * step_scale
-        theta = param.to(v.dtype)
-        shifted = theta - center if center != 0 else theta
-        delta.sub_(shifted * gamma.mul(0.5))
-        delta.mul_(decay_d).mul_(fr)
-        b.add_(b.add(fr).mul_(gamma))
+        # δ = coef_g·g + coef_θ·(θ − center), coef_g = −f·d·ξη/√v̂, coef_θ = −½·f·d·γ
+        coef_g = rcpl_v_hat.sqrt_().mul_(decay_d).mul_(-(fr * lr * eta))
+        coef_theta = decay_d.mul_(gamma).mul_(-0.5 * fr)
+        b.addcmul_(b.add(fr), gamma)
+        delta = g.mul(coef_g) if g is grad else g.mul_(coef_g)
+        delta.addcmul_(param, coef_theta)
+        if center != 0:
+            delta.sub_(coef_theta.mul(center))
         if momentum > 0:
             assert exp_avg is not None
             exp_avg.lerp_(delta.to(exp_avg.dtype), 1 - momentum)
@@ -238,19 +240,18 @@ def _multi_tensor_amos(
         torch._foreach_mul_(gammas, rcpl_v_hats)
         torch._foreach_mul_(gammas, g2s)
         torch._foreach_mul_(gammas, math.sqrt(fr) * lr**2)
-        step_scales = rcpl_v_hats
-        torch._foreach_sqrt_(step_scales)
-        torch._foreach_mul_(step_scales, [-(lr * e) for e in device_etas])
-        deltas = list(torch._foreach_mul(gs, step_scales))
-        thetas = [p.to(v_dtype) for p in device_params]
-        shifted = list(torch._foreach_sub(thetas, center)) if center != 0 else thetas
-        half_gammas = torch._foreach_mul(gammas, 0.5)
-        torch._foreach_sub_(deltas, torch._foreach_mul(shifted, half_gammas))
-        torch._foreach_mul_(deltas, decay_ds)
-        torch._foreach_mul_(deltas, fr)
-        b_increments = list(torch._foreach_add(device_bs, fr))
-        torch._foreach_mul_(b_increments, gammas)
-        torch._foreach_add_(device_bs, b_increments)
+        coef_gs = rcpl_v_hats
+        torch._foreach_sqrt_(coef_gs)
+        torch._foreach_mul_(coef_gs, decay_ds)
+        torch._foreach_mul_(coef_gs, [-(fr * lr * e) for e in device_etas])
+        coef_thetas = decay_ds
+        torch._foreach_mul_(coef_thetas, gammas)
+        torch._foreach_mul_(coef_thetas, -0.5 * fr)
+        torch._foreach_addcmul_(device_bs, torch._foreach_add(device_bs, fr), gammas)
+        deltas = list(torch._foreach_mul(gs, coef_gs))
+        torch._foreach_addcmul_(deltas, device_params, coef_thetas)
+        if center != 0:
+            torch._foreach_sub_(deltas, torch._foreach_mul(coef_thetas, center))
         if momentum > 0:
             momenta = [m for m in device_exp_avgs if m is not None]
             torch._foreach_lerp_(
