@@ -178,3 +178,18 @@ def test_float32_equals_blog_form_until_it_overflows():
                 np.testing.assert_allclose(v_hat.numpy(), blog, rtol=2e-4)
             assert torch.isfinite(v_hat).all() and torch.isfinite(p).all()
     assert 4000 < finite_steps < steps  # the blog's form did overflow, ours did not
+
+
+def test_foreach_step_does_not_read_tensors_back_to_the_host(monkeypatch):
+    params = [nn.Parameter(torch.randn(s)) for s in [(6, 13), (7,), (3, 4, 5)]]
+    opt = danlu.AdaX(params, lr=1e-2, weight_decay=0.1, foreach=True)
+
+    def forbidden(self):
+        raise AssertionError(".item() called inside step()")
+
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "item", forbidden)
+            opt.step()

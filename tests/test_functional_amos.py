@@ -237,3 +237,18 @@ def test_init_b_slows_learning_for_fine_tuning():
         moved[init_b] = (1 - p.detach()).abs().max().item()
         assert opt.state[p]["b"].min().item() >= init_b
     assert moved[1e4] < 0.2 * moved[0.0]
+
+
+def test_foreach_step_does_not_read_tensors_back_to_the_host(monkeypatch):
+    params = [nn.Parameter(torch.randn(s)) for s in [(6, 13), (7,), (3, 4, 5)]]
+    opt = danlu.Amos(params, lr=1e-2, momentum=0.9, clip_value=1.0, foreach=True)
+
+    def forbidden(self):
+        raise AssertionError(".item() called inside step()")
+
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "item", forbidden)
+            opt.step()

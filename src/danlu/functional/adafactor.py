@@ -36,16 +36,10 @@ __all__ = [
     "adafactor_beta2",
     "adafactor_factored_axes",
     "adafactor_step_size",
-    "statistics_dtype",
 ]
 
 FACTORED_DIMS = ("two_largest", "last_two")
 MOMENTUM_MODES = ("unit", "scaled")
-
-
-def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the second-moment statistics: float32, or float64 for float64 params."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def adafactor_factored_axes(

@@ -7,12 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu.functional._utils import statistics_dtype
 from danlu.functional.adafactor import (
     FACTORED_DIMS,
     MOMENTUM_MODES,
     adafactor,
     adafactor_factored_axes,
-    statistics_dtype,
 )
 from danlu.optim._base import (
     DanluOptimizer,

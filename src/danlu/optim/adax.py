@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from danlu.functional.adafactor import statistics_dtype
+from danlu.functional._utils import statistics_dtype
 from danlu.functional.adax import adax
 from danlu.optim._base import (
     DanluOptimizer,

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from danlu.functional.adafactor import statistics_dtype
+from danlu.functional._utils import statistics_dtype
 from danlu.functional.amos import AMOS_EPS, SLOT_RULES, amos, amos_default_eta, amos_slot_shape
 from danlu.functional.tiger import KINDS
 from danlu.optim._base import (
