@@ -172,3 +172,144 @@ def adam_lazy_rows(theta, grads, *, lr, beta1, beta2, eps, variant):
         theta = theta + delta if variant == "dense" else np.where(present, theta + delta, theta)
         history.append(theta.copy())
     return history
+
+def _rms(x):
+    return np.sqrt(np.mean(np.square(x))) if np.size(x) else 0.0
+
+
+def adafactor_axes(shape, *, factored_dims="two_largest", min_dim=128):
+    """SPEC §5(a) code specifics: the two largest dims (ties: the later axis counts as larger),
+    not factored below ``min_dim``; or torch/transformers' last two dims with no threshold."""
+    if len(shape) < 2:
+        return None
+    if factored_dims == "last_two":
+        return len(shape) - 1, len(shape) - 2
+    order = sorted(range(len(shape)), key=lambda axis: (shape[axis], axis))
+    if shape[order[-2]] < min_dim:
+        return None
+    return order[-1], order[-2]
+
+
+def adafactor_run(
+    theta,
+    grads,
+    *,
+    lr=1e-3,
+    relative_step=False,
+    lr_multipliers=None,
+    beta1=0.0,
+    decay_rate=0.8,
+    beta2=None,
+    eps1=1e-30,
+    eps2=1e-3,
+    clip=1.0,
+    scale=True,
+    wd=0.0,
+    factored_dims="two_largest",
+    min_dim=128,
+    momentum_mode="unit",
+):
+    """SPEC §5(a) in the blog's form with *sums* (the code uses means; the v̂ is the same),
+    float64. ``lr_multipliers[t-1]`` scales lr at step t (an LR scheduler). Returns θ after
+    each step."""
+    theta = np.array(theta, dtype=np.float64)
+    axes = adafactor_axes(theta.shape, factored_dims=factored_dims, min_dim=min_dim)
+    v_row = v_col = v_full = 0.0
+    m = np.zeros_like(theta)
+    history = []
+    for t, g in enumerate(grads, start=1):
+        g = np.asarray(g, dtype=np.float64)
+        b2 = beta2 if beta2 is not None else 1.0 - t ** (-decay_rate)
+        sq = g**2 + eps1
+        if axes is not None:
+            largest, second = axes
+            # v_r[i] = EMA of Σ_j (g² + ε1) over the largest axis, v_c[j] over the second;
+            # v̂ = v_r v_c / Σ_j v_c[j]  (the rank-1 I-divergence fit, SPEC §5(a)).
+            v_row = b2 * v_row + (1 - b2) * sq.sum(axis=largest, keepdims=True)
+            v_col = b2 * v_col + (1 - b2) * sq.sum(axis=second, keepdims=True)
+            v_hat = v_row * v_col / v_col.sum(axis=largest, keepdims=True)
+        else:
+            v_full = b2 * v_full + (1 - b2) * sq
+            v_hat = v_full
+        u = g / np.sqrt(v_hat)
+        if clip is not None:
+            u = u / max(1.0, _rms(u) / clip)
+        alpha = lr * (1.0 if lr_multipliers is None else lr_multipliers[t - 1])
+        if relative_step:
+            alpha *= min(1e-2, 1 / np.sqrt(t)) * (1.0 if scale else 0.05)
+        s = max(eps2, _rms(theta)) if scale else 1.0
+        if beta1 > 0 and momentum_mode == "unit":
+            m = beta1 * m + (1 - beta1) * u
+            u = m
+        step = alpha * s * u
+        if beta1 > 0 and momentum_mode == "scaled":
+            m = beta1 * m + (1 - beta1) * step
+            step = m
+        theta = theta - alpha * wd * theta - step
+        history.append(theta.copy())
+    return history
+
+
+def adax_run(theta, grads, *, lr, beta1, beta2, eps, eps_inside_sqrt=False, wd=0.0):
+    """SPEC §6(a) in the blog's *unnormalised* form v_t = (1+β2)v + β2 g², v̂ = v/((1+β2)^t−1),
+    float64. Returns θ after each step (and the final m, v̂)."""
+    theta = np.array(theta, dtype=np.float64)
+    m = np.zeros_like(theta)
+    v = np.zeros_like(theta)
+    history = []
+    for t, g in enumerate(grads, start=1):
+        g = np.asarray(g, dtype=np.float64)
+        m = beta1 * m + (1 - beta1) * g
+        v = (1 + beta2) * v + beta2 * g**2
+        v_hat = v / ((1 + beta2) ** t - 1)
+        denom = np.sqrt(v_hat + eps) if eps_inside_sqrt else np.sqrt(v_hat) + eps
+        theta = theta - lr * (m / denom + wd * theta)
+        history.append(theta.copy())
+    return history, m, v_hat
+
+
+def amos_run(
+    theta,
+    grads,
+    *,
+    xi,
+    eta,
+    slot_shape,
+    beta=0.999,
+    zeta=0.25,
+    fr=1.0,
+    init_b=0.0,
+    center=0.0,
+    momentum=0.0,
+    clip=None,
+    eps=2.0**-125,
+):
+    """SPEC §7.2 (jestimator's scale_by_amos) literally, float64, with v and b of
+    ``slot_shape``. Returns θ after each step (and the final v, b)."""
+    theta = np.array(theta, dtype=np.float64)
+    v = np.zeros(slot_shape)
+    b = np.full(slot_shape, float(init_b))
+    mom = np.zeros_like(theta)
+    history = []
+    for t, g in enumerate(grads, start=1):
+        g = np.asarray(g, dtype=np.float64)
+        if clip is not None:
+            g = np.clip(g, -clip, clip)
+        if len(slot_shape) == 0:
+            g2 = np.mean(g**2)
+        else:
+            reduced = tuple(i for i, k in enumerate(g.shape) if slot_shape[i] < k)
+            g2 = np.mean(g**2, axis=reduced, keepdims=True) if reduced else g**2
+        v = beta * v + (1 - beta) * g2
+        rcpl_v_hat = (1 - beta**t) / np.maximum(v, eps)
+        c = (1 + zeta * np.sqrt(xi) * b) ** -0.5
+        d = 1 / (1 + zeta * np.sqrt(xi * eta) * b)
+        gamma = np.sqrt(fr) * c * xi**2 * g2 * rcpl_v_hat
+        delta = fr * d * (-xi * eta * np.sqrt(rcpl_v_hat) * g - 0.5 * gamma * (theta - center))
+        b = b + gamma * (fr + b)
+        if momentum > 0:
+            mom = momentum * mom + (1 - momentum) * delta
+            delta = mom
+        theta = theta + delta
+        history.append(theta.copy())
+    return history, v, b

@@ -118,14 +118,42 @@ def test_state_dict_resume_is_bit_identical(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_params_stay_bf16(name):
+    # State follows the parameter dtype, except the keys a case declares float32 by design.
+    float32_keys = set(CASES[name].get("float32_state", ()))
     model, opt = build(name, dtype=torch.bfloat16)
     losses = train(model, opt, 20, make_data(), torch.bfloat16)
     assert all(torch.isfinite(torch.tensor(losses)))
+    seen = set()
     for p in model.parameters():
         assert p.dtype == torch.bfloat16
-        for value in opt.state[p].values():
-            if torch.is_tensor(value) and value.dim() > 0:
-                assert value.dtype == torch.bfloat16
+        for key, value in opt.state[p].items():
+            if not torch.is_tensor(value) or key == "step":
+                continue
+            if key in float32_keys:
+                assert value.dtype == torch.float32, key
+                seen.add(key)
+            elif value.dim() > 0:
+                assert value.dtype == torch.bfloat16, key
+    assert seen <= float32_keys
+    if float32_keys:
+        assert seen, f"none of {sorted(float32_keys)} appeared in the state"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_state_dict_resume_keeps_state_dtypes(name):
+    # torch's load_state_dict casts floating state to the parameter dtype; float32 statistics
+    # must come back float32 and bit-identical.
+    data = make_data()
+    model, opt = build(name, dtype=torch.bfloat16)
+    train(model, opt, 3, data, torch.bfloat16)
+    saved = copy.deepcopy(opt.state_dict())
+    model2, opt2 = build(name, dtype=torch.bfloat16, seed=7)
+    opt2.load_state_dict(saved)
+    for p, p2 in zip(model.parameters(), model2.parameters(), strict=True):
+        assert opt.state[p].keys() == opt2.state[p2].keys()
+        for key, value in opt.state[p].items():
+            assert opt2.state[p2][key].dtype == value.dtype, key
+            assert torch.equal(opt2.state[p2][key], value), key
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -77,3 +77,66 @@ def test_groups_work_with_torch_optimizers():
 def test_bad_weight_decay(bad):
     with pytest.raises(ValueError, match="weight_decay"):
         danlu.param_groups(Model(), weight_decay=bad)
+
+
+def test_existing_groups_are_unchanged_and_gain_eta():
+    # Without output_layer: the same four groups as before, now with Amos's eta tags.
+    groups = danlu.param_groups(Model(), weight_decay=0.05)
+    assert [(g["kind"], g["center"]) for g in groups] == [
+        ("matrix", 0.0),
+        ("embedding", 0.0),
+        ("elementwise", 1.0),
+        ("elementwise", 0.0),
+    ]
+    assert [g["eta"] for g in groups] == ["auto", "auto", 0.5, 0.5]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.hidden = nn.Linear(4, 8)
+        self.conv = nn.Conv1d(8, 8, 3)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 5)
+
+
+@pytest.mark.parametrize("spec", ["module", "name", "param", "param_name", "list"])
+def test_output_layer_gets_its_own_group(spec):
+    model = Net()
+    output_layer = {
+        "module": model.head,
+        "name": "head",
+        "param": model.head.weight,
+        "param_name": "head.weight",
+        "list": [model.head],
+    }[spec]
+    groups = danlu.param_groups(model, weight_decay=0.1, output_layer=output_layer)
+    by_key = {(g["kind"], g["eta"]): g for g in groups}
+    out = by_key[("matrix", "output")]
+    assert out["param_names"] == ["head.weight"] and out["weight_decay"] == 0.1
+    assert by_key[("matrix", "auto")]["param_names"] == ["hidden.weight", "conv.weight"]
+    assert "head.bias" in by_key[("elementwise", 0.5)]["param_names"]
+    assert len(groups) == 5  # hidden layers of different fan_in share one "auto" group
+
+
+def test_amos_reads_the_eta_tags():
+    from danlu.optim.amos import resolve_eta
+
+    model = Net()
+    opt = danlu.Amos(danlu.param_groups(model, output_layer=model.head))
+    etas = {}
+    for group in opt.param_groups:
+        for name, p in zip(group["param_names"], group["params"], strict=True):
+            etas[name] = resolve_eta(group["eta"], p, group["kind"])
+    assert etas["hidden.weight"] == pytest.approx((2 / 4) ** 0.5)
+    assert etas["conv.weight"] == pytest.approx((2 / 24) ** 0.5)  # fan_in = in·k = 8·3
+    assert etas["embed.weight"] == pytest.approx((2 / 4) ** 0.5)  # fan_in = dim
+    assert etas["head.weight"] == pytest.approx((1 / 8) ** 0.5)
+    assert etas["norm.weight"] == etas["head.bias"] == 0.5
+
+
+@pytest.mark.parametrize("bad", ["nope", nn.Linear(2, 2), 3])
+def test_bad_output_layer(bad):
+    with pytest.raises(ValueError, match="output_layer"):
+        danlu.param_groups(Net(), output_layer=bad)

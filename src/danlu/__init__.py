@@ -4,7 +4,7 @@ See SPEC sections cited in each docstring for the exact algorithms.
 """
 
 from danlu import diagnostics, functional, init, nn, recipes, scaling, schedules, wrappers
-from danlu.optim import AdamW, Lion, Tiger
+from danlu.optim import AdaFactor, AdamW, AdaX, Amos, Lion, Tiger
 from danlu.params import param_groups
 from danlu.registry import REGISTRY, OptimizerInfo, create_optimizer, register
 from danlu.wrappers import (
@@ -22,7 +22,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "REGISTRY",
+    "AdaFactor",
+    "AdaX",
     "AdamW",
+    "Amos",
     "GradientAccumulation",
     "Lazy",
     "Lion",

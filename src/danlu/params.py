@@ -1,17 +1,18 @@
-"""Parameter kinds and param-group building, SPEC.md §2(c) (and DESIGN.md "Public API").
+"""Parameter kinds and param-group building, SPEC.md §2(c) and §7.2 (and DESIGN.md "Public API").
 
-``param_groups(model)`` walks the modules and returns groups tagged with ``kind`` and
-``center`` that Tiger reads (torch optimizers ignore the extra keys, so the same groups give
-the usual "no decay for biases and norms" split with AdamW too).
+``param_groups(model)`` walks the modules and returns groups tagged with ``kind``, ``center``
+and ``eta`` that Tiger and Amos read (torch optimizers ignore the extra keys, so the same groups
+give the usual "no decay for biases and norms" split with AdamW too).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["classify_parameters", "is_norm_layer", "param_groups"]
+__all__ = ["OutputLayerSpec", "classify_parameters", "is_norm_layer", "param_groups"]
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -61,13 +62,71 @@ def classify_parameters(model: nn.Module) -> list[tuple[str, Tensor, str, float]
     return out
 
 
-def param_groups(model: nn.Module, weight_decay: float | None = None) -> list[dict[str, Any]]:
-    """Param groups for ``model`` tagged with ``kind`` and ``center`` (see
-    :func:`classify_parameters`).
+OutputLayerSpec = nn.Module | str | Tensor | Iterable[nn.Module | str | Tensor]
+
+
+def _output_parameter_ids(model: nn.Module, output_layer: OutputLayerSpec | None) -> set[int]:
+    """Ids of the parameters named by ``output_layer``: modules (or their names in
+    ``model.named_modules()``), parameters (or their names in ``model.named_parameters()``)."""
+    if output_layer is None:
+        return set()
+    items: list[Any]
+    if isinstance(output_layer, nn.Module | str | Tensor):
+        items = [output_layer]
+    elif isinstance(output_layer, Iterable):
+        items = list(output_layer)
+    else:
+        raise ValueError(
+            "output_layer must be a module, a parameter, a name or a list of them, "
+            f"got {type(output_layer).__name__}"
+        )
+    modules = dict(model.named_modules())
+    named = dict(model.named_parameters(remove_duplicate=False))
+    owned = {id(p) for p in model.parameters()}
+    ids: set[int] = set()
+    for item in items:
+        if isinstance(item, str):
+            if item in modules:
+                item = modules[item]
+            elif item in named:
+                item = named[item]
+            else:
+                raise ValueError(
+                    f"output_layer {item!r} is neither a module nor a parameter name of the model"
+                )
+        if isinstance(item, nn.Module):
+            params = list(item.parameters())
+        elif isinstance(item, Tensor):
+            params = [item]
+        else:
+            raise ValueError(
+                f"output_layer must be a module, a parameter or a name, got {type(item).__name__}"
+            )
+        if not params or any(id(p) not in owned for p in params):
+            raise ValueError(f"output_layer {item!r} has no parameters of this model")
+        ids.update(id(p) for p in params)
+    return ids
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float | None = None,
+    *,
+    output_layer: OutputLayerSpec | None = None,
+) -> list[dict[str, Any]]:
+    """Param groups for ``model`` tagged with ``kind``, ``center`` (see
+    :func:`classify_parameters`) and Amos's ``eta`` (SPEC §7.2).
 
     Elementwise groups get ``weight_decay=0``; matrix and embedding groups get ``weight_decay``
     when it is given, otherwise the optimizer's default. Each group carries ``param_names`` so
     that error messages (and ``state_dict``) name the parameters.
+
+    ``eta`` (read by :class:`danlu.Amos`, ignored by the others) is 0.5 for elementwise groups
+    (biases and norm parameters) and ``"auto"`` (√(2/fan_in) per tensor, for hidden layers)
+    for matrix and embedding groups, so hidden layers of different widths share one group. The
+    ≥2-D parameters of ``output_layer`` (a module, a parameter, their names, or a list of them)
+    go to their own group with ``eta="output"`` (√(1/fan_in)); its biases stay elementwise.
+    Without ``output_layer`` the groups are the same four as without Amos.
     """
     if weight_decay is not None and (
         isinstance(weight_decay, bool)
@@ -75,17 +134,30 @@ def param_groups(model: nn.Module, weight_decay: float | None = None) -> list[di
         or weight_decay < 0
     ):
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
-    buckets: dict[tuple[str, float], dict[str, Any]] = {}
+    output_ids = _output_parameter_ids(model, output_layer)
+    buckets: dict[tuple[str, float, float | str], dict[str, Any]] = {}
     for name, p, kind, center in classify_parameters(model):
-        group = buckets.get((kind, center))
+        if kind == "elementwise":
+            eta: float | str = 0.5
+        else:
+            eta = "output" if id(p) in output_ids else "auto"
+        key = (kind, center, eta)
+        group = buckets.get(key)
         if group is None:
-            group = {"params": [], "param_names": [], "kind": kind, "center": center}
+            group = {"params": [], "param_names": [], "kind": kind, "center": center, "eta": eta}
             if kind == "elementwise":
                 group["weight_decay"] = 0.0
             elif weight_decay is not None:
                 group["weight_decay"] = float(weight_decay)
-            buckets[(kind, center)] = group
+            buckets[key] = group
         group["params"].append(p)
         group["param_names"].append(name)
-    order = [("matrix", 0.0), ("embedding", 0.0), ("elementwise", 1.0), ("elementwise", 0.0)]
+    order = [
+        ("matrix", 0.0, "auto"),
+        ("matrix", 0.0, "output"),
+        ("embedding", 0.0, "auto"),
+        ("embedding", 0.0, "output"),
+        ("elementwise", 1.0, 0.5),
+        ("elementwise", 0.0, 0.5),
+    ]
     return [buckets[key] for key in order if key in buckets]

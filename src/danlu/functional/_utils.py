@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["group_by_device_and_dtype", "resolve_foreach"]
+__all__ = ["group_by_device_and_dtype", "resolve_foreach", "statistics_dtype"]
 
 
 def resolve_foreach(foreach: bool | None, tensors: Sequence[Tensor]) -> bool:
@@ -73,3 +73,7 @@ def select_path(foreach: bool | None, fused: bool | None, tensors: Sequence[Tens
     if tensors and all(t.device.type == "cpu" for t in tensors):
         return "chunked"
     return "single"
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of second-moment statistics: float32, or float64 for float64 params (bf16 and
+    fp16 are too coarse or too narrow for them)."""
+    return torch.promote_types(dtype, torch.float32)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "DanluOptimizer",
     "GroupTensors",
     "check_beta",
+    "check_finite",
     "check_in_range",
     "check_non_negative",
     "check_positive",
@@ -67,6 +69,11 @@ def check_in_range(
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
+def check_finite(name: str, value: Any) -> None:
+    if not _is_number(value) or not math.isfinite(_as_float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 def check_beta(name: str, value: Any) -> None:
     check_in_range(name, value, 0.0, 1.0, low_open=False, high_open=True)
 
@@ -102,6 +109,18 @@ def check_implementation(group: dict[str, Any], *, where: str = "") -> None:
             raise ValueError(f"{where}{key} must be None, True or False, got {value!r}")
     if group.get("foreach") and group.get("fused"):
         raise ValueError(f"{where}foreach and fused cannot both be True")
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def step_buckets(steps: Sequence[Tensor]) -> dict[float, list[int]]:
+    """Positions of ``steps`` (0-d CPU step counters) grouped by value, read in one host call."""
+    buckets: dict[float, list[int]] = {}
+    if steps:
+        for i, value in enumerate(torch.stack(list(steps)).tolist()):
+            buckets.setdefault(value, []).append(i)
+    return buckets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,37 +145,23 @@ class DanluOptimizer(Optimizer):
 
     #: Human-readable name used in error messages.
     _display_name = "optimizer"
-    #: State keys stored in the group's ``state_dtype`` when one is set.
+    #: State keys stored in the group's ``state_dtype`` when one is set (e.g. momentum).
     _state_dtype_keys: tuple[str, ...] = ()
+    #: State keys kept in float32 (float64 for float64 params) whatever the parameter dtype
+    #: (e.g. AdaFactor's statistics: 1e-30 underflows in bf16).
+    _float32_state_keys: tuple[str, ...] = ()
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._check_group(defaults, where="")
         super().__init__(params, defaults)
-        self.register_load_state_dict_post_hook(DanluOptimizer._restore_state_dtypes)
 
     def _state_dtype(self, group: dict[str, Any], key: str, param: Tensor) -> torch.dtype:
         """The dtype that ``state[param][key]`` is kept in."""
-        wanted = group.get("state_dtype") if key in self._state_dtype_keys else None
-        return wanted or param.dtype
-
-    @staticmethod
-    def _restore_state_dtypes(optimizer: Optimizer) -> None:
-        # torch's load_state_dict casts floating state to the parameter's dtype (ao#3314):
-        # put each state tensor back in the dtype it is kept in.
-        assert isinstance(optimizer, DanluOptimizer)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                state = optimizer.state.get(p)
-                if not state:
-                    continue
-                for key, value in state.items():
-                    if not (isinstance(value, Tensor) and value.is_floating_point()):
-                        continue
-                    if key == "step":
-                        continue
-                    wanted = optimizer._state_dtype(group, key, p)
-                    if value.dtype != wanted:
-                        state[key] = value.to(wanted)
+        if key in self._float32_state_keys:
+            return torch.promote_types(param.dtype, torch.float32)
+        if key in self._state_dtype_keys and group.get("state_dtype") is not None:
+            return group["state_dtype"]
+        return param.dtype
 
     # -- group checks ---------------------------------------------------------------------------
     def _check_group(self, group: dict[str, Any], *, where: str) -> None:
@@ -216,6 +221,29 @@ class DanluOptimizer(Optimizer):
             out.grads.append(p.grad)
             out.names.append(label)
         return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but each state tensor keeps the dtype it is stored in.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter dtype
+        (ao#3314): fp32 statistics of bf16 parameters would lose precision and bf16 momentum
+        would double in size. Such entries are re-read from the saved values in their own dtype.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        by_saved_id = dict(zip(saved_ids, params, strict=False))
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for saved_id, saved_state in state_dict["state"].items():
+            p = by_saved_id.get(saved_id)
+            if p is None:
+                continue
+            for key, value in saved_state.items():
+                if key == "step" or not (isinstance(value, Tensor) and value.is_floating_point()):
+                    continue
+                wanted = self._state_dtype(group_of[id(p)], key, p)
+                if wanted != p.dtype:
+                    self.state[p][key] = value.to(device=p.device, dtype=wanted, copy=True)
 
     def _state_tensor(self, p: Tensor, key: str, factory: Callable[[], Tensor]) -> Tensor:
         """Return ``state[p][key]``, creating it on first use."""

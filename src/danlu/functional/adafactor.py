@@ -1,0 +1,373 @@
+"""AdaFactor, SPEC.md §5(a): the math only, tensors in, tensors updated in place.
+
+One call is one update of tensors that share the step count ``t`` (1-based)::
+
+    β̂_t  = 1 − t^(−c)                       (or a constant beta2)
+    V     = g² + ε1
+    factored:    R ← β̂ R + (1−β̂) mean(V, largest axis)      C ← β̂ C + (1−β̂) mean(V, second axis)
+                 v̂ = R·C / mean(R, second axis)              (all other axes kept)
+    unfactored:  v̂ ← β̂ v̂ + (1−β̂) V
+    u  = g / √v̂,   û = u / max(1, RMS(u)/d)                   (update clipping, whole tensor)
+    momentum (β1 > 0, "unit" order, bert4keras):   m ← β1 m + (1−β1) û;  û ← m
+    α_t = lr, or the relative step min(1e-2, 1/√t) · lr  (× 0.05 without parameter scaling)
+    s   = max(ε2, RMS(θ_{t−1}))  with parameter scaling, else 1
+    θ  ← θ − α_t·λ·θ − α_t·s·û
+
+In the ``"scaled"`` momentum order (transformers/fairseq) the EMA is taken over α_t·s·û and
+θ ← θ − α_t·λ·θ − m. Statistics (R, C, v̂) are kept in float32 or wider whatever the
+parameter dtype: ε1 = 1e-30 underflows in fp16, and bf16 is too coarse for the EMA.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import cast
+
+import torch
+from torch import Tensor
+
+from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
+
+__all__ = [
+    "FACTORED_DIMS",
+    "MOMENTUM_MODES",
+    "adafactor",
+    "adafactor_beta2",
+    "adafactor_factored_axes",
+    "adafactor_step_size",
+]
+
+FACTORED_DIMS = ("two_largest", "last_two")
+MOMENTUM_MODES = ("unit", "scaled")
+
+
+def adafactor_factored_axes(
+    shape: Sequence[int], *, factored_dims: str = "two_largest", min_dim_size_to_factor: int = 128
+) -> tuple[int, int] | None:
+    """The axes ``(largest, second)`` that AdaFactor factors for a tensor of ``shape``, or None.
+
+    ``"two_largest"`` (SPEC §5(a), bert4keras/mesh-tensorflow): the two largest dims, ties
+    broken toward the later axis (so (128, 128) → (1, 0)); not factored when the second
+    largest is below ``min_dim_size_to_factor``. ``"last_two"`` (torch.optim.Adafactor,
+    transformers): the last two dims of every tensor with ndim ≥ 2, no size threshold.
+    The row statistic averages over ``largest``, the column statistic over ``second``.
+    """
+    ndim = len(shape)
+    if ndim < 2:
+        return None
+    if factored_dims == "last_two":
+        return ndim - 1, ndim - 2
+    if factored_dims != "two_largest":
+        raise ValueError(f"factored_dims must be one of {FACTORED_DIMS}, got {factored_dims!r}")
+    order = sorted(range(ndim), key=lambda axis: (shape[axis], axis))
+    largest, second = order[-1], order[-2]
+    if shape[second] < min_dim_size_to_factor:
+        return None
+    return largest, second
+
+
+def adafactor_beta2(step: float, *, decay_rate: float = 0.8, beta2: float | None = None) -> float:
+    """β̂_t = 1 − t^(−decay_rate) (0 at t = 1, → 1), or the constant ``beta2`` when given."""
+    if beta2 is not None:
+        return float(beta2)
+    return 1.0 - float(step) ** (-decay_rate)
+
+
+def adafactor_step_size(
+    step: float,
+    *,
+    lr: float | Tensor,
+    relative_step: bool,
+    multiply_by_parameter_scale: bool,
+) -> float | Tensor:
+    """α_t: ``lr``, or with ``relative_step`` lr · min(1e-2, 1/√t), × 0.05 without parameter
+    scaling (the mesh-tensorflow convention bert4keras follows). ``lr`` is then a multiplier
+    (1.0 by default) that LR schedulers can scale."""
+    if not relative_step:
+        return lr
+    rho = min(1e-2, 1.0 / math.sqrt(step))
+    if not multiply_by_parameter_scale:
+        rho *= 0.05
+    return lr * rho
+
+
+def _rms_divisor(tensor: Tensor) -> float:
+    return math.sqrt(max(tensor.numel(), 1))
+
+
+def adafactor(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avg_sq_rows: Sequence[Tensor | None],
+    exp_avg_sq_cols: Sequence[Tensor | None],
+    exp_avg_sqs: Sequence[Tensor | None],
+    exp_avgs: Sequence[Tensor | None],
+    *,
+    step: float,
+    lr: float | Tensor,
+    relative_step: bool = False,
+    beta1: float = 0.0,
+    beta2: float | None = None,
+    decay_rate: float = 0.8,
+    eps1: float = 1e-30,
+    eps2: float = 1e-3,
+    clip_threshold: float | None = 1.0,
+    multiply_by_parameter_scale: bool = True,
+    weight_decay: float = 0.0,
+    factored_dims: str = "two_largest",
+    min_dim_size_to_factor: int = 128,
+    momentum_mode: str = "unit",
+    maximize: bool = False,
+    foreach: bool | None = None,
+) -> None:
+    """One AdaFactor update at step ``step`` (1-based) of every tensor.
+
+    For each parameter either ``exp_avg_sq_rows[i]``/``exp_avg_sq_cols[i]`` (factored, keepdim
+    shapes with size 1 on the averaged axis, see :func:`adafactor_factored_axes`) or
+    ``exp_avg_sqs[i]`` (full shape) is given; ``exp_avgs[i]`` is the momentum (needed when
+    ``beta1 > 0``). Statistics must be float32 (or float64); the momentum may be any float dtype.
+    """
+    if factored_dims not in FACTORED_DIMS:
+        raise ValueError(f"factored_dims must be one of {FACTORED_DIMS}, got {factored_dims!r}")
+    if momentum_mode not in MOMENTUM_MODES:
+        raise ValueError(f"momentum_mode must be one of {MOMENTUM_MODES}, got {momentum_mode!r}")
+    if not params:
+        return
+    if beta1 > 0 and any(m is None for m in exp_avgs):
+        raise ValueError("adafactor: beta1 > 0 needs a momentum tensor in exp_avgs for every param")
+    fn = _multi_tensor_adafactor if resolve_foreach(foreach, params) else _single_tensor_adafactor
+    fn(
+        list(params),
+        list(grads),
+        list(exp_avg_sq_rows),
+        list(exp_avg_sq_cols),
+        list(exp_avg_sqs),
+        list(exp_avgs),
+        beta2_t=adafactor_beta2(step, decay_rate=decay_rate, beta2=beta2),
+        step_size=adafactor_step_size(
+            step,
+            lr=lr,
+            relative_step=relative_step,
+            multiply_by_parameter_scale=multiply_by_parameter_scale,
+        ),
+        beta1=beta1,
+        eps1=eps1,
+        eps2=eps2,
+        clip_threshold=clip_threshold,
+        multiply_by_parameter_scale=multiply_by_parameter_scale,
+        weight_decay=weight_decay,
+        factored_dims=factored_dims,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+        momentum_mode=momentum_mode,
+        maximize=maximize,
+    )
+
+
+def _cast_like(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:
+    return [t.to(other.dtype) for t, other in zip(tensors, like, strict=True)]
+
+
+def _axes(param: Tensor, row: Tensor | None, factored_dims: str, min_dim: int) -> tuple[int, int]:
+    axes = adafactor_factored_axes(
+        param.shape, factored_dims=factored_dims, min_dim_size_to_factor=min_dim
+    )
+    if axes is None or row is None:
+        raise ValueError(
+            f"AdaFactor state does not match the factoring rule for a tensor of shape "
+            f"{tuple(param.shape)} (factored_dims={factored_dims!r}, "
+            f"min_dim_size_to_factor={min_dim})"
+        )
+    return axes
+
+
+def _apply(param: Tensor, source: Tensor, coef: float | Tensor) -> None:
+    """θ ← θ − coef·source with coef a number or a 0-d tensor (kept on the device)."""
+    if isinstance(coef, Tensor):
+        param.addcmul_(source, coef, value=-1.0)
+    else:
+        param.add_(source, alpha=-coef)
+
+
+def _single_tensor_adafactor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg_sq_rows: list[Tensor | None],
+    exp_avg_sq_cols: list[Tensor | None],
+    exp_avg_sqs: list[Tensor | None],
+    exp_avgs: list[Tensor | None],
+    *,
+    beta2_t: float,
+    step_size: float | Tensor,
+    beta1: float,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float | None,
+    multiply_by_parameter_scale: bool,
+    weight_decay: float,
+    factored_dims: str,
+    min_dim_size_to_factor: int,
+    momentum_mode: str,
+    maximize: bool,
+) -> None:
+    for param, grad, row, col, full, exp_avg in zip(
+        params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, strict=True
+    ):
+        stats = row if full is None else full
+        assert stats is not None  # the shell always passes one layout
+        g = grad.to(stats.dtype)
+        if maximize:
+            g = -g
+        # One full-size temporary: g², then reused for the update.
+        buffer = torch.square(g)
+        if full is None:
+            largest, second = _axes(param, row, factored_dims, min_dim_size_to_factor)
+            assert row is not None and col is not None
+            # mean(g² + ε1) = mean(g²) + ε1
+            row.lerp_(buffer.mean(dim=largest, keepdim=True).add_(eps1), 1 - beta2_t)
+            col.lerp_(buffer.mean(dim=second, keepdim=True).add_(eps1), 1 - beta2_t)
+            # g / √(R·C/mean(R)) = g · (R/mean(R))^(-1/2) · C^(-1/2): no full-size v̂.
+            row_factor = row.div(row.mean(dim=second, keepdim=True)).rsqrt_()
+            update = torch.mul(g, row_factor, out=buffer).mul_(col.rsqrt())
+        else:
+            full.lerp_(buffer.add_(eps1), 1 - beta2_t)
+            update = torch.rsqrt(full, out=buffer).mul_(g)
+        clip_denom = None
+        if clip_threshold is not None:
+            clip_denom = torch.linalg.vector_norm(update).div_(
+                _rms_divisor(update) * clip_threshold
+            )
+            clip_denom.clamp_min_(1.0)
+        if multiply_by_parameter_scale:
+            scale = torch.linalg.vector_norm(param, dtype=stats.dtype) / _rms_divisor(param)
+            factor: float | Tensor = scale.clamp_min_(eps2).mul_(step_size)
+        else:
+            factor = step_size
+        source, coef = update, factor
+        if beta1 > 0 and momentum_mode == "unit":
+            assert exp_avg is not None
+            if clip_denom is not None:
+                update.div_(clip_denom)
+            exp_avg.lerp_(update.to(exp_avg.dtype), 1 - beta1)
+            source = exp_avg
+        elif clip_denom is not None:
+            coef = clip_denom.reciprocal_().mul_(factor)
+        if beta1 > 0 and momentum_mode == "scaled":
+            assert exp_avg is not None
+            exp_avg.lerp_(update.mul_(coef).to(exp_avg.dtype), 1 - beta1)
+            source, coef = exp_avg, 1.0
+        if weight_decay != 0:
+            param.mul_(1 - step_size * weight_decay)
+        _apply(param, source, coef)
+
+
+def _multi_tensor_adafactor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg_sq_rows: list[Tensor | None],
+    exp_avg_sq_cols: list[Tensor | None],
+    exp_avg_sqs: list[Tensor | None],
+    exp_avgs: list[Tensor | None],
+    *,
+    beta2_t: float,
+    step_size: float | Tensor,
+    beta1: float,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float | None,
+    multiply_by_parameter_scale: bool,
+    weight_decay: float,
+    factored_dims: str,
+    min_dim_size_to_factor: int,
+    momentum_mode: str,
+    maximize: bool,
+) -> None:
+    grouped = group_by_device_and_dtype(
+        [params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs]
+    )
+    for (device_params, device_grads, rows, cols, fulls, device_exp_avgs), _ in grouped:
+        first_stats = rows[0] if fulls[0] is None else fulls[0]
+        assert first_stats is not None
+        stat_dtype = first_stats.dtype
+        gs = [g.to(stat_dtype) for g in device_grads]
+        gs = list(torch._foreach_neg(gs)) if maximize else gs
+
+        updates: list[Tensor] = list(gs)  # placeholders, replaced below
+        factored = [i for i, full in enumerate(fulls) if full is None]
+        unfactored = [i for i, full in enumerate(fulls) if full is not None]
+        if factored:
+            axes = [
+                _axes(device_params[i], rows[i], factored_dims, min_dim_size_to_factor)
+                for i in factored
+            ]
+            f_rows = [cast(Tensor, rows[i]) for i in factored]
+            f_cols = [cast(Tensor, cols[i]) for i in factored]
+            squares = list(torch._foreach_mul([gs[i] for i in factored], [gs[i] for i in factored]))
+            row_means = [
+                sq.mean(dim=a[0], keepdim=True) for sq, a in zip(squares, axes, strict=True)
+            ]
+            col_means = [
+                sq.mean(dim=a[1], keepdim=True) for sq, a in zip(squares, axes, strict=True)
+            ]
+            del squares
+            torch._foreach_add_(row_means, eps1)
+            torch._foreach_add_(col_means, eps1)
+            torch._foreach_lerp_(f_rows, row_means, 1 - beta2_t)
+            torch._foreach_lerp_(f_cols, col_means, 1 - beta2_t)
+            normalisers = [
+                r.mean(dim=a[1], keepdim=True) for r, a in zip(f_rows, axes, strict=True)
+            ]
+            row_factors = list(torch._foreach_div(f_rows, normalisers))
+            torch._foreach_rsqrt_(row_factors)
+            f_updates = list(torch._foreach_mul([gs[i] for i in factored], row_factors))
+            torch._foreach_mul_(f_updates, torch._foreach_rsqrt(f_cols))
+            for i, u in zip(factored, f_updates, strict=True):
+                updates[i] = u
+        if unfactored:
+            u_fulls = [cast(Tensor, fulls[i]) for i in unfactored]
+            u_grads = [gs[i] for i in unfactored]
+            squares = list(torch._foreach_mul(u_grads, u_grads))
+            torch._foreach_add_(squares, eps1)
+            torch._foreach_lerp_(u_fulls, squares, 1 - beta2_t)
+            u_updates = list(torch._foreach_rsqrt(u_fulls))
+            torch._foreach_mul_(u_updates, u_grads)
+            for i, u in zip(unfactored, u_updates, strict=True):
+                updates[i] = u
+
+        clip_denoms = None
+        if clip_threshold is not None:
+            clip_denoms = list(torch._foreach_norm(updates))
+            torch._foreach_div_(clip_denoms, [_rms_divisor(u) * clip_threshold for u in updates])
+            torch._foreach_clamp_min_(clip_denoms, 1.0)
+        factors: list[Tensor] | float | Tensor
+        if multiply_by_parameter_scale:
+            factors = list(torch._foreach_norm(device_params, 2, dtype=stat_dtype))
+            torch._foreach_div_(factors, [_rms_divisor(p) for p in device_params])
+            torch._foreach_clamp_min_(factors, eps2)
+            torch._foreach_mul_(factors, step_size)
+        else:
+            factors = step_size
+        sources, coefs = updates, factors
+        use_momentum = beta1 > 0
+        momenta = [cast(Tensor, m) for m in device_exp_avgs] if use_momentum else []
+        if use_momentum and momentum_mode == "unit":
+            if clip_denoms is not None:
+                torch._foreach_div_(updates, clip_denoms)
+            torch._foreach_lerp_(momenta, _cast_like(updates, momenta), 1 - beta1)
+            sources = momenta
+        elif clip_denoms is not None:
+            torch._foreach_reciprocal_(clip_denoms)
+            torch._foreach_mul_(clip_denoms, factors)
+            coefs = clip_denoms
+        if use_momentum and momentum_mode == "scaled":
+            torch._foreach_mul_(updates, coefs)
+            torch._foreach_lerp_(momenta, _cast_like(updates, momenta), 1 - beta1)
+            sources, coefs = momenta, 1.0
+        if weight_decay != 0:
+            torch._foreach_mul_(device_params, 1 - step_size * weight_decay)
+        if isinstance(coefs, list):
+            torch._foreach_addcmul_(device_params, sources, coefs, value=-1.0)
+        elif isinstance(coefs, Tensor):
+            torch._foreach_addcmul_(device_params, sources, [coefs] * len(sources), value=-1.0)
+        else:
+            torch._foreach_add_(device_params, sources, alpha=-coefs)

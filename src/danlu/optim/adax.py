@@ -1,0 +1,149 @@
+"""The AdaX optimizer shell, SPEC.md §6."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from danlu.functional._utils import statistics_dtype
+from danlu.functional.adax import adax
+from danlu.optim._base import (
+    DanluOptimizer,
+    GroupTensors,
+    ParamsT,
+    check_beta,
+    check_bool,
+    check_foreach,
+    check_in_range,
+    check_non_negative,
+    step_buckets,
+)
+from danlu.registry import register
+
+__all__ = ["AdaX"]
+
+
+class AdaX(DanluOptimizer):
+    r"""AdaX, SPEC.md §6; Li et al. 2020 (arXiv 2004.09740); kexue 7387; code bojone/adax.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+        \hat v_t = \frac{\beta_2 \sum_{i\le t} (1+\beta_2)^{t-i} g_i^2}{(1+\beta_2)^t - 1},\quad
+        \theta_t = \theta_{t-1} - \alpha\Big(\frac{m_t}{\sqrt{\hat v_t} + \epsilon}
+                   + \lambda\theta_{t-1}\Big)
+
+    Older gradients get exponentially *larger* weight in v̂ ("exponential long-term memory");
+    there is no bias correction on m, so the first step is 0.1·α·sign(g) for β1 = 0.9.
+
+    The state keeps v̂ itself in the normalised EMA form of SPEC §6(a),
+    v̂_t = β̂_t v̂_{t−1} + (1 − β̂_t) g² with 1 − β̂_t = β2/((1+β2)^t − 1): it equals the blog's
+    v_t/((1+β2)^t − 1) but cannot overflow (the blog's v_t passes float32's maximum after about
+    9·10⁵ steps at β2 = 1e-4). v̂ is float32 (float64 for float64 params) whatever the
+    parameter dtype, because 1 − β̂_t ≈ 1/t soon drops below bf16's resolution and a bf16 v̂
+    would stop moving; m has the parameter's dtype.
+
+    Defaults are the reference code's tf.keras version: ``lr=1e-3``, ``betas=(0.9, 1e-4)``,
+    ``eps=1e-6`` added after the square root (``eps_inside_sqrt=True`` gives the blog's
+    √(v̂ + ε)).
+
+    Deviations from the reference:
+        * decoupled weight decay (SPEC §0, multiplied by the lr; 0 by default) is an addition:
+          the reference code has none.
+        * v̂ is stored normalised (see above) instead of the growing v_t.
+
+    Args:
+        params: parameters, named parameters or param groups.
+        lr: step size α (≥ 0).
+        betas: (β1, β2) with β1 in [0, 1) and β2 in (0, 1).
+        eps: ε ≥ 0 in the denominator.
+        weight_decay: decoupled decay λ ≥ 0, multiplied by the lr.
+        eps_inside_sqrt: ε under the square root (the blog) instead of after it (the code).
+        maximize: ascend instead of descend (the user's gradients are not modified).
+        foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
+    """
+
+    _display_name = "danlu.AdaX"
+    _float32_state_keys = ("exp_avg_sq",)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 1e-4),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        eps_inside_sqrt: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "eps_inside_sqrt": eps_inside_sqrt,
+            "maximize": maximize,
+            "foreach": foreach,
+        }
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any], *, where: str) -> None:
+        check_non_negative(f"{where}lr", group["lr"])
+        betas = group["betas"]
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
+        check_beta(f"{where}betas[0]", betas[0])
+        check_in_range(f"{where}betas[1]", betas[1], 0.0, 1.0, low_open=True, high_open=True)
+        check_non_negative(f"{where}eps", group["eps"])
+        check_non_negative(f"{where}weight_decay", group["weight_decay"])
+        check_bool(f"{where}eps_inside_sqrt", group["eps_inside_sqrt"])
+        check_bool(f"{where}maximize", group["maximize"])
+        check_foreach(group["foreach"])
+
+    def _step(self, gathered: list[GroupTensors]) -> None:
+        for work in gathered:
+            group = work.group
+            exp_avgs, exp_avg_sqs, steps = [], [], []
+            for p in work.params:
+                dtype = statistics_dtype(p.dtype)
+                exp_avgs.append(self._state_tensor(p, "exp_avg", lambda p=p: torch.zeros_like(p)))
+                exp_avg_sqs.append(
+                    self._state_tensor(
+                        p, "exp_avg_sq", lambda p=p, d=dtype: torch.zeros_like(p, dtype=d)
+                    )
+                )
+                steps.append(
+                    self._state_tensor(p, "step", lambda: torch.tensor(0.0, dtype=torch.float32))
+                )
+            beta1, beta2 = group["betas"]
+            for step, indices in step_buckets(steps).items():
+                adax(
+                    [work.params[i] for i in indices],
+                    [work.grads[i] for i in indices],
+                    [exp_avgs[i] for i in indices],
+                    [exp_avg_sqs[i] for i in indices],
+                    step=step + 1,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    eps_inside_sqrt=group["eps_inside_sqrt"],
+                    weight_decay=group["weight_decay"],
+                    maximize=group["maximize"],
+                    foreach=group["foreach"],
+                )
+            if steps:
+                torch._foreach_add_(steps, 1.0)
+
+
+register(
+    "adax",
+    AdaX,
+    spec_section="§6",
+    summary="Adam with exponential long-term memory in v̂ (β̂_t from 0 to 1), no m correction",
+    state_bytes="8",
+    state_bytes_accum="12",
+)

@@ -1,0 +1,235 @@
+"""The Amos optimizer shell, SPEC.md §7.2."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from danlu.functional._utils import statistics_dtype
+from danlu.functional.amos import AMOS_EPS, SLOT_RULES, amos, amos_default_eta, amos_slot_shape
+from danlu.functional.tiger import KINDS
+from danlu.optim._base import (
+    DanluOptimizer,
+    GroupTensors,
+    ParamsT,
+    check_beta,
+    check_bool,
+    check_choice,
+    check_finite,
+    check_foreach,
+    check_non_negative,
+    check_positive,
+    step_buckets,
+)
+from danlu.registry import register
+
+__all__ = ["ETA_RULES", "Amos"]
+
+ETA_RULES = ("auto", "output")
+
+
+def resolve_eta(eta: float | str, param: Tensor, kind: str | None) -> float:
+    """η for one tensor of a group: a number as given; ``"auto"``: 0.5 for element-wise tensors
+    (``kind="elementwise"``, or ndim ≤ 1 without a kind), √(2/fan_in) otherwise; ``"output"``:
+    √(1/fan_in) (0.5 for element-wise tensors)."""
+    if not isinstance(eta, str):
+        return float(eta)
+    elementwise = kind == "elementwise" if kind is not None else param.dim() <= 1
+    return amos_default_eta(
+        param.shape, rule="he" if eta == "auto" else "lecun", elementwise=elementwise
+    )
+
+
+class Amos(DanluOptimizer):
+    r"""Amos, SPEC.md §7.2; Tian & Parikh 2022 (arXiv 2210.11693); kexue 9344; code
+    google-research/jestimator ``amos.py`` (whose semantics this follows exactly).
+
+    .. math::
+        \gamma_t = \sqrt{f}\,c_t\,\xi^2\,\frac{\overline{g^2}}{\hat v_t},\quad
+        \delta_t = f\,d_t\Big(-\frac{\xi\eta}{\sqrt{\hat v_t}}\,g_t
+                   - \tfrac12\gamma_t(\theta_{t-1} - \theta_c)\Big),\quad
+        b_t = b_{t-1} + \gamma_t(f + b_{t-1})
+
+    with :math:`c_t=(1+\zeta\sqrt\xi\,b_{t-1})^{-1/2}`,
+    :math:`d_t=(1+\zeta\sqrt{\xi\eta}\,b_{t-1})^{-1}`, :math:`\hat v` the bias-corrected EMA
+    (rate β) of the mean square gradient over the slot's reduced axes, f = ``finetune_rate``,
+    ξ = ``lr`` and θ_c = the group's ``center``. The learning-rate decay (d_t) and the weight
+    decay (½γθ, adaptive) both come from b, so no total step count is needed. Steps count from 1.
+
+    **ξ (``lr``)** is global: jestimator recommends ξ ≈ 1/√N with N the number of training
+    batches (MNIST, 60000/32 batches: 0.0231). The default ``1e-3`` is 1/√N for N = 10⁶
+    batches, a long pre-training run (and pytorch_optimizer.Amos's default); use 1/√N for
+    shorter runs. ``1 − beta`` should be of the order of ξ.
+
+    **η (per group ``eta``)** is the expected scale of the tensor's entries. ``"auto"`` (the
+    default) applies SPEC §7.2's rules per tensor: 0.5 for biases and norm parameters
+    (``kind="elementwise"``, or ndim ≤ 1 in an untagged group), √(2/fan_in) for hidden matrices,
+    conv kernels and embeddings (fan_in = numel/shape[0] in PyTorch's layout). ``"output"``
+    gives √(1/fan_in), the rule for the output layer; or pass a number.
+    ``danlu.param_groups(model, output_layer=model.head)`` tags the groups for you.
+
+    **Slots (per group ``slots``)**: v and b are reduced to ``"per_output"`` (default: one
+    scalar for tensors with ndim ≤ 1, one per index of axis 0 otherwise — an output feature of
+    a Linear or conv kernel, a row of an Embedding), ``"scalar"`` (one per tensor, as
+    pytorch_optimizer.Amos) or ``"full"`` (the parameter's shape). They are float32 (float64
+    for float64 params) whatever the parameter dtype, and fixed at the first step.
+
+    **Norm gains.** Amos decays θ toward 0 (SPEC §7.2(c)). A group's ``center`` (1.0 for norm
+    gains in ``danlu.param_groups``) makes it decay toward that value instead, i.e. Amos runs on
+    θ − center, the reparametrisation γ = 1 + γ′ SPEC suggests. jestimator has no such option
+    (it decays LayerNorm scales toward 0 with η = 1).
+
+    ``init_b`` (> 0 for tensors restored from a pre-trained checkpoint, roughly in proportion
+    to the pre-training epochs) and ``finetune_rate`` are jestimator's ``init_b_fn`` and
+    ``finetune_rate``; ``momentum`` is an EMA of δ without debiasing, applied after the step;
+    ``clip_value`` clips each gradient entry to [−clip_value, clip_value] first.
+
+    Deviations from the reference:
+        * ``center`` (above) is an addition; ``center=0`` is jestimator.
+        * per-group keys replace jestimator's ``eta_fn``/``shape_fn``/``init_b_fn`` callables
+          (param groups must stay serialisable in ``state_dict``).
+
+    Args:
+        params: parameters, named parameters or param groups (keys ``eta``, ``slots``,
+            ``init_b``, ``finetune_rate``, ``kind``, ``center`` and the arguments below).
+        lr: the global learning rate ξ (≥ 0).
+        eta: η > 0, ``"auto"`` or ``"output"``.
+        beta: decay rate of the squared-gradient EMA, in [0, 1).
+        momentum: μ in [0, 1); 0 keeps no momentum.
+        clip_value: gradient clipping value (> 0) or None.
+        slots: ``"per_output"``, ``"scalar"`` or ``"full"``.
+        init_b: initial value of b (≥ 0).
+        finetune_rate: f ≥ 0.
+        zeta: ζ ≥ 0 for both decay factors c and d.
+        eps: floor ε > 0 of v (2⁻¹²⁵).
+        maximize: ascend instead of descend (the user's gradients are not modified).
+        foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
+    """
+
+    _display_name = "danlu.Amos"
+    _float32_state_keys = ("exp_avg_sq", "b")
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        eta: float | str = "auto",
+        beta: float = 0.999,
+        momentum: float = 0.0,
+        clip_value: float | None = None,
+        *,
+        slots: str = "per_output",
+        init_b: float = 0.0,
+        finetune_rate: float = 1.0,
+        zeta: float = 0.25,
+        eps: float = AMOS_EPS,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "eta": eta,
+            "beta": beta,
+            "momentum": momentum,
+            "clip_value": clip_value,
+            "slots": slots,
+            "init_b": init_b,
+            "finetune_rate": finetune_rate,
+            "zeta": zeta,
+            "eps": eps,
+            "kind": None,
+            "center": 0.0,
+            "maximize": maximize,
+            "foreach": foreach,
+        }
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any], *, where: str) -> None:
+        check_non_negative(f"{where}lr", group["lr"])
+        eta = group["eta"]
+        if isinstance(eta, str):
+            check_choice(f"{where}eta", eta, ETA_RULES)
+        else:
+            check_positive(f"{where}eta", eta)
+        check_beta(f"{where}beta", group["beta"])
+        check_beta(f"{where}momentum", group["momentum"])
+        if group["clip_value"] is not None:
+            check_positive(f"{where}clip_value", group["clip_value"])
+        check_choice(f"{where}slots", group["slots"], SLOT_RULES)
+        check_non_negative(f"{where}init_b", group["init_b"])
+        check_non_negative(f"{where}finetune_rate", group["finetune_rate"])
+        check_non_negative(f"{where}zeta", group["zeta"])
+        check_positive(f"{where}eps", group["eps"])
+        check_choice(f"{where}kind", group["kind"], (None, *KINDS))
+        check_finite(f"{where}center", group["center"])
+        if isinstance(group["center"], Tensor):
+            raise ValueError(f"{where}center must be a finite float, got {group['center']!r}")
+        check_bool(f"{where}maximize", group["maximize"])
+        check_foreach(group["foreach"])
+
+    def _step(self, gathered: list[GroupTensors]) -> None:
+        for work in gathered:
+            self._step_group(work)
+
+    def _step_group(self, work: GroupTensors) -> None:
+        group = work.group
+        lists: tuple[list[Any], ...] = ([], [], [], [], [])
+        etas: list[float] = []
+        steps: list[Tensor] = []
+        for p, g in zip(work.params, work.grads, strict=True):
+            dtype = statistics_dtype(p.dtype)
+            shape = amos_slot_shape(p.shape, group["slots"])
+            v = self._state_tensor(
+                p,
+                "exp_avg_sq",
+                lambda p=p, s=shape, d=dtype: torch.zeros(s, dtype=d, device=p.device),
+            )
+            b = self._state_tensor(
+                p,
+                "b",
+                lambda p=p, s=shape, d=dtype: torch.full(
+                    s, float(group["init_b"]), dtype=d, device=p.device
+                ),
+            )
+            exp_avg = None
+            if group["momentum"] > 0:
+                exp_avg = self._state_tensor(p, "exp_avg", lambda p=p: torch.zeros_like(p))
+            steps.append(
+                self._state_tensor(p, "step", lambda: torch.tensor(0.0, dtype=torch.float32))
+            )
+            etas.append(resolve_eta(group["eta"], p, group["kind"]))
+            for lst, value in zip(lists, (p, g, v, b, exp_avg), strict=True):
+                lst.append(value)
+        for step, indices in step_buckets(steps).items():
+            live = [i for i in indices if lists[0][i].numel() > 0]
+            if not live:
+                continue
+            amos(
+                *([lst[i] for i in live] for lst in lists),
+                step=step + 1,
+                lr=group["lr"],
+                eta=[etas[i] for i in live],
+                beta=group["beta"],
+                zeta=group["zeta"],
+                finetune_rate=group["finetune_rate"],
+                center=float(group["center"]),
+                momentum=group["momentum"],
+                clip_value=group["clip_value"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+            )
+        if steps:
+            torch._foreach_add_(steps, 1.0)
+
+
+register(
+    "amos",
+    Amos,
+    spec_section="§7.2",
+    summary="adaptive weight decay toward a model-oriented scale η, reduced slots (jestimator)",
+    state_bytes="≈0 (reduced v, b; no momentum)",
+    state_bytes_accum="≈4",
+)
