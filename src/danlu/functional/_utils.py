@@ -73,6 +73,8 @@ def select_path(foreach: bool | None, fused: bool | None, tensors: Sequence[Tens
     if tensors and all(t.device.type == "cpu" for t in tensors):
         return "chunked"
     return "single"
+
+
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of second-moment statistics: float32, or float64 for float64 params (bf16 and
     fp16 are too coarse or too narrow for them)."""

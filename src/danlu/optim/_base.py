@@ -109,6 +109,8 @@ def check_implementation(group: dict[str, Any], *, where: str = "") -> None:
             raise ValueError(f"{where}{key} must be None, True or False, got {value!r}")
     if group.get("foreach") and group.get("fused"):
         raise ValueError(f"{where}foreach and fused cannot both be True")
+
+
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")

@@ -14,6 +14,7 @@ from danlu.optim._base import (
     GroupTensors,
     ParamsT,
     check_beta,
+    check_bool,
     check_choice,
     check_foreach,
     check_int_at_least,
@@ -99,7 +100,7 @@ class AdamW(DanluOptimizer):
         check_non_negative(f"{where}weight_decay", group["weight_decay"])
         check_int_at_least(f"{where}grad_accum_steps", group["grad_accum_steps"], 1)
         check_choice(f"{where}eps_inside_sqrt", group["eps_inside_sqrt"], (False, True))
-        check_choice(f"{where}maximize", group["maximize"], (False, True))
+        check_bool(f"{where}maximize", group["maximize"])
         check_foreach(group["foreach"])
 
     def _step(self, gathered: list[GroupTensors]) -> None:

@@ -12,7 +12,7 @@ from danlu.optim._base import (
     GroupTensors,
     ParamsT,
     check_beta,
-    check_choice,
+    check_bool,
     check_implementation,
     check_non_negative,
     check_state_dtype,
@@ -94,9 +94,9 @@ class Lion(DanluOptimizer):
         check_beta(f"{where}betas[0]", betas[0])
         check_beta(f"{where}betas[1]", betas[1])
         check_non_negative(f"{where}weight_decay", group["weight_decay"])
-        check_choice(f"{where}maximize", group["maximize"], (False, True))
+        check_bool(f"{where}maximize", group["maximize"])
         check_state_dtype(group["state_dtype"], where=where)
-        check_choice(f"{where}stochastic_rounding", group["stochastic_rounding"], (False, True))
+        check_bool(f"{where}stochastic_rounding", group["stochastic_rounding"])
         check_implementation(group, where=where)
 
     def _step(self, gathered: list[GroupTensors]) -> None:

@@ -16,6 +16,7 @@ from danlu.optim._base import (
     GroupTensors,
     ParamsT,
     check_beta,
+    check_bool,
     check_choice,
     check_implementation,
     check_in_range,
@@ -161,9 +162,9 @@ class Tiger(DanluOptimizer):
             or not math.isfinite(center)
         ):
             raise ValueError(f"{where}center must be a finite float, got {center!r}")
-        check_choice(f"{where}maximize", group["maximize"], (False, True))
+        check_bool(f"{where}maximize", group["maximize"])
         check_state_dtype(group["state_dtype"], where=where)
-        check_choice(f"{where}stochastic_rounding", group["stochastic_rounding"], (False, True))
+        check_bool(f"{where}stochastic_rounding", group["stochastic_rounding"])
         check_implementation(group, where=where)
 
     def _step(self, gathered: list[GroupTensors]) -> None:
@@ -227,7 +228,8 @@ class Tiger(DanluOptimizer):
                 fused=group["fused"],
             )
         steps = [
-            self._state_tensor(p, "step", lambda: torch.tensor(0.0, dtype=torch.float32))
+            # float64: the accumulation window is read from it, exact up to 2**53 micro-steps
+            self._state_tensor(p, "step", lambda: torch.tensor(0.0, dtype=torch.float64))
             for work in gathered
             for p in work.params
         ]
