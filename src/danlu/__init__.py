@@ -3,7 +3,7 @@
 See SPEC sections cited in each docstring for the exact algorithms.
 """
 
-from danlu import functional, schedules
+from danlu import functional, lora, schedules
 from danlu.optim import Lion, Tiger
 from danlu.params import param_groups
 from danlu.registry import REGISTRY, OptimizerInfo, create_optimizer, register
@@ -18,6 +18,7 @@ __all__ = [
     "__version__",
     "create_optimizer",
     "functional",
+    "lora",
     "param_groups",
     "register",
     "schedules",
