@@ -162,15 +162,12 @@ def lora_pro_full_adam(W0, A, B, grad_fn, steps, *, s, lr, betas, eps, wd, choic
     return W0, A, B
 
 
-def adamw_steps(p, grads, *, lr, betas, eps, wd):
-    """torch.optim.AdamW's rule (decoupled decay p·(1 − lr·wd)), float64."""
-    p = np.asarray(p, dtype=np.float64).copy()
-    m = np.zeros_like(p)
-    v = np.zeros_like(p)
-    for t, g in enumerate(grads, start=1):
-        g = np.asarray(g, dtype=np.float64)
-        p = p * (1 - lr * wd)
-        m = betas[0] * m + (1 - betas[0]) * g
-        v = betas[1] * v + (1 - betas[1]) * g**2
-        p = p - lr * (m / (1 - betas[0] ** t)) / (np.sqrt(v / (1 - betas[1] ** t)) + eps)
-    return p
+def adamw_step(p, m, v, g, t, *, lr, betas, eps, wd):
+    """One step of torch.optim.AdamW's rule (decoupled decay p·(1 − lr·wd)), float64, 1-based
+    t. Returns (p, m, v)."""
+    p, m, v, g = (np.asarray(x, dtype=np.float64) for x in (p, m, v, g))
+    p = p * (1 - lr * wd)
+    m = betas[0] * m + (1 - betas[0]) * g
+    v = betas[1] * v + (1 - betas[1]) * g**2
+    p = p - lr * (m / (1 - betas[0] ** t)) / (np.sqrt(v / (1 - betas[1] ** t)) + eps)
+    return p, m, v

@@ -237,14 +237,7 @@ class LoRAProAdam(DanluOptimizer):
         self._check_group(self.param_groups[index], where=f"param_groups[{index}]: ")
 
     def _check_group(self, group: dict[str, Any], *, where: str) -> None:
-        check_non_negative(f"{where}lr", group["lr"])
-        betas = group["betas"]
-        if not isinstance(betas, tuple | list) or len(betas) != 2:
-            raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
-        check_beta(f"{where}betas[0]", betas[0])
-        check_beta(f"{where}betas[1]", betas[1])
-        check_non_negative(f"{where}eps", group["eps"])
-        check_non_negative(f"{where}weight_decay", group["weight_decay"])
+        _check_adam_settings(group, where)
         scale = group.get("lora_scale")
         if scale is None:
             return
@@ -424,6 +417,17 @@ def _check_triple(t: LoRATriple, label: str) -> None:
         raise ValueError(f"{label}: base_weight must be ({n_out}, {n_in}), got {got}")
 
 
+def _check_adam_settings(group: dict[str, Any], where: str = "") -> None:
+    check_non_negative(f"{where}lr", group["lr"])
+    betas = group["betas"]
+    if not isinstance(betas, tuple | list) or len(betas) != 2:
+        raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
+    check_beta(f"{where}betas[0]", betas[0])
+    check_beta(f"{where}betas[1]", betas[1])
+    check_non_negative(f"{where}eps", group["eps"])
+    check_non_negative(f"{where}weight_decay", group["weight_decay"])
+
+
 class LoRAPro(Optimizer):
     r"""LoRA-Pro (SPEC §10.2): LoRA steps that follow full fine-tuning's.
 
@@ -494,6 +498,7 @@ class LoRAPro(Optimizer):
         hyper = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         given = {k: v for k, v in hyper.items() if v is not None}
         settings = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, **given}
+        _check_adam_settings(settings)
         self._check_full_rank()
         if inner is not None:
             if mode == "full":
