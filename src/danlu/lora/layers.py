@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -169,11 +170,10 @@ class LoRATriple(NamedTuple):
 
 
 def _peft_linear_type() -> type | None:
-    try:
-        from peft.tuners.lora.layer import Linear as PeftLoraLinear
-    except Exception:  # pragma: no cover - peft missing or broken
-        return None
-    return PeftLoraLinear
+    """PEFT's LoRA ``Linear`` class, if PEFT is loaded (a PEFT model cannot exist otherwise, so
+    danlu never imports PEFT itself)."""
+    module = sys.modules.get("peft.tuners.lora.layer")
+    return getattr(module, "Linear", None)
 
 
 def _peft_adapters(name: str, module: nn.Module) -> list[LoRAAdapter]:
