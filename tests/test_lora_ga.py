@@ -2,6 +2,7 @@
 
 import copy
 import itertools
+import os
 import weakref
 
 import numpy as np
@@ -394,3 +395,41 @@ def test_bad_batches_loss_and_gradients(args, kw, match):
 def test_model_without_lora_layers():
     with pytest.raises(ValueError, match="no LoRA layers"):
         lora_ga_init_(mlp(), regression_batches(), mse)
+
+
+def _distributed_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = mlp()
+        inject(model, target=["0", "2", "4"], rank=2)
+        batches = regression_batches(n=4)
+        own = batches[:1] if rank == 0 else batches[1:]  # unequal shares: 1 and 3 batches
+        lora_ga_init_(model, own, mse, svd="full")
+        torch.save(model.state_dict(), os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_share_one_gradient_estimate(tmp_path):
+    """Under torch.distributed every rank gets the average over all ranks' batches, so the
+    adapters (and shifted base weights) are identical and equal a single process's init."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_distributed_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    single = mlp()
+    inject(single, target=["0", "2", "4"], rank=2)
+    lora_ga_init_(single, regression_batches(n=4), mse, svd="full")
+    states = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
+    for name, value in single.state_dict().items():
+        assert torch.equal(states[0][name], states[1][name]), name
+        torch.testing.assert_close(states[0][name], value, rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from danlu.lora.layers import LoRAAdapter, find_lora_adapters
@@ -69,6 +70,12 @@ def _modules_and_weights(adapters: list[LoRAAdapter]) -> dict[str, tuple[Tensor,
     return out
 
 
+def _distributed(sync_ranks: bool) -> bool:
+    return (
+        sync_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    )
+
+
 def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
     for module, training in modes:
         module.training = training
@@ -80,6 +87,7 @@ def average_gradients(
     loss_fn: LossFn,
     *,
     grad_device: torch.device | str | None = None,
+    sync_ranks: bool = True,
 ) -> dict[str, Tensor]:
     """The gradient of each LoRA layer's frozen base weight, averaged over ``batches``.
 
@@ -90,6 +98,10 @@ def average_gradients(
     trick"). ``grad_device="cpu"`` keeps the sums in host memory, as the reference code does.
     The model runs in training mode (as in PEFT); modes, ``requires_grad`` flags and existing
     ``.grad`` of the base weights are restored afterwards, also on error.
+
+    Under ``torch.distributed`` (initialised, more than one rank) and with ``sync_ranks``, the
+    sums and batch counts are all-reduced over the default process group, so every rank gets
+    the average over all ranks' batches (the sums must live on a device the backend supports).
 
     Returns {module name: averaged gradient} in fp32, shaped (out, in) (transposed for PEFT's
     ``fan_in_fan_out`` layers). Raises ``ValueError`` when there are no batches, no LoRA layers,
@@ -102,7 +114,7 @@ def average_gradients(
             "first"
         )
     targets = _modules_and_weights(adapters)
-    return _average_gradients(model, targets, batches, loss_fn, grad_device)
+    return _average_gradients(model, targets, batches, loss_fn, grad_device, sync_ranks)
 
 
 def _average_gradients(
@@ -111,6 +123,7 @@ def _average_gradients(
     batches: Iterable[Any],
     loss_fn: LossFn,
     grad_device: torch.device | str | None,
+    sync_ranks: bool,
 ) -> dict[str, Tensor]:
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be a callable (model, batch) -> loss, got {loss_fn!r}")
@@ -167,15 +180,31 @@ def _average_gradients(
         for key, w in weights.items():
             w.grad = saved_grads[key]
         _restore_modes(modes)
+    missing = [name for name, (w, _) in targets.items() if id(w) not in sums]
+    if _distributed(sync_ranks):
+        # Every rank must raise together (or none), or the others would hang in all_reduce.
+        status = torch.tensor([int(count == 0), int(bool(missing))], dtype=torch.int64)
+        device = next(iter(sums.values())).device if sums else torch.device("cpu")
+        status = status.to(device)
+        dist.all_reduce(status, op=dist.ReduceOp.MAX)
+        if int(status[0]) and count:
+            raise ValueError("batches is empty on another rank: LoRA-GA needs a batch per rank")
+        if int(status[1]) and not missing:
+            raise ValueError("a LoRA layer got no gradient on another rank")
     if count == 0:
         raise ValueError("batches is empty: LoRA-GA needs at least one batch")
-    missing = [name for name, (w, _) in targets.items() if id(w) not in sums]
     if missing:
         raise ValueError(
             "no gradient reached the base weight of "
             + ", ".join(repr(n) for n in missing)
             + " (is the layer used by loss_fn?)"
         )
+    if _distributed(sync_ranks):  # the average over every rank's batches
+        total_count = torch.tensor([float(count)], device=next(iter(sums.values())).device)
+        dist.all_reduce(total_count)
+        for key in weights:  # the same order on every rank
+            dist.all_reduce(sums[key])
+        count = int(total_count.item())
     for total in sums.values():
         total.div_(count)
     return {
@@ -286,12 +315,14 @@ def lora_ga_init_(
     niter: int = 4,
     seed: int = 0,
     grad_device: torch.device | str | None = None,
+    sync_ranks: bool = True,
 ) -> dict[str, LoRAGAInfo]:
     r"""Initialise every LoRA adapter of ``model`` with LoRA-GA, in place (SPEC §10.1).
 
     1. Average the gradient G of each frozen base weight over ``batches``
-       (:func:`average_gradients`: one layer's gradient alive at a time), or take
-       ``gradients`` ({module name: G}) computed earlier.
+       (:func:`average_gradients`: one layer's gradient alive at a time; over all ranks under
+       ``torch.distributed`` with ``sync_ranks``), or take ``gradients`` ({module name: G})
+       computed earlier.
     2. SVD G = U Σ Vh (``svd="full"``, or ``"randomized"`` with q = min(4r, ·) and ``niter``
        power iterations from a test matrix seeded by ``seed``: deterministic).
     3. Split the top 2r directions (``direction``):
@@ -339,7 +370,7 @@ def lora_ga_init_(
     if gradients is None:
         if batches is None or loss_fn is None:
             raise ValueError("pass batches and loss_fn, or gradients")
-        grads = _average_gradients(model, targets, batches, loss_fn, grad_device)
+        grads = _average_gradients(model, targets, batches, loss_fn, grad_device, sync_ranks)
     else:
         if batches is not None or loss_fn is not None:
             raise ValueError("pass either gradients or (batches, loss_fn), not both")
