@@ -400,8 +400,10 @@ def lora_ga_init_(
             out_features=a.out_features,
             gamma=float(stable_gamma),
         )
-        target = {"device": a.lora_A.device, "dtype": a.lora_A.dtype}
-        plans.append((a, lora_A.to(**target), lora_B.to(**target)))
+        device, dtype = a.lora_A.device, a.lora_A.dtype
+        plans.append(
+            (a, lora_A.to(device=device, dtype=dtype), lora_B.to(device=device, dtype=dtype))
+        )
         total = float(g.square().sum())
         infos[a.label] = LoRAGAInfo(
             singular_values=s.detach().cpu(),

@@ -92,10 +92,9 @@ class LoRALinear(nn.Module):
         self.base = base
         self.rank = rank
         self.scale = lora_scale(rank, alpha, rslora)
-        weight = base.weight
-        kw = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         for p in base.parameters():
@@ -176,7 +175,7 @@ def _peft_linear_type() -> type | None:
     return getattr(module, "Linear", None)
 
 
-def _peft_adapters(name: str, module: nn.Module) -> list[LoRAAdapter]:
+def _peft_adapters(name: str, module: Any) -> list[LoRAAdapter]:
     out = []
     variants = getattr(module, "lora_variant", {}) or {}
     for key in module.active_adapters:

@@ -274,6 +274,7 @@ class LoRAProAdam(DanluOptimizer):
     def _step(self, gathered: list[GroupTensors]) -> None:
         adapters: list[tuple[dict[str, Any], Tensor, Tensor, Tensor | None]] = []
         plain: list[GroupTensors] = []
+        raw_grads: list[tuple[Tensor, Tensor]] = []
         labels = []
         for index, work in enumerate(gathered):
             group = work.group
@@ -292,10 +293,11 @@ class LoRAProAdam(DanluOptimizer):
                 )
             base = group["params"][2] if len(group["params"]) == 3 else None
             adapters.append((group, A, B, base))
+            raw_grads.append((A.grad, B.grad))
             labels.append(label)
         compute = [
-            tuple(t.detach().to(_compute_dtype(A.dtype)) for t in (A, B, A.grad, B.grad))
-            for _, A, B, _ in adapters
+            tuple(t.detach().to(_compute_dtype(A.dtype)) for t in (A, B, gA, gB))
+            for (_, A, B, _), (gA, gB) in zip(adapters, raw_grads, strict=True)
         ]
         spectra = _spectra([c[0] for c in compute], [c[1] for c in compute])
         _check_spectra(
@@ -496,9 +498,12 @@ class LoRAPro(Optimizer):
         self.mode, self.x_mode = mode, x_mode
         self.ridge, self.rank_tol = float(ridge), float(rank_tol)
         hyper = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        given = {k: v for k, v in hyper.items() if v is not None}
-        settings = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, **given}
-        _check_adam_settings(settings)
+        given = [k for k, v in hyper.items() if v is not None]
+        lr = 1e-3 if lr is None else lr
+        betas = (0.9, 0.999) if betas is None else betas
+        eps = 1e-8 if eps is None else eps
+        weight_decay = 0.0 if weight_decay is None else weight_decay
+        _check_adam_settings({"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self._check_full_rank()
         if inner is not None:
             if mode == "full":
@@ -516,7 +521,9 @@ class LoRAPro(Optimizer):
                     raise ValueError(f"the inner optimizer does not hold the factors of {label}")
         elif mode == "efficient":
             lora_params = [p for t in triples for p in (t.lora_A, t.lora_B)]
-            inner = torch.optim.AdamW(lora_params + extra, **settings)
+            inner = torch.optim.AdamW(
+                lora_params + extra, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
+            )
         else:
             groups: list[dict[str, Any]] = [
                 {
@@ -528,7 +535,16 @@ class LoRAPro(Optimizer):
             ]
             if extra:
                 groups.append({"params": extra, "lora_scale": None})
-            inner = LoRAProAdam(groups, **settings, x_mode=x_mode, ridge=ridge, rank_tol=rank_tol)
+            inner = LoRAProAdam(
+                groups,
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                x_mode=x_mode,
+                ridge=ridge,
+                rank_tol=rank_tol,
+            )
         self.inner: Optimizer = inner
         self._linked = False
         super().__init__(inner.param_groups, dict(inner.defaults))
@@ -562,6 +578,7 @@ class LoRAPro(Optimizer):
                 if id(p) in seen:
                     raise ValueError(f"{label}: a factor appears in more than one triple")
                 seen.add(id(p))
+        extra: list[Tensor]
         if isinstance(lora, nn.Module):
             extra = [p for p in lora.parameters() if p.requires_grad and id(p) not in seen]
         else:
@@ -618,7 +635,8 @@ class LoRAPro(Optimizer):
         return loss
 
     def _adjust_gradients(self) -> None:
-        work, labels = [], []
+        work: list[tuple[LoRATriple, Tensor, Tensor]] = []
+        labels = []
         for t, label in zip(self.triples, self.labels, strict=True):
             gA, gB = t.lora_A.grad, t.lora_B.grad
             if gA is None and gB is None:
@@ -631,12 +649,13 @@ class LoRAPro(Optimizer):
                 )
             if gA.is_sparse or gB.is_sparse:
                 raise RuntimeError(f"danlu.lora.LoRAPro: sparse gradient for {label}")
-            work.append(t)
+            work.append((t, gA, gB))
             labels.append(label)
-        dtype_of = [_compute_dtype(t.lora_A.dtype) for t in work]
         compute = [
-            tuple(x.detach().to(d) for x in (t.lora_A, t.lora_B, t.lora_A.grad, t.lora_B.grad))
-            for t, d in zip(work, dtype_of, strict=True)
+            tuple(
+                x.detach().to(_compute_dtype(t.lora_A.dtype)) for x in (t.lora_A, t.lora_B, gA, gB)
+            )
+            for t, gA, gB in work
         ]
         spectra = _spectra([c[0] for c in compute], [c[1] for c in compute])
         _check_spectra(
@@ -644,8 +663,8 @@ class LoRAPro(Optimizer):
         )
         adjusted = [
             _adjust(A, B, gA, gB, float(t.scale), spec, x_mode=self.x_mode, ridge=self.ridge)[:2]
-            for t, (A, B, gA, gB), spec in zip(work, compute, spectra, strict=True)
+            for (t, _, _), (A, B, gA, gB), spec in zip(work, compute, spectra, strict=True)
         ]
-        for t, (hat_A, hat_B) in zip(work, adjusted, strict=True):
-            t.lora_A.grad.copy_(hat_A)
-            t.lora_B.grad.copy_(hat_B)
+        for (_, raw_A, raw_B), (hat_A, hat_B) in zip(work, adjusted, strict=True):
+            raw_A.copy_(hat_A)
+            raw_B.copy_(hat_B)
