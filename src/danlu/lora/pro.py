@@ -461,6 +461,9 @@ class LoRAPro(Optimizer):
     none, or when a gradient is not finite (``FloatingPointError``); adapters with no
     gradient at all are skipped.
 
+    LoRA dropout breaks the exact relation g_A = s Bᵀ G, g_B = s G Aᵀ the adjustment relies on
+    (SPEC §10.2(c)); use ``dropout=0`` with LoRA-Pro.
+
     It behaves as the inner optimizer: ``param_groups``, ``state``, ``state_dict()`` and
     ``load_state_dict()`` are the inner optimizer's (LR schedulers work on it), and no state is
     keyed by name. After an efficient step the ``.grad`` of the factors hold the adjusted
