@@ -3,7 +3,17 @@
 See SPEC sections cited in each docstring for the exact algorithms.
 """
 
-from danlu import diagnostics, functional, init, nn, recipes, scaling, schedules, wrappers
+from danlu import (
+    diagnostics,
+    functional,
+    init,
+    lora,
+    nn,
+    recipes,
+    scaling,
+    schedules,
+    wrappers,
+)
 from danlu.optim import AdaFactor, AdamW, AdaX, Amos, Lion, Tiger
 from danlu.params import param_groups
 from danlu.registry import REGISTRY, OptimizerInfo, create_optimizer, register
@@ -41,6 +51,7 @@ __all__ = [
     "diagnostics",
     "functional",
     "init",
+    "lora",
     "nn",
     "param_groups",
     "recipes",
