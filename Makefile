@@ -29,7 +29,7 @@ test: lint
 	$(BIN)/python -m pytest -n 2
 
 demo: $(VENV)/.compare-installed
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/danlu compare
 
 bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/step_bench.py
