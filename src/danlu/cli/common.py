@@ -155,9 +155,22 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim), so that the next block's
+    resident-set growth counts what it allocates rather than reusing an earlier run's pages."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory of a block: CUDA's allocator high-water mark, or on CPU the peak resident set
-    size above the level at entry, sampled every 2 ms (None where /proc is not available)."""
+    size above the level at entry (after returning freed memory to the OS), sampled every 2 ms;
+    None where /proc is not available. Allocations made before the block (the model) are not
+    counted: the figure is optimizer state + gradients + activations + temporaries."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -170,6 +183,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
+        _release_free_memory()
         self._base = _rss_bytes()
         self._max = self._base
         if self._base is not None:

@@ -18,6 +18,23 @@ from danlu.cli.common import (
 )
 
 
+def warm_up(
+    make_model: Callable[[], nn.Module],
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    steps: int = 3,
+) -> None:
+    """A few unrecorded steps on a throwaway model, so that one-time costs (thread pools, the
+    autograd engine, allocator growth) do not land in the first optimizer's time and memory."""
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters())
+    for _ in range(steps):
+        x, y = next(batches)
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+
+
 def train(
     ctx: Context,
     *,

@@ -14,7 +14,7 @@ from torch import nn
 
 from danlu.cli.common import Baseline, Context, TaskResult, make_optimizer, seed_everything
 from danlu.cli.common import transfer_hparams as transfer
-from danlu.cli.tasks._loop import train
+from danlu.cli.tasks._loop import train, warm_up
 
 NAME = "charlm"
 DESCRIPTION = "byte-level causal transformer on Python's stdlib source; validation bits/char"
@@ -116,6 +116,8 @@ def run(ctx: Context) -> TaskResult:
         for x, y in windows(train_data, context, batch, torch.Generator().manual_seed(seed)):
             yield x.to(ctx.device), y.to(ctx.device)
 
+    warm_up(lambda: CharLM(dim, layers, heads, context).to(ctx.device),
+            device_batches(ctx.seed + 7), lm_loss)
     runs = []
     for name in ctx.optimizers:
         seed_everything(ctx.seed)

@@ -9,7 +9,7 @@ from torch import nn
 
 from danlu.cli.common import Baseline, Context, TaskResult, make_optimizer, seed_everything
 from danlu.cli.common import transfer_hparams as transfer
-from danlu.cli.tasks._loop import train
+from danlu.cli.tasks._loop import train, warm_up
 
 NAME = "digits"
 DESCRIPTION = "8×8 digits (scikit-learn), MLP 64-128-64-10, batch 64; test accuracy"
@@ -71,6 +71,11 @@ def run(ctx: Context) -> TaskResult:
     def accuracy(model: nn.Module) -> float:
         return (model(x_test).argmax(-1) == y_test).float().mean().item()
 
+    def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(x), y)
+
+    warm_up(lambda: make_model().to(ctx.device),
+            batches(x_train, y_train, BATCH, ctx.seed + 7), loss_fn)
     runs = []
     for name in ctx.optimizers:
         seed_everything(ctx.seed)
@@ -85,7 +90,7 @@ def run(ctx: Context) -> TaskResult:
                 opt=opt,
                 hparams=hparams,
                 batches=batches(x_train, y_train, BATCH, ctx.seed),
-                loss_fn=lambda m, x, y: nn.functional.cross_entropy(m(x), y),
+                loss_fn=loss_fn,
                 steps=steps,
                 evaluate=lambda model=model: accuracy(model),
                 eval_every=max(steps // 10, 1),
