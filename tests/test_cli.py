@@ -2,6 +2,7 @@
 ``--quick`` run writes its files and its numbers are sane (issue: the main job)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -151,3 +152,15 @@ def test_tiger_accumulation_curves_agree(quick_run):
     a, b = runs["tiger batch 64"]["losses"], runs["tiger 4×16 hidden"]["losses"]
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
     assert task["settings"]["tiger_max_param_difference"] < 1e-5
+
+
+def test_lora_task_runs(tmp_path):
+
+    out = tmp_path / "out"
+    assert run(["--task", "lora", "--steps", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = results["tasks"]["lora"]["runs"]
+    assert [r["label"] for r in runs] == ["full fine-tuning", "LoRA", "LoRA-GA",
+                                           "LoRA-GA + LoRA-Pro"]
+    assert runs[0]["extra"]["trainable_params"] > runs[1]["extra"]["trainable_params"] > 0
+    assert all(math.isfinite(r["final_metric"]) for r in runs)

@@ -116,8 +116,11 @@ def run(ctx: Context) -> TaskResult:
         for x, y in windows(train_data, context, batch, torch.Generator().manual_seed(seed)):
             yield x.to(ctx.device), y.to(ctx.device)
 
-    warm_up(lambda: CharLM(dim, layers, heads, context).to(ctx.device),
-            device_batches(ctx.seed + 7), lm_loss)
+    warm_up(
+        lambda: CharLM(dim, layers, heads, context).to(ctx.device),
+        device_batches(ctx.seed + 7),
+        lm_loss,
+    )
     runs = []
     for name in ctx.optimizers:
         seed_everything(ctx.seed)

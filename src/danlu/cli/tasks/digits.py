@@ -74,8 +74,9 @@ def run(ctx: Context) -> TaskResult:
     def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(m(x), y)
 
-    warm_up(lambda: make_model().to(ctx.device),
-            batches(x_train, y_train, BATCH, ctx.seed + 7), loss_fn)
+    warm_up(
+        lambda: make_model().to(ctx.device), batches(x_train, y_train, BATCH, ctx.seed + 7), loss_fn
+    )
     runs = []
     for name in ctx.optimizers:
         seed_everything(ctx.seed)
