@@ -9,11 +9,15 @@ import torch
 from torch import nn
 
 from danlu.cli.common import (
+    Baseline,
     Context,
     PeakMemory,
     RunResult,
+    make_optimizer,
+    seed_everything,
     state_bytes_per_param,
     timer,
+    transfer_hparams,
     warmup_steps,
 )
 
@@ -80,3 +84,40 @@ def train(
     result.state_bytes_per_param = state_bytes_per_param(opt, model)
     result.peak_memory_bytes = memory.peak
     return result
+
+
+def compare_optimizers(
+    ctx: Context,
+    *,
+    task: str,
+    base: Baseline,
+    make_model: Callable[[], nn.Module],
+    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    evaluate: Callable[[nn.Module], float],
+    steps: int,
+) -> list[RunResult]:
+    """Warm up, then train a fresh model (same seed, same batches) with each of
+    ``ctx.optimizers`` under the hyper-parameters transferred from ``base``."""
+    warm_up(make_model, batches(), loss_fn)
+    runs = []
+    for name in ctx.optimizers:
+        seed_everything(ctx.seed)
+        model = make_model()
+        hparams = transfer_hparams(name, base, ctx.lr.get(name))
+        runs.append(
+            train(
+                ctx,
+                label=name,
+                model=model,
+                opt=make_optimizer(name, model, hparams),
+                hparams=hparams,
+                batches=batches(),
+                loss_fn=loss_fn,
+                steps=steps,
+                evaluate=lambda model=model: evaluate(model),
+                eval_every=max(steps // 10, 1),
+                progress_title=f"{task} · {name}",
+            )
+        )
+    return runs

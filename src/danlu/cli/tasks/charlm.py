@@ -12,9 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from danlu.cli.common import Baseline, Context, TaskResult, make_optimizer, seed_everything
-from danlu.cli.common import transfer_hparams as transfer
-from danlu.cli.tasks._loop import train, warm_up
+from danlu.cli.common import Baseline, Context, TaskResult
+from danlu.cli.tasks._loop import compare_optimizers
 
 NAME = "charlm"
 DESCRIPTION = "byte-level causal transformer on Python's stdlib source; validation bits/char"
@@ -116,32 +115,16 @@ def run(ctx: Context) -> TaskResult:
         for x, y in windows(train_data, context, batch, torch.Generator().manual_seed(seed)):
             yield x.to(ctx.device), y.to(ctx.device)
 
-    warm_up(
-        lambda: CharLM(dim, layers, heads, context).to(ctx.device),
-        device_batches(ctx.seed + 7),
-        lm_loss,
+    runs = compare_optimizers(
+        ctx,
+        task=NAME,
+        base=base,
+        make_model=lambda: CharLM(dim, layers, heads, context).to(ctx.device),
+        batches=lambda: device_batches(ctx.seed),
+        loss_fn=lm_loss,
+        evaluate=bits_per_char,
+        steps=steps,
     )
-    runs = []
-    for name in ctx.optimizers:
-        seed_everything(ctx.seed)
-        model = CharLM(dim, layers, heads, context).to(ctx.device)
-        hparams = transfer(name, base, ctx.lr.get(name))
-        opt = make_optimizer(name, model, hparams)
-        runs.append(
-            train(
-                ctx,
-                label=name,
-                model=model,
-                opt=opt,
-                hparams=hparams,
-                batches=device_batches(ctx.seed),
-                loss_fn=lm_loss,
-                steps=steps,
-                evaluate=lambda model=model: bits_per_char(model),
-                eval_every=max(steps // 10, 1),
-                progress_title=f"{NAME} · {name}",
-            )
-        )
     return TaskResult(
         name=NAME,
         description=DESCRIPTION,

@@ -7,9 +7,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from danlu.cli.common import Baseline, Context, TaskResult, make_optimizer, seed_everything
-from danlu.cli.common import transfer_hparams as transfer
-from danlu.cli.tasks._loop import train, warm_up
+from danlu.cli.common import Baseline, Context, TaskResult
+from danlu.cli.tasks._loop import compare_optimizers
 
 NAME = "digits"
 DESCRIPTION = "8×8 digits (scikit-learn), MLP 64-128-64-10, batch 64; test accuracy"
@@ -74,30 +73,16 @@ def run(ctx: Context) -> TaskResult:
     def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(m(x), y)
 
-    warm_up(
-        lambda: make_model().to(ctx.device), batches(x_train, y_train, BATCH, ctx.seed + 7), loss_fn
+    runs = compare_optimizers(
+        ctx,
+        task=NAME,
+        base=base,
+        make_model=lambda: make_model().to(ctx.device),
+        batches=lambda: batches(x_train, y_train, BATCH, ctx.seed),
+        loss_fn=loss_fn,
+        evaluate=accuracy,
+        steps=steps,
     )
-    runs = []
-    for name in ctx.optimizers:
-        seed_everything(ctx.seed)
-        model = make_model().to(ctx.device)
-        hparams = transfer(name, base, ctx.lr.get(name))
-        opt = make_optimizer(name, model, hparams)
-        runs.append(
-            train(
-                ctx,
-                label=name,
-                model=model,
-                opt=opt,
-                hparams=hparams,
-                batches=batches(x_train, y_train, BATCH, ctx.seed),
-                loss_fn=loss_fn,
-                steps=steps,
-                evaluate=lambda model=model: accuracy(model),
-                eval_every=max(steps // 10, 1),
-                progress_title=f"{NAME} · {name}",
-            )
-        )
     return TaskResult(
         name=NAME,
         description=DESCRIPTION,
