@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
+from danlu.distributed import any_dtensor, is_dtensor, local, sharded_mean, sharded_norm
 from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
 
 __all__ = [
@@ -127,6 +128,8 @@ def adafactor(
     shapes with size 1 on the averaged axis, see :func:`adafactor_factored_axes`) or
     ``exp_avg_sqs[i]`` (full shape) is given; ``exp_avgs[i]`` is the momentum (needed when
     ``beta1 > 0``). Statistics must be float32 (or float64); the momentum may be any float dtype.
+    DTensor (FSDP2) tensors take the single-tensor ops on their local slices, with every mean
+    and norm over the whole tensor (state placed as ``danlu.distributed.new_state`` does).
     """
     if factored_dims not in FACTORED_DIMS:
         raise ValueError(f"factored_dims must be one of {FACTORED_DIMS}, got {factored_dims!r}")
@@ -136,7 +139,12 @@ def adafactor(
         return
     if beta1 > 0 and any(m is None for m in exp_avgs):
         raise ValueError("adafactor: beta1 > 0 needs a momentum tensor in exp_avgs for every param")
-    fn = _multi_tensor_adafactor if resolve_foreach(foreach, params) else _single_tensor_adafactor
+    if any_dtensor(params):
+        fn: Any = _dtensor_adafactor
+    elif resolve_foreach(foreach, params):
+        fn = _multi_tensor_adafactor
+    else:
+        fn = _single_tensor_adafactor
     fn(
         list(params),
         list(grads),
@@ -213,52 +221,144 @@ def _single_tensor_adafactor(
     for param, grad, row, col, full, exp_avg in zip(
         params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, strict=True
     ):
-        stats = row if full is None else full
-        assert stats is not None  # the shell always passes one layout
-        g = grad.to(stats.dtype)
-        if maximize:
-            g = -g
-        # One full-size temporary: g², then reused for the update.
-        buffer = torch.square(g)
-        if full is None:
-            largest, second = _axes(param, row, factored_dims, min_dim_size_to_factor)
-            assert row is not None and col is not None
-            # mean(g² + ε1) = mean(g²) + ε1
-            row.lerp_(buffer.mean(dim=largest, keepdim=True).add_(eps1), 1 - beta2_t)
-            col.lerp_(buffer.mean(dim=second, keepdim=True).add_(eps1), 1 - beta2_t)
-            # g / √(R·C/mean(R)) = g · (R/mean(R))^(-1/2) · C^(-1/2): no full-size v̂.
-            row_factor = row.div(row.mean(dim=second, keepdim=True)).rsqrt_()
-            update = torch.mul(g, row_factor, out=buffer).mul_(col.rsqrt())
-        else:
-            full.lerp_(buffer.add_(eps1), 1 - beta2_t)
-            update = torch.rsqrt(full, out=buffer).mul_(g)
-        clip_denom = None
-        if clip_threshold is not None:
-            clip_denom = torch.linalg.vector_norm(update).div_(
-                _rms_divisor(update) * clip_threshold
-            )
-            clip_denom.clamp_min_(1.0)
-        if multiply_by_parameter_scale:
-            scale = torch.linalg.vector_norm(param, dtype=stats.dtype) / _rms_divisor(param)
-            factor: float | Tensor = scale.clamp_min_(eps2).mul_(step_size)
-        else:
-            factor = step_size
-        source, coef = update, factor
-        if beta1 > 0 and momentum_mode == "unit":
-            assert exp_avg is not None
-            if clip_denom is not None:
-                update.div_(clip_denom)
-            exp_avg.lerp_(update.to(exp_avg.dtype), 1 - beta1)
-            source = exp_avg
-        elif clip_denom is not None:
-            coef = clip_denom.reciprocal_().mul_(factor)
-        if beta1 > 0 and momentum_mode == "scaled":
-            assert exp_avg is not None
-            exp_avg.lerp_(update.mul_(coef).to(exp_avg.dtype), 1 - beta1)
-            source, coef = exp_avg, 1.0
-        if weight_decay != 0:
-            param.mul_(1 - step_size * weight_decay)
-        _apply(param, source, coef)
+        axes = (
+            None if full is not None else _axes(param, row, factored_dims, min_dim_size_to_factor)
+        )
+        _adafactor_tensor(
+            param,
+            grad,
+            row,
+            col,
+            full,
+            exp_avg,
+            axes=axes,
+            sharded_like=None,
+            beta2_t=beta2_t,
+            step_size=step_size,
+            beta1=beta1,
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=clip_threshold,
+            multiply_by_parameter_scale=multiply_by_parameter_scale,
+            weight_decay=weight_decay,
+            momentum_mode=momentum_mode,
+            maximize=maximize,
+        )
+
+
+def _dtensor_adafactor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg_sq_rows: list[Tensor | None],
+    exp_avg_sq_cols: list[Tensor | None],
+    exp_avg_sqs: list[Tensor | None],
+    exp_avgs: list[Tensor | None],
+    *,
+    factored_dims: str,
+    min_dim_size_to_factor: int,
+    **settings: Any,
+) -> None:
+    """AdaFactor on DTensors (FSDP2): the single-tensor ops on the local slices, with the row
+    and column means, the update RMS and the parameter RMS taken over the whole tensor."""
+    for param, grad, row, col, full, exp_avg in zip(
+        params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, strict=True
+    ):
+        axes = (
+            None if full is not None else _axes(param, row, factored_dims, min_dim_size_to_factor)
+        )
+        _adafactor_tensor(
+            local(param),
+            local(grad),
+            None if row is None else local(row),
+            None if col is None else local(col),
+            None if full is None else local(full),
+            None if exp_avg is None else local(exp_avg),
+            axes=axes,
+            sharded_like=param if is_dtensor(param) else None,
+            **settings,
+        )
+
+
+def _adafactor_tensor(
+    param: Tensor,
+    grad: Tensor,
+    row: Tensor | None,
+    col: Tensor | None,
+    full: Tensor | None,
+    exp_avg: Tensor | None,
+    *,
+    axes: tuple[int, int] | None,
+    sharded_like: Tensor | None,
+    beta2_t: float,
+    step_size: float | Tensor,
+    beta1: float,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float | None,
+    multiply_by_parameter_scale: bool,
+    weight_decay: float,
+    momentum_mode: str,
+    maximize: bool,
+) -> None:
+    """One tensor's update. ``axes`` are the factored (largest, second) axes, None when
+    unfactored. ``sharded_like``: the DTensor whose local slices these tensors are (the means
+    and norms then run over the whole tensor), or None for plain tensors."""
+
+    def mean(x: Tensor, dim: int) -> Tensor:
+        if sharded_like is None:
+            return x.mean(dim=dim, keepdim=True)
+        return sharded_mean(x, sharded_like, dim)
+
+    def norm(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        if sharded_like is None:
+            return torch.linalg.vector_norm(x, dtype=dtype)
+        return sharded_norm(x, sharded_like, dtype)
+
+    like = param if sharded_like is None else sharded_like
+    stats = row if full is None else full
+    assert stats is not None  # the shell always passes one layout
+    g = grad.to(stats.dtype)
+    if maximize:
+        g = -g
+    # One full-size temporary: g², then reused for the update.
+    buffer = torch.square(g)
+    if full is None:
+        assert row is not None and col is not None and axes is not None
+        largest, second = axes
+        # mean(g² + ε1) = mean(g²) + ε1
+        row.lerp_(mean(buffer, largest).add_(eps1), 1 - beta2_t)
+        col.lerp_(mean(buffer, second).add_(eps1), 1 - beta2_t)
+        # g / √(R·C/mean(R)) = g · (R/mean(R))^(-1/2) · C^(-1/2): no full-size v̂.
+        row_factor = row.div(mean(row, second)).rsqrt_()
+        update = torch.mul(g, row_factor, out=buffer).mul_(col.rsqrt())
+    else:
+        full.lerp_(buffer.add_(eps1), 1 - beta2_t)
+        update = torch.rsqrt(full, out=buffer).mul_(g)
+    clip_denom = None
+    if clip_threshold is not None:
+        clip_denom = norm(update).div_(_rms_divisor(like) * clip_threshold)
+        clip_denom.clamp_min_(1.0)
+    if multiply_by_parameter_scale:
+        scale = norm(param, stats.dtype) / _rms_divisor(like)
+        factor: float | Tensor = scale.clamp_min_(eps2).mul_(step_size)
+    else:
+        factor = step_size
+    source, coef = update, factor
+    if beta1 > 0 and momentum_mode == "unit":
+        assert exp_avg is not None
+        if clip_denom is not None:
+            update.div_(clip_denom)
+        exp_avg.lerp_(update.to(exp_avg.dtype), 1 - beta1)
+        source = exp_avg
+    elif clip_denom is not None:
+        coef = clip_denom.reciprocal_().mul_(factor)
+    if beta1 > 0 and momentum_mode == "scaled":
+        assert exp_avg is not None
+        exp_avg.lerp_(update.mul_(coef).to(exp_avg.dtype), 1 - beta1)
+        source, coef = exp_avg, 1.0
+    if weight_decay != 0:
+        param.mul_(1 - step_size * weight_decay)
+    _apply(param, source, coef)
 
 
 def _multi_tensor_adafactor(

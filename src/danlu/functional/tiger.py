@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from danlu.distributed import any_dtensor, is_dtensor, local, sharded_norm, sharded_sum
 from danlu.functional._utils import group_by_device_and_dtype, select_path
 from danlu.functional.nonfinite import shrink_
 from danlu.functional.precision import needs_upcast, upcast_step
@@ -36,10 +37,15 @@ KINDS = ("matrix", "elementwise", "embedding")
 def tiger_step_size(
     param: Tensor, *, lr: float | Tensor, kind: str, rms_floor: float
 ) -> float | Tensor:
-    """η for one tensor: 0.5·α, α·max(RMS(θ), floor), or a column of per-row values."""
+    """η for one tensor: 0.5·α, α·max(RMS(θ), floor), or a column of per-row values.
+
+    For a DTensor (FSDP2) parameter the RMS is over the whole tensor (or whole rows), summed
+    over the ranks that shard it; the result is laid out like the local slice."""
     if kind == "elementwise":
         return 0.5 * lr
     dtype = torch.promote_types(param.dtype, torch.float32)
+    if is_dtensor(param):
+        return _sharded_step_size(param, lr=lr, kind=kind, rms_floor=rms_floor, dtype=dtype)
     if kind == "matrix":
         rms = torch.linalg.vector_norm(param, dtype=dtype) / math.sqrt(max(param.numel(), 1))
     elif kind == "embedding":
@@ -47,6 +53,22 @@ def tiger_step_size(
         rms = torch.linalg.vector_norm(param, dim=-1, keepdim=True, dtype=dtype) / math.sqrt(
             max(width, 1)
         )
+    else:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return rms.clamp_min_(rms_floor).mul_(lr)
+
+
+def _sharded_step_size(
+    param: Tensor, *, lr: float | Tensor, kind: str, rms_floor: float, dtype: torch.dtype
+) -> Tensor:
+    piece = local(param)
+    if kind == "matrix":
+        rms = sharded_norm(piece, param, dtype) / math.sqrt(max(param.numel(), 1))
+    elif kind == "embedding":
+        width = param.shape[-1] if param.dim() > 0 else 1
+        squares = piece.to(dtype).square()
+        rms = sharded_sum(squares, param, -1 if param.dim() > 0 else None).sqrt_()
+        rms = rms / math.sqrt(max(width, 1))
     else:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return rms.clamp_min_(rms_floor).mul_(lr)
@@ -84,12 +106,38 @@ def tiger(
     (see ``functional._utils.select_path``); all of them compute the same update. Momentum
     in another dtype than its parameter (e.g. bf16) and ``stochastic_rounding`` of bf16
     parameters run the math in fp32 (``functional.precision``).
+
+    DTensor (FSDP2) tensors take a simple path (:func:`_dtensor_tiger`): the momentum and the
+    update run on the local slices, and the RMS factor is computed over the whole tensor (or
+    whole rows) across the ranks. ``finite`` must then be the same on every rank (as
+    ``finite_mask`` returns it).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if nonfinite not in ("shrink", "skip"):
         raise ValueError(f"nonfinite must be 'shrink' or 'skip', got {nonfinite!r}")
     if not params:
+        return
+    if any_dtensor(params):
+        _dtensor_tiger(
+            params,
+            grads,
+            exp_avgs,
+            lr=lr,
+            beta=beta,
+            weight_decay=0.0 if kind == "elementwise" else weight_decay,
+            kind=kind,
+            rms_floor=rms_floor,
+            grad_accum_steps=grad_accum_steps,
+            first_micro_step=first_micro_step,
+            last_micro_step=last_micro_step,
+            maximize=maximize,
+            finite=finite,
+            nonfinite=nonfinite,
+            center=center,
+            shrink_ratio=shrink_ratio,
+            stochastic_rounding=stochastic_rounding,
+        )
         return
     path = select_path(foreach, fused, params)
     if path == "triton" and not needs_upcast(params, [exp_avgs], stochastic_rounding):
@@ -251,3 +299,90 @@ def _multi_tensor_tiger(
             for update, param in zip(updates, device_params, strict=True):
                 update.mul_(tiger_step_size(param, lr=lr, kind=kind, rms_floor=rms_floor))
         torch._foreach_sub_(device_params, updates)
+
+
+def _dtensor_tiger(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta: float,
+    weight_decay: float,
+    kind: str,
+    rms_floor: float,
+    grad_accum_steps: int,
+    first_micro_step: bool,
+    last_micro_step: bool,
+    maximize: bool,
+    finite: Tensor | None,
+    nonfinite: str,
+    center: float,
+    shrink_ratio: float,
+    stochastic_rounding: bool,
+) -> None:
+    """Tiger on DTensors, one tensor at a time: η from the whole tensor (a collective per
+    matrix or sharded-row embedding), everything else on the local slices."""
+    flags = [True] * len(params) if finite is None else finite.tolist()
+    for param, grad, exp_avg, ok in zip(params, grads, exp_avgs, flags, strict=True):
+        p, g, m = local(param), local(grad), local(exp_avg)
+        if not ok:
+            if nonfinite == "shrink":
+                shrink_([p], center=center, ratio=shrink_ratio)
+            continue
+        step_size = (
+            tiger_step_size(param, lr=lr, kind=kind, rms_floor=rms_floor)
+            if last_micro_step
+            else 0.0
+        )
+        settings = {
+            "step_size": step_size,
+            "beta": beta,
+            "weight_decay": weight_decay,
+            "grad_accum_steps": grad_accum_steps,
+            "first_micro_step": first_micro_step,
+            "last_micro_step": last_micro_step,
+            "maximize": maximize,
+        }
+        if needs_upcast([p], [[m]], stochastic_rounding):
+            upcast_step(
+                _tiger_with_step_size,
+                [p],
+                [g],
+                [[m]],
+                stochastic_rounding=stochastic_rounding,
+                **settings,
+            )
+        else:
+            _tiger_with_step_size([p], [g], [m], **settings)
+
+
+def _tiger_with_step_size(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    step_size: float | Tensor,
+    beta: float,
+    weight_decay: float,
+    grad_accum_steps: int,
+    first_micro_step: bool,
+    last_micro_step: bool,
+    maximize: bool,
+) -> None:
+    """The ops of :func:`_single_tensor_tiger` with η given (already reduced over the ranks)."""
+    for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
+        if maximize:
+            grad = -grad
+        if grad_accum_steps == 1:
+            exp_avg.lerp_(grad, 1 - beta)
+        else:
+            if first_micro_step:
+                exp_avg.mul_(beta)
+            exp_avg.add_(grad, alpha=(1 - beta) / grad_accum_steps)
+        if not last_micro_step:
+            continue
+        update = torch.sign(exp_avg)
+        if weight_decay != 0:
+            update.add_(param, alpha=weight_decay)
+        param.sub_(update.mul_(step_size))

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu.distributed import new_state
 from danlu.functional._utils import statistics_dtype
 from danlu.functional.adafactor import (
     FACTORED_DIMS,
@@ -221,14 +222,10 @@ class AdaFactor(DanluOptimizer):
                 row_shape[largest] = 1
                 col_shape[second] = 1
                 row = self._state_tensor(
-                    p,
-                    "exp_avg_sq_row",
-                    lambda p=p, s=row_shape, d=dtype: torch.zeros(s, dtype=d, device=p.device),
+                    p, "exp_avg_sq_row", lambda p=p, s=row_shape, d=dtype: new_state(p, s, d)
                 )
                 col = self._state_tensor(
-                    p,
-                    "exp_avg_sq_col",
-                    lambda p=p, s=col_shape, d=dtype: torch.zeros(s, dtype=d, device=p.device),
+                    p, "exp_avg_sq_col", lambda p=p, s=col_shape, d=dtype: new_state(p, s, d)
                 )
                 full = None
             exp_avg = None

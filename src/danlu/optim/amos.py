@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu.distributed import new_state
 from danlu.functional._utils import statistics_dtype
 from danlu.functional.amos import AMOS_EPS, SLOT_RULES, amos, amos_default_eta, amos_slot_shape
 from danlu.functional.tiger import KINDS
@@ -182,16 +183,12 @@ class Amos(DanluOptimizer):
             dtype = statistics_dtype(p.dtype)
             shape = amos_slot_shape(p.shape, group["slots"])
             v = self._state_tensor(
-                p,
-                "exp_avg_sq",
-                lambda p=p, s=shape, d=dtype: torch.zeros(s, dtype=d, device=p.device),
+                p, "exp_avg_sq", lambda p=p, s=shape, d=dtype: new_state(p, s, d)
             )
             b = self._state_tensor(
                 p,
                 "b",
-                lambda p=p, s=shape, d=dtype: torch.full(
-                    s, float(group["init_b"]), dtype=d, device=p.device
-                ),
+                lambda p=p, s=shape, d=dtype: new_state(p, s, d, fill=float(group["init_b"])),
             )
             exp_avg = None
             if group["momentum"] > 0:
