@@ -94,11 +94,30 @@ def make_optimizer(name: str, model: nn.Module, **overrides) -> torch.optim.Opti
     return danlu.create_optimizer(name, model, **{**OPTIMIZERS[name], **overrides})
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.Tensor]) -> None:
+def train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    data: list[torch.Tensor],
+    *,
+    micro: int = 1,
+    after_backward=None,
+    loss_factor=None,
+) -> None:
+    """One ``opt.step()`` per micro-batch: each batch of ``data`` is split into ``micro`` equal
+    micro-batches. ``after_backward(step, model)`` runs between backward and step (to inject a
+    non-finite gradient); ``loss_factor(step)`` multiplies the loss."""
+    step = 0
     for tokens in data:
-        opt.zero_grad()
-        loss_fn(model, tokens).backward()
-        opt.step()
+        for piece in tokens.chunk(micro):
+            opt.zero_grad()
+            loss = loss_fn(model, piece)
+            if loss_factor is not None:
+                loss = loss * loss_factor(step)
+            loss.backward()
+            if after_backward is not None:
+                after_backward(step, model)
+            opt.step()
+            step += 1
 
 
 def parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -116,3 +135,58 @@ def single_process_run(name: str, steps: int, **overrides) -> dict[str, torch.Te
     opt = make_optimizer(name, model, **overrides)
     train(model, opt, batches(steps))
     return parameters(model)
+
+
+def reference_run(
+    name: str,
+    steps: int,
+    *,
+    wrap=None,
+    micro: int = 1,
+    after_backward=None,
+    loss_factor=None,
+    model=None,
+    **overrides,
+) -> dict[str, torch.Tensor]:
+    """A single-process run on the full batch with optional wrapper ``wrap(opt)``."""
+    model = make_model() if model is None else model
+    opt = make_optimizer(name, model, **overrides)
+    if wrap is not None:
+        opt = wrap(opt)
+    train(
+        model,
+        opt,
+        batches(steps),
+        micro=micro,
+        after_backward=after_backward,
+        loss_factor=loss_factor,
+    )
+    return parameters(model)
+
+
+def make_lora_model(seed: int = 0) -> nn.Module:
+    """The transformer with rank-3 LoRA adapters on every block Linear, both factors random
+    and of full rank (LoRA-Pro needs that; LoRA-GA would give it)."""
+    model = make_model(seed)
+    danlu.lora.inject(model, target=["qkv", "proj", "fc1", "fc2"], rank=3, alpha=6.0)
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for adapter in danlu.lora.find_lora_adapters(model):
+            lora_B = adapter.lora_B
+            lora_B.copy_(0.1 * torch.randn(lora_B.shape, generator=gen))
+    return model
+
+
+def nonfinite_at(name: str, index: tuple[int, ...], step: int):
+    """``after_backward`` that writes NaN into ``grad[index]`` of parameter ``name`` at
+    micro-step ``step`` (index into the local slice for a DTensor)."""
+
+    def inject(current: int, model: nn.Module) -> None:
+        if current != step:
+            return
+        for pname, p in model.named_parameters():
+            if pname.replace("module.", "") == name:
+                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                grad[index] = float("nan")
+
+    return inject
