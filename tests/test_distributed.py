@@ -67,10 +67,17 @@ def runs(tmp_path_factory):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
     out = root / "danlu_distributed"
+    failed = out / "failed.txt"
     with FileLock(str(root / "danlu_distributed.lock")):
+        if failed.exists():  # one failed spawn is enough: do not start it again per test
+            pytest.fail(failed.read_text(), pytrace=False)
         if not all((out / f"rank{r}.pt").exists() for r in range(C.WORLD)):
             out.mkdir(exist_ok=True)
-            _spawn(str(out))
+            try:
+                _spawn(str(out))
+            except Exception as error:
+                failed.write_text(f"the 2-process run failed: {error}")
+                raise
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(C.WORLD)]
     return ranks[0], ranks[1], out
 

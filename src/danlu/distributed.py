@@ -155,7 +155,7 @@ def new_state(param: Tensor, shape: Sequence[int], dtype: torch.dtype, fill: flo
     shape = tuple(shape)
     aligned = len(shape) == param.dim()
     placements = []
-    for placement in param.placements:
+    for placement in param.placements:  # type: ignore[attr-defined]
         keep = (
             aligned
             and isinstance(placement, Shard)
@@ -272,7 +272,7 @@ def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
     ``set_requires_gradient_sync`` for FSDP2."""
     check_sync_module("module", module)
     if _is_ddp(module):
-        module.require_backward_grad_sync = bool(enabled)
+        module.require_backward_grad_sync = bool(enabled)  # type: ignore[assignment]
     else:
         module.set_requires_gradient_sync(bool(enabled))  # type: ignore[operator]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -335,7 +336,7 @@ def _dtensor_tiger(
             if last_micro_step
             else 0.0
         )
-        settings = {
+        settings: dict[str, Any] = {
             "step_size": step_size,
             "beta": beta,
             "weight_decay": weight_decay,
