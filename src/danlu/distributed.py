@@ -41,6 +41,7 @@ __all__ = [
     "sharded_mean",
     "sharded_norm",
     "sharded_sum",
+    "sharded_sums",
 ]
 
 
@@ -121,6 +122,36 @@ def sharded_sum(x: Tensor, like: Tensor, dim: int | Sequence[int] | None = None)
     import torch.distributed as dist
 
     return _all_reduce_(total.contiguous(), like, axes, dist.ReduceOp.SUM)
+
+
+def sharded_sums(
+    xs: Sequence[Tensor], likes: Sequence[Tensor], dims: Sequence[int | None]
+) -> list[Tensor]:
+    """:func:`sharded_sum` of several tensors (``dims[i]``: one axis or None for all), with one
+    all-reduce per group of tensors sharded alike (their local sums concatenated) instead of
+    one per tensor."""
+    import torch.distributed as dist
+
+    totals: list[Tensor] = []
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for x, like, dim in zip(xs, likes, dims, strict=True):
+        totals.append(x.sum() if dim is None else x.sum(dim=dim, keepdim=True))
+        if not is_dtensor(like):
+            continue
+        mesh_dims = tuple(_shard_dims(like, None if dim is None else [dim]))
+        if mesh_dims:
+            mesh = like.device_mesh  # type: ignore[attr-defined]
+            key = (id(mesh), mesh_dims, totals[-1].dtype, totals[-1].device)
+            buckets.setdefault(key, []).append(len(totals) - 1)
+    for (_, mesh_dims, _, _), indices in buckets.items():
+        mesh = likes[indices[0]].device_mesh  # type: ignore[attr-defined]
+        flat = torch.cat([totals[i].reshape(-1) for i in indices])
+        for mesh_dim in mesh_dims:
+            dist.all_reduce(flat, group=mesh.get_group(mesh_dim))
+        pieces = flat.split([totals[i].numel() for i in indices])
+        for i, piece in zip(indices, pieces, strict=True):
+            totals[i] = piece.view_as(totals[i])
+    return totals
 
 
 def sharded_mean(x: Tensor, like: Tensor, dim: int | Sequence[int] | None = None) -> Tensor:

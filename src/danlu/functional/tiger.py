@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from danlu.distributed import any_dtensor, is_dtensor, local, sharded_norm, sharded_sum
+from danlu.distributed import any_dtensor, is_dtensor, local, sharded_sums
 from danlu.functional._utils import group_by_device_and_dtype, select_path
 from danlu.functional.nonfinite import shrink_
 from danlu.functional.precision import needs_upcast, upcast_step
@@ -46,7 +46,7 @@ def tiger_step_size(
         return 0.5 * lr
     dtype = torch.promote_types(param.dtype, torch.float32)
     if is_dtensor(param):
-        return _sharded_step_size(param, lr=lr, kind=kind, rms_floor=rms_floor, dtype=dtype)
+        return _sharded_step_sizes([param], lr=lr, kind=kind, rms_floor=rms_floor)[0]
     if kind == "matrix":
         rms = torch.linalg.vector_norm(param, dtype=dtype) / math.sqrt(max(param.numel(), 1))
     elif kind == "embedding":
@@ -59,20 +59,25 @@ def tiger_step_size(
     return rms.clamp_min_(rms_floor).mul_(lr)
 
 
-def _sharded_step_size(
-    param: Tensor, *, lr: float | Tensor, kind: str, rms_floor: float, dtype: torch.dtype
-) -> Tensor:
-    piece = local(param)
-    if kind == "matrix":
-        rms = sharded_norm(piece, param, dtype) / math.sqrt(max(param.numel(), 1))
-    elif kind == "embedding":
-        width = param.shape[-1] if param.dim() > 0 else 1
-        squares = piece.to(dtype).square()
-        rms = sharded_sum(squares, param, -1 if param.dim() > 0 else None).sqrt_()
-        rms = rms / math.sqrt(max(width, 1))
-    else:
+def _sharded_step_sizes(
+    params: Sequence[Tensor], *, lr: float | Tensor, kind: str, rms_floor: float
+) -> list[Tensor]:
+    """η of several DTensor parameters of one kind, their sums of squares all-reduced together
+    (one collective per step, not one per tensor)."""
+    if kind not in ("matrix", "embedding"):
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return rms.clamp_min_(rms_floor).mul_(lr)
+    squares = []
+    dims: list[int | None] = []
+    for param in params:
+        dtype = torch.promote_types(param.dtype, torch.float32)
+        squares.append(local(param).to(dtype).square())
+        dims.append(-1 if kind == "embedding" and param.dim() > 0 else None)
+    out = []
+    for param, total, dim in zip(params, sharded_sums(squares, params, dims), dims, strict=True):
+        count = param.numel() if dim is None else param.shape[-1]
+        rms = total.sqrt_().div_(math.sqrt(max(count, 1)))
+        out.append(rms.clamp_min_(rms_floor).mul_(lr))
+    return out
 
 
 def tiger(
@@ -322,20 +327,29 @@ def _dtensor_tiger(
     shrink_ratio: float,
     stochastic_rounding: bool,
 ) -> None:
-    """Tiger on DTensors, one tensor at a time: η from the whole tensor (a collective per
-    matrix or sharded-row embedding), everything else on the local slices."""
+    """Tiger on DTensors: η of every tensor from the whole tensor (or whole rows), one
+    collective for all of them; the momentum and the update on the local slices."""
     flags = [True] * len(params) if finite is None else finite.tolist()
-    for param, grad, exp_avg, ok in zip(params, grads, exp_avgs, flags, strict=True):
+    step_sizes: list[float | Tensor] = [0.0] * len(params)
+    if last_micro_step:
+        stepped = [i for i, ok in enumerate(flags) if ok]
+        if kind == "elementwise":
+            for i in stepped:
+                step_sizes[i] = 0.5 * lr
+        else:  # η from θ_{t−1}: before any parameter of the call changes
+            sizes = _sharded_step_sizes(
+                [params[i] for i in stepped], lr=lr, kind=kind, rms_floor=rms_floor
+            )
+            for i, size in zip(stepped, sizes, strict=True):
+                step_sizes[i] = size
+    for param, grad, exp_avg, ok, step_size in zip(
+        params, grads, exp_avgs, flags, step_sizes, strict=True
+    ):
         p, g, m = local(param), local(grad), local(exp_avg)
         if not ok:
             if nonfinite == "shrink":
                 shrink_([p], center=center, ratio=shrink_ratio)
             continue
-        step_size = (
-            tiger_step_size(param, lr=lr, kind=kind, rms_floor=rms_floor)
-            if last_micro_step
-            else 0.0
-        )
         settings: dict[str, Any] = {
             "step_size": step_size,
             "beta": beta,
