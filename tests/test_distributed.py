@@ -344,3 +344,24 @@ def test_wrapper_checkpoint_errors():
         set_optimizer_state_dict(model, opt, saved)
     for key, value in before.items():  # nothing was loaded
         assert torch.equal(opt.optimizer.optimizer.state[model.weight][key], value)
+
+
+def test_multi_optimizer_through_the_state_dict_helpers():
+    """torch's helpers cannot read MultiOptimizer.state_dict(); danlu's pass its inner
+    optimizers, and the resumed pair continues bit for bit."""
+    data = C.batches(4)
+
+    def build():
+        model = C.make_model()
+        return model, danlu.MultiOptimizer.adam_for_embeddings(model, danlu.Tiger, lr=1e-2)
+
+    model, opt = build()
+    C.train(model, opt, data[:2])
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    assert "embed.weight" in saved["state"] and "head.weight" in saved["state"]
+    resumed_model, resumed_opt = build()
+    resumed_model.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(resumed_model, resumed_opt, saved)
+    C.train(model, opt, data[2:])
+    C.train(resumed_model, resumed_opt, data[2:])
+    assert_equal(C.parameters(resumed_model), C.parameters(model))

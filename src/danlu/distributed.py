@@ -96,6 +96,15 @@ def _shard_dims(like: Any, axes: Sequence[int] | None) -> list[int]:
     return out
 
 
+def check_placements(param: Tensor, label: str = "parameter") -> None:
+    """Raise ValueError unless DTensor ``param`` is sharded or replicated on every mesh
+    dimension (a ``Partial`` parameter has no values of its own to update)."""
+    try:
+        _shard_dims(param, None)
+    except ValueError as error:
+        raise ValueError(f"{label}: {error}") from None
+
+
 def _all_reduce_(x: Tensor, like: Any, axes: Sequence[int] | None, op: Any) -> Tensor:
     import torch.distributed as dist
 
@@ -322,6 +331,24 @@ def _wrappers(optimizer: torch.optim.Optimizer) -> tuple[list[Any], torch.optim.
     return [o for o in chain if isinstance(o, OptimizerWrapper)], chain[-1]
 
 
+def _multi_parts(optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, ...] | None:
+    """The inner optimizers of a ``MultiOptimizer`` (torch's helpers take several optimizers
+    and merge their states by parameter name), or None for anything else."""
+    from danlu.wrappers._base import OptimizerWrapper
+    from danlu.wrappers.multi import MultiOptimizer
+
+    if not isinstance(optimizer, MultiOptimizer):
+        return None
+    parts = tuple(optimizer.optimizers.values())
+    for name, part in optimizer.optimizers.items():
+        if isinstance(part, OptimizerWrapper):
+            raise ValueError(
+                f"MultiOptimizer[{name!r}] is a danlu wrapper; distributed checkpoints of a "
+                "MultiOptimizer take bare optimizers (wrap the MultiOptimizer instead)"
+            )
+    return parts
+
+
 def get_optimizer_state_dict(
     model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any
 ) -> dict[str, Any]:
@@ -335,11 +362,15 @@ def get_optimizer_state_dict(
     ``"danlu_wrappers"`` (plain numbers and strings), so the result saves with
     ``torch.distributed.checkpoint.save`` and loads on any number of ranks. A
     ``GradientAccumulation`` must be at a window boundary (``micro_step == 0``): its running
-    sums are gradients, which distributed checkpoints do not hold. For a bare optimizer this
-    is torch's helper. ``kwargs`` (``options``) go to torch's helper.
+    sums are gradients, which distributed checkpoints do not hold. A ``MultiOptimizer`` is
+    passed to torch's helper as its inner optimizers (one state dict keyed by parameter name).
+    For a bare optimizer this is torch's helper. ``kwargs`` (``options``) go to torch's helper.
     """
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict as torch_get
 
+    parts = _multi_parts(optimizer)
+    if parts is not None:
+        return dict(torch_get(model, parts, **kwargs))
     wrappers, inner = _wrappers(optimizer)
     records = []
     for wrapper in reversed(wrappers):
@@ -368,6 +399,10 @@ def set_optimizer_state_dict(
     checked before anything is loaded."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict as torch_set
 
+    parts = _multi_parts(optimizer)
+    if parts is not None:
+        torch_set(model, parts, optim_state_dict, **kwargs)
+        return
     wrappers, inner = _wrappers(optimizer)
     records = list(optim_state_dict.get(_WRAPPERS_KEY) or [])
     if len(records) != len(wrappers):
