@@ -36,6 +36,7 @@ __all__ = [
     "local",
     "local_slice",
     "new_state",
+    "reduce_partial_sums",
     "set_gradient_sync",
     "set_optimizer_state_dict",
     "sharded_mean",
@@ -114,44 +115,31 @@ def _all_reduce_(x: Tensor, like: Any, axes: Sequence[int] | None, op: Any) -> T
     return x
 
 
-def sharded_sum(x: Tensor, like: Tensor, dim: int | Sequence[int] | None = None) -> Tensor:
-    """Sum of ``x`` (a local tensor laid out like ``local(like)``) over ``dim`` of the *global*
-    tensor: the local sum (kept dims) all-reduced over the mesh dimensions that shard ``dim``.
-    ``dim=None`` sums everything into a 0-d tensor. For a plain ``like`` it is the local sum."""
-    if dim is None:
-        total = x.sum()
-        axes = None
-    else:
-        axes = [dim] if isinstance(dim, int) else list(dim)
-        if not axes:
-            raise ValueError("dim must name at least one axis (or be None for all of them)")
-        total = x.sum(dim=axes, keepdim=True)
-    if not is_dtensor(like):
-        return total
-    import torch.distributed as dist
-
-    return _all_reduce_(total.contiguous(), like, axes, dist.ReduceOp.SUM)
+Axes = int | Sequence[int] | None
 
 
-def sharded_sums(
-    xs: Sequence[Tensor], likes: Sequence[Tensor], dims: Sequence[int | None]
+def _axes_list(dim: Axes) -> list[int] | None:
+    return None if dim is None else [dim] if isinstance(dim, int) else list(dim)
+
+
+def reduce_partial_sums(
+    partials: Sequence[Tensor], likes: Sequence[Tensor], dims: Sequence[Axes]
 ) -> list[Tensor]:
-    """:func:`sharded_sum` of several tensors (``dims[i]``: one axis or None for all), with one
-    all-reduce per group of tensors sharded alike (their local sums concatenated) instead of
-    one per tensor."""
+    """Complete local sums: ``partials[i]`` is the sum over ``dims[i]`` (kept dims; None: all
+    axes, 0-d) of the local slice of ``likes[i]``; each is all-reduced over the mesh dimensions
+    that shard those axes, with one collective per group of tensors sharded alike (their
+    partial sums concatenated) instead of one per tensor. Plain ``likes`` need nothing."""
     import torch.distributed as dist
 
-    totals: list[Tensor] = []
+    totals = list(partials)
     buckets: dict[tuple[Any, ...], list[int]] = {}
-    for x, like, dim in zip(xs, likes, dims, strict=True):
-        totals.append(x.sum() if dim is None else x.sum(dim=dim, keepdim=True))
+    for i, (total, like, dim) in enumerate(zip(totals, likes, dims, strict=True)):
         if not is_dtensor(like):
             continue
-        mesh_dims = tuple(_shard_dims(like, None if dim is None else [dim]))
+        mesh_dims = tuple(_shard_dims(like, _axes_list(dim)))
         if mesh_dims:
             mesh = like.device_mesh  # type: ignore[attr-defined]
-            key = (id(mesh), mesh_dims, totals[-1].dtype, totals[-1].device)
-            buckets.setdefault(key, []).append(len(totals) - 1)
+            buckets.setdefault((id(mesh), mesh_dims, total.dtype, total.device), []).append(i)
     for (_, mesh_dims, _, _), indices in buckets.items():
         mesh = likes[indices[0]].device_mesh  # type: ignore[attr-defined]
         flat = torch.cat([totals[i].reshape(-1) for i in indices])
@@ -161,6 +149,27 @@ def sharded_sums(
         for i, piece in zip(indices, pieces, strict=True):
             totals[i] = piece.view_as(totals[i])
     return totals
+
+
+def sharded_sums(
+    xs: Sequence[Tensor], likes: Sequence[Tensor], dims: Sequence[Axes]
+) -> list[Tensor]:
+    """:func:`sharded_sum` of several tensors, with one all-reduce per group of tensors
+    sharded alike (see :func:`reduce_partial_sums`)."""
+    partials = []
+    for x, dim in zip(xs, dims, strict=True):
+        axes = _axes_list(dim)
+        if axes is not None and not axes:
+            raise ValueError("dim must name at least one axis (or be None for all of them)")
+        partials.append(x.sum() if axes is None else x.sum(dim=axes, keepdim=True))
+    return reduce_partial_sums(partials, likes, dims)
+
+
+def sharded_sum(x: Tensor, like: Tensor, dim: int | Sequence[int] | None = None) -> Tensor:
+    """Sum of ``x`` (a local tensor laid out like ``local(like)``) over ``dim`` of the *global*
+    tensor: the local sum (kept dims) all-reduced over the mesh dimensions that shard ``dim``.
+    ``dim=None`` sums everything into a 0-d tensor. For a plain ``like`` it is the local sum."""
+    return sharded_sums([x], [like], [dim])[0]
 
 
 def sharded_mean(x: Tensor, like: Tensor, dim: int | Sequence[int] | None = None) -> Tensor:

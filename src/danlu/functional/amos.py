@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from danlu.distributed import any_dtensor, is_dtensor, local, sharded_mean
+from danlu.distributed import any_dtensor, local, reduce_partial_sums
 from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
 
 __all__ = ["AMOS_EPS", "SLOT_RULES", "amos", "amos_default_eta", "amos_slot_shape", "fan_in"]
@@ -91,14 +91,6 @@ def _mean_square(g: Tensor, slot: Tensor) -> Tensor:
     if not axes:
         return g * g
     return (g * g).mean(dim=axes, keepdim=True)
-
-
-def _sharded_mean_square(
-    g: Tensor, slot: Tensor, *, like: Tensor, axes: list[int] | None
-) -> Tensor:
-    if axes is not None and not axes:
-        return g * g
-    return sharded_mean(g * g, like, axes)
 
 
 def _sqrt(x: float | Tensor) -> float | Tensor:
@@ -190,14 +182,23 @@ def _dtensor_amos(
     **settings: Any,
 ) -> None:
     """Amos on DTensors (FSDP2): the single-tensor ops on the local slices, with the mean
-    square over the slot's reduced axes taken over the whole tensor."""
-    for param, grad, v, b, exp_avg, eta in zip(
-        params, grads, exp_avg_sqs, bs, exp_avgs, etas, strict=True
+    square over each slot's reduced axes taken over the whole tensor; the partial sums of all
+    tensors are all-reduced together (one collective per step)."""
+    partials, axes_list = [], []
+    for param, grad, v in zip(params, grads, exp_avg_sqs, strict=True):
+        g = _prepared_gradient(local(grad), local(v).dtype, settings)
+        axes = _reduced_axes(param, v)  # from the global shapes (a local slice may have size 1)
+        squares = g * g
+        if axes is None:
+            partials.append(squares.sum())
+        else:
+            partials.append(squares.sum(dim=axes, keepdim=True) if axes else squares)
+        axes_list.append(axes)
+    totals = reduce_partial_sums(partials, params, axes_list)
+    for param, grad, v, b, exp_avg, eta, total, axes in zip(
+        params, grads, exp_avg_sqs, bs, exp_avgs, etas, totals, axes_list, strict=True
     ):
-        mean_square: Callable[[Tensor, Tensor], Tensor] = _mean_square
-        if is_dtensor(param):
-            # the reduced axes come from the global shapes (a local slice may have size 1)
-            mean_square = partial(_sharded_mean_square, like=param, axes=_reduced_axes(param, v))
+        count = math.prod(param.shape[a] for a in (range(param.dim()) if axes is None else axes))
         _amos_tensor(
             local(param),
             local(grad),
@@ -205,9 +206,24 @@ def _dtensor_amos(
             local(b),
             None if exp_avg is None else local(exp_avg),
             eta=eta,
-            mean_square=mean_square,
+            mean_square=partial(_given_mean_square, value=total.div_(max(count, 1))),
             **settings,
         )
+
+
+def _given_mean_square(g: Tensor, slot: Tensor, *, value: Tensor) -> Tensor:
+    return value
+
+
+def _prepared_gradient(grad: Tensor, dtype: torch.dtype, settings: dict[str, Any]) -> Tensor:
+    """The gradient as the update sees it: in the statistics' dtype, negated for
+    ``maximize``, clipped to ±``clip_value``."""
+    g = grad.to(dtype)
+    if settings["maximize"]:
+        g = -g
+    if settings["clip_value"] is not None:
+        g = g.clamp(-settings["clip_value"], settings["clip_value"])
+    return g
 
 
 def _amos_tensor(
