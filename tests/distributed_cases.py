@@ -166,9 +166,10 @@ def reference_run(
 
 def make_lora_model(seed: int = 0) -> nn.Module:
     """The transformer with rank-3 LoRA adapters on every block Linear, both factors random
-    and of full rank (LoRA-Pro needs that; LoRA-GA would give it)."""
+    and of full rank (LoRA-Pro needs that; LoRA-GA would give it), and a trainable head."""
     model = make_model(seed)
     danlu.lora.inject(model, target=["qkv", "proj", "fc1", "fc2"], rank=3, alpha=6.0)
+    model.head.weight.requires_grad_(True)  # a plain trainable tensor beside the adapters
     gen = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for adapter in danlu.lora.find_lora_adapters(model):
