@@ -38,9 +38,8 @@ def make(shapes, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=gen, dtype=dtype).to(DEVICE) for s in shapes]
     exp_avgs = [(torch.randn(s, generator=gen, dtype=dtype) * 0.1).to(DEVICE) for s in shapes]
-    grads = [
-        [torch.randn(s, generator=gen, dtype=dtype).to(DEVICE) for s in shapes] for _ in range(4)
-    ]
+    grads = [[torch.randn(s, generator=gen, dtype=dtype).to(DEVICE) for s in shapes]
+             for _ in range(4)]
     return params, exp_avgs, grads
 
 
@@ -76,9 +75,8 @@ def test_lion_kernel_bf16_rounds_once():
         c = 0.9 * m.double() + 0.1 * g.double()
         tie = c.abs() <= 1e-6 * (m.double().abs() + g.double().abs())
         assert b.dtype == torch.bfloat16
-        torch.testing.assert_close(
-            b.float()[~tie], a.bfloat16().float()[~tie], rtol=2**-7, atol=1e-6
-        )
+        torch.testing.assert_close(b.float()[~tie], a.bfloat16().float()[~tie], rtol=2**-7,
+                                   atol=1e-6)
     for a, b in zip(ref_m, m2, strict=True):
         torch.testing.assert_close(b.float(), a.bfloat16().float(), rtol=2**-7, atol=1e-6)
 
@@ -91,17 +89,9 @@ def test_tiger_kernel(kind, k, dtype):
     params, exp_avgs, grads = make(shapes, dtype, 2)
     p1, m1, p2, m2 = clone(params), clone(exp_avgs), clone(params), clone(exp_avgs)
     for t, g in enumerate(grads):
-        kw = {
-            "lr": 1e-2,
-            "beta": 0.9,
-            "weight_decay": 0.1,
-            "kind": kind,
-            "rms_floor": 1e-3,
-            "grad_accum_steps": k,
-            "first_micro_step": t % k == 0,
-            "last_micro_step": (t + 1) % k == 0,
-            "maximize": t == 2,
-        }
+        kw = {"lr": 1e-2, "beta": 0.9, "weight_decay": 0.1, "kind": kind, "rms_floor": 1e-3,
+              "grad_accum_steps": k, "first_micro_step": t % k == 0,
+              "last_micro_step": (t + 1) % k == 0, "maximize": t == 2}
         _single_tensor_tiger(p1, g, m1, **kw)
         tiger_triton(p2, g, m2, **kw)
     for a, b in zip(p1 + m1, p2 + m2, strict=True):
@@ -129,19 +119,17 @@ def test_tiger_optimizer_on_triton_path(force_triton, scope, mode):
     shapes = [(4, 3), (5,), (6, 2)]
     gen = torch.Generator().manual_seed(3)
     start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(4)]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+             for _ in range(4)]
     grads[1][0][0, 0] = nan  # a NaN in the first tensor on micro-step 2
     grads[2][1][3] = float("inf")
 
     def build(fused):
         params = [torch.nn.Parameter(t.clone().to(DEVICE)) for t in start]
-        groups = [
-            {"params": params[:2], "kind": "matrix", "center": 0.5},
-            {"params": params[2:], "kind": "embedding"},
-        ]
-        opt = danlu.Tiger(
-            groups, lr=1e-2, grad_accum_steps=2, nonfinite=mode, nonfinite_scope=scope, fused=fused
-        )
+        groups = [{"params": params[:2], "kind": "matrix", "center": 0.5},
+                  {"params": params[2:], "kind": "embedding"}]
+        opt = danlu.Tiger(groups, lr=1e-2, grad_accum_steps=2, nonfinite=mode,
+                          nonfinite_scope=scope, fused=fused)
         return params, opt
 
     ref_params, ref_opt = build(False)
@@ -152,9 +140,8 @@ def test_tiger_optimizer_on_triton_path(force_triton, scope, mode):
     _run(opt, params, [[g.to(DEVICE) for g in gs] for gs in grads])
     for a, b in zip(ref_params, params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
-        torch.testing.assert_close(
-            ref_opt.state[a]["exp_avg"], opt.state[b]["exp_avg"], rtol=1e-13, atol=1e-15
-        )
+        torch.testing.assert_close(ref_opt.state[a]["exp_avg"], opt.state[b]["exp_avg"],
+                                   rtol=1e-13, atol=1e-15)
 
 
 def test_lion_optimizer_on_triton_path(force_triton):
