@@ -44,10 +44,14 @@ def shard_columns(p: torch.Tensor):
 def distribute(model: nn.Module, layout: str, mesh) -> nn.Module:
     if layout == "ddp":
         return nn.parallel.DistributedDataParallel(model)
-    placement = shard_columns if layout == "fsdp_cols" else None
+    if layout == "fsdp_rows":  # FSDP2's defaults: its own mesh per call, Shard(0)
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, shard_placement_fn=placement)
-    fully_shard(model, mesh=mesh, shard_placement_fn=placement)
+        fully_shard(block, mesh=mesh, shard_placement_fn=shard_columns)
+    fully_shard(model, mesh=mesh, shard_placement_fn=shard_columns)
     return model
 
 

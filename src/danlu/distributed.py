@@ -106,12 +106,18 @@ def check_placements(param: Tensor, label: str = "parameter") -> None:
         raise ValueError(f"{label}: {error}") from None
 
 
+def _groups(like: Any, axes: Sequence[int] | None) -> list[Any]:
+    """The process groups of the mesh dimensions that shard ``axes`` of DTensor ``like`` (the
+    same group objects for every tensor on those ranks, whichever mesh object holds them)."""
+    mesh = like.device_mesh
+    return [mesh.get_group(mesh_dim) for mesh_dim in _shard_dims(like, axes)]
+
+
 def _all_reduce_(x: Tensor, like: Any, axes: Sequence[int] | None, op: Any) -> Tensor:
     import torch.distributed as dist
 
-    mesh = like.device_mesh
-    for mesh_dim in _shard_dims(like, axes):
-        dist.all_reduce(x, op=op, group=mesh.get_group(mesh_dim))
+    for group in _groups(like, axes):
+        dist.all_reduce(x, op=op, group=group)
     return x
 
 
@@ -132,19 +138,18 @@ def reduce_partial_sums(
     import torch.distributed as dist
 
     totals = list(partials)
-    buckets: dict[tuple[Any, ...], list[int]] = {}
+    buckets: dict[tuple[Any, ...], tuple[list[Any], list[int]]] = {}
     for i, (total, like, dim) in enumerate(zip(totals, likes, dims, strict=True)):
         if not is_dtensor(like):
             continue
-        mesh_dims = tuple(_shard_dims(like, _axes_list(dim)))
-        if mesh_dims:
-            mesh = like.device_mesh  # type: ignore[attr-defined]
-            buckets.setdefault((id(mesh), mesh_dims, total.dtype, total.device), []).append(i)
-    for (_, mesh_dims, _, _), indices in buckets.items():
-        mesh = likes[indices[0]].device_mesh  # type: ignore[attr-defined]
+        groups = _groups(like, _axes_list(dim))
+        if groups:
+            key = (tuple(id(g) for g in groups), total.dtype, total.device)
+            buckets.setdefault(key, (groups, []))[1].append(i)
+    for groups, indices in buckets.values():
         flat = torch.cat([totals[i].reshape(-1) for i in indices])
-        for mesh_dim in mesh_dims:
-            dist.all_reduce(flat, group=mesh.get_group(mesh_dim))
+        for group in groups:
+            dist.all_reduce(flat, group=group)
         pieces = flat.split([totals[i].numel() for i in indices])
         for i, piece in zip(indices, pieces, strict=True):
             totals[i] = piece.view_as(totals[i])
@@ -269,15 +274,17 @@ def agree(values: Tensor, tensors: Sequence[Tensor], *, op: str = "min") -> Tens
 
     reduce_op = dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX
     work = values.to(torch.int32)
-    buckets: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    buckets: dict[tuple[int, ...], tuple[list[Any], list[int]]] = {}
     for i in sharded:
-        like = tensors[i]
-        key = (id(like.device_mesh), tuple(_shard_dims(like, None)))  # type: ignore[attr-defined]
-        buckets.setdefault(key, []).append(i)
-    for indices in buckets.values():
+        groups = _groups(tensors[i], None)
+        buckets.setdefault(tuple(id(g) for g in groups), (groups, []))[1].append(i)
+    for groups, indices in buckets.values():
+        if not groups:  # replicated on every mesh dimension: the same values everywhere
+            continue
         index = torch.tensor(indices, device=work.device)
         part = work.index_select(0, index)
-        _all_reduce_(part, tensors[indices[0]], None, reduce_op)
+        for group in groups:
+            dist.all_reduce(part, op=reduce_op, group=group)
         work.index_copy_(0, index, part)
     return work.to(values.dtype)
 
