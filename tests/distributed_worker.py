@@ -292,35 +292,43 @@ def state_dtypes(opt) -> dict:
 
 
 def checkpoints(results: dict, rank: int, mesh, out_dir: str) -> None:
+    """Every case saved in one DCP checkpoint (one save, one load: each is a collective with
+    planning costs), under its own key."""
+    path = os.path.join(out_dir, "checkpoint")
+    data = local_data(rank, 2 * DCP_STEPS)
+    runs, state = {}, {}
     for case, (_, _, wrapped) in DCP_CASES.items():
         micro = 2 if wrapped else 1
-        data = local_data(rank, 2 * DCP_STEPS)
-        path = os.path.join(out_dir, f"ckpt_{case}")
         model = distribute(C.make_model(), "fsdp_rows", mesh)
         opt = build_for_checkpoint(case, model, model)
         C.train(model, opt, data[:DCP_STEPS], micro=micro)
-        state = {
+        state[case] = {
             "model": get_model_state_dict(model),
             "optim": get_optimizer_state_dict(model, opt),
         }
-        dcp.save(state, checkpoint_id=path)
+        runs[case] = (model, opt, micro)
+    dcp.save(state, checkpoint_id=path)
+    for case, (model, opt, micro) in runs.items():
         results[f"dcp/{case}/saved"] = C.parameters(model)
         results[f"dcp/{case}/dtypes"] = state_dtypes(opt)
         C.train(model, opt, data[DCP_STEPS:], micro=micro)
         results[f"dcp/{case}/continued"] = C.parameters(model)
-        # A fresh model and optimizer on the same 2 ranks, resumed from the checkpoint.
+    # Fresh models and optimizers on the same 2 ranks, resumed from the checkpoint.
+    runs, state = {}, {}
+    for case, (_, _, wrapped) in DCP_CASES.items():
         model = distribute(C.make_model(seed=123), "fsdp_rows", mesh)
         opt = build_for_checkpoint(case, model, model)
-        state = {
+        state[case] = {
             "model": get_model_state_dict(model),
             "optim": get_optimizer_state_dict(model, opt),
         }
-        dcp.load(state, checkpoint_id=path)
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, opt, state["optim"])
+        runs[case] = (model, opt, 2 if wrapped else 1)
+    dcp.load(state, checkpoint_id=path)
+    for case, (model, opt, micro) in runs.items():
+        set_model_state_dict(model, state[case]["model"])
+        set_optimizer_state_dict(model, opt, state[case]["optim"])
         results[f"dcp/{case}/resumed_dtypes"] = state_dtypes(opt)
-        if wrapped:
-            guard = opt.optimizer
-            results[f"dcp/{case}/records"] = (opt.micro_step, guard.steps)
+        if DCP_CASES[case][2]:
+            results[f"dcp/{case}/records"] = (opt.micro_step, opt.optimizer.steps)
         C.train(model, opt, data[DCP_STEPS:], micro=micro)
         results[f"dcp/{case}/resumed"] = C.parameters(model)

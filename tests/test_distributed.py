@@ -250,10 +250,12 @@ def test_checkpoint_from_two_ranks_resumes_on_one(runs, case):
     r0, _, out = runs
     model = C.make_model(seed=321)
     opt = W.build_for_checkpoint(case, model, None)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=str(out / f"ckpt_{case}"))
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, opt, state["optim"])
+    state = {
+        case: {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    }
+    dcp.load(state, checkpoint_id=str(out / "checkpoint"))  # this case's keys only
+    set_model_state_dict(model, state[case]["model"])
+    set_optimizer_state_dict(model, opt, state[case]["optim"])
     assert_equal(C.parameters(model), r0[f"dcp/{case}/saved"])
     assert W.state_dtypes(opt) == r0[f"dcp/{case}/dtypes"]
     micro = 2 if W.DCP_CASES[case][2] else 1
