@@ -482,6 +482,10 @@ class LoRAPro(Optimizer):
     keyed by name. After an efficient step the ``.grad`` of the factors hold the adjusted
     gradients.
 
+    Under FSDP2 the factors and their gradients are gathered (r×(in+out) numbers per
+    adapter), the adjustment is computed whole on every rank and each rank keeps its slice; the
+    full mode's out×in moments are then whole tensors, the same on every rank.
+
     Deviations from the reference: explicit triples instead of name pairing; a rank check
     instead of a silently degenerate step; the symmetric X uses (AAᵀ)^{-1} where the reference
     code multiplies by AAᵀ (SPEC §10.4); the Sylvester equation is solved through two

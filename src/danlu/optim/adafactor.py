@@ -82,6 +82,10 @@ class AdaFactor(DanluOptimizer):
     α_t·s·û instead and subtracts the average (transformers/fairseq; the order transformers#34506
     reports as a bug). The momentum has the parameter's dtype.
 
+    **Under FSDP2** the row and column means, the update RMS and the parameter RMS are over
+    the whole tensor (three all-reduces per step for all tensors together); a statistic that
+    averages a sharded axis is replicated, the others are sharded like the parameter.
+
     Deviations from the reference:
         * ε1 is added to g² once (as in the blog and bojone/adafactor); bert4keras adds it a
           second time inside the square root, which changes nothing unless v̂ ≈ ε1.

@@ -87,6 +87,10 @@ class Amos(DanluOptimizer):
     ``finetune_rate``; ``momentum`` is an EMA of δ without debiasing, applied after the step;
     ``clip_value`` clips each gradient entry to [−clip_value, clip_value] first.
 
+    **Under FSDP2** the mean square over a slot's reduced axes is over the whole tensor (one
+    all-reduce per step for all tensors); slots are sharded like the parameter along the axes
+    they keep and replicated along the ones they reduce.
+
     Deviations from the reference:
         * ``center`` (above) is an addition; ``center=0`` is jestimator.
         * per-group keys replace jestimator's ``eta_fn``/``shape_fn``/``init_b_fn`` callables
