@@ -257,6 +257,10 @@ def lora_pro(results: dict, rank: int, mesh, out_dir: str) -> None:
         opt = danlu.lora.LoRAPro(model, mode=mode, lr=1e-2, weight_decay=0.01)
         C.train(model, opt, local_data(rank, 3))
         results[f"lora/{mode}"] = C.parameters(model)
+    try:  # LoRA-GA rewrites base weights: it must run before sharding, and says so
+        danlu.lora.lora_ga_init_(model, gradients={})
+    except ValueError as error:
+        results["lora/ga_sharded"] = str(error)
 
 
 # -- distributed checkpoints ---------------------------------------------------------------------

@@ -216,6 +216,7 @@ def test_lora_pro_on_sharded_factors(runs, mode):
     opt = danlu.lora.LoRAPro(model, mode=mode, lr=1e-2, weight_decay=0.01)
     C.train(model, opt, C.batches(3))
     assert_close_rel(r0[f"lora/{mode}"], C.parameters(model))
+    assert "before fully_shard" in r0["lora/ga_sharded"]
 
 
 # -- distributed checkpoints ---------------------------------------------------------------------
