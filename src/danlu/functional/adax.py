@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from danlu.distributed import any_dtensor, local
 from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
 
 __all__ = ["adax", "adax_beta2_hat", "adax_new_sample_weight"]
@@ -68,10 +69,15 @@ def adax(
 
     ``exp_avgs`` is m (any float dtype, usually the param's); ``exp_avg_sqs`` is the normalised
     v̂ (float32 or wider). ``eps_inside_sqrt`` puts ε under the root (the blog) instead of after
-    it (the code, the default).
+    it (the code, the default). DTensor (FSDP2) tensors are updated through their local
+    slices: the update is elementwise.
     """
     if not params:
         return
+    if any_dtensor(params):
+        params, grads, exp_avgs, exp_avg_sqs = (
+            [local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)
+        )
     fn = _multi_tensor_adax if resolve_foreach(foreach, params) else _single_tensor_adax
     fn(
         list(params),

@@ -22,11 +22,14 @@ chosen by the caller (see :func:`amos_slot_shape`), kept in float32 or wider.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from danlu.distributed import any_dtensor, local, reduce_partial_sums
 from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
 
 __all__ = ["AMOS_EPS", "SLOT_RULES", "amos", "amos_default_eta", "amos_slot_shape", "fan_in"]
@@ -116,7 +119,9 @@ def amos(
 ) -> None:
     """One Amos update at step ``step`` (1-based) of every tensor; ``eta`` is one float for all
     tensors or one per tensor. ``exp_avg_sqs`` (v) and ``bs`` (b) have slot shapes that
-    broadcast against the params; ``exp_avgs[i]`` is needed when ``momentum > 0``."""
+    broadcast against the params; ``exp_avgs[i]`` is needed when ``momentum > 0``. DTensor
+    (FSDP2) tensors take the single-tensor ops on their local slices, with the mean square
+    over the whole tensor (slots placed as ``danlu.distributed.new_state`` does)."""
     if not params:
         return
     etas = [float(eta)] * len(params) if isinstance(eta, int | float) else [float(e) for e in eta]
@@ -124,7 +129,12 @@ def amos(
         raise ValueError(f"amos: got {len(etas)} eta values for {len(params)} params")
     if momentum > 0 and any(m is None for m in exp_avgs):
         raise ValueError("amos: momentum > 0 needs a momentum tensor in exp_avgs for every param")
-    fn = _multi_tensor_amos if resolve_foreach(foreach, params) else _single_tensor_amos
+    if any_dtensor(params):
+        fn: Any = _dtensor_amos
+    elif resolve_foreach(foreach, params):
+        fn = _multi_tensor_amos
+    else:
+        fn = _single_tensor_amos
     fn(
         list(params),
         list(grads),
@@ -153,6 +163,78 @@ def _single_tensor_amos(
     exp_avgs: list[Tensor | None],
     *,
     etas: list[float],
+    **settings: Any,
+) -> None:
+    for param, grad, v, b, exp_avg, eta in zip(
+        params, grads, exp_avg_sqs, bs, exp_avgs, etas, strict=True
+    ):
+        _amos_tensor(param, grad, v, b, exp_avg, eta=eta, mean_square=_mean_square, **settings)
+
+
+def _dtensor_amos(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    bs: list[Tensor],
+    exp_avgs: list[Tensor | None],
+    *,
+    etas: list[float],
+    **settings: Any,
+) -> None:
+    """Amos on DTensors (FSDP2): the single-tensor ops on the local slices, with the mean
+    square over each slot's reduced axes taken over the whole tensor; the partial sums of all
+    tensors are all-reduced together (one collective per step)."""
+    partials, axes_list = [], []
+    for param, grad, v in zip(params, grads, exp_avg_sqs, strict=True):
+        g = _prepared_gradient(local(grad), local(v).dtype, settings)
+        axes = _reduced_axes(param, v)  # from the global shapes (a local slice may have size 1)
+        squares = g * g
+        if axes is None:
+            partials.append(squares.sum())
+        else:
+            partials.append(squares.sum(dim=axes, keepdim=True) if axes else squares)
+        axes_list.append(axes)
+    totals = reduce_partial_sums(partials, params, axes_list)
+    for param, grad, v, b, exp_avg, eta, total, axes in zip(
+        params, grads, exp_avg_sqs, bs, exp_avgs, etas, totals, axes_list, strict=True
+    ):
+        count = math.prod(param.shape[a] for a in (range(param.dim()) if axes is None else axes))
+        _amos_tensor(
+            local(param),
+            local(grad),
+            local(v),
+            local(b),
+            None if exp_avg is None else local(exp_avg),
+            eta=eta,
+            mean_square=partial(_given_mean_square, value=total.div_(max(count, 1))),
+            **settings,
+        )
+
+
+def _given_mean_square(g: Tensor, slot: Tensor, *, value: Tensor) -> Tensor:
+    return value
+
+
+def _prepared_gradient(grad: Tensor, dtype: torch.dtype, settings: dict[str, Any]) -> Tensor:
+    """The gradient as the update sees it: in the statistics' dtype, negated for
+    ``maximize``, clipped to ±``clip_value``."""
+    g = grad.to(dtype)
+    if settings["maximize"]:
+        g = -g
+    if settings["clip_value"] is not None:
+        g = g.clamp(-settings["clip_value"], settings["clip_value"])
+    return g
+
+
+def _amos_tensor(
+    param: Tensor,
+    grad: Tensor,
+    v: Tensor,
+    b: Tensor,
+    exp_avg: Tensor | None,
+    *,
+    eta: float,
+    mean_square: Callable[[Tensor, Tensor], Tensor],
     bias_correction: float,
     lr: float | Tensor,
     beta: float,
@@ -164,35 +246,33 @@ def _single_tensor_amos(
     eps: float,
     maximize: bool,
 ) -> None:
+    """One tensor's update; ``mean_square(g, v)`` is the mean of g² over v's reduced axes."""
     fr = finetune_rate
-    for param, grad, v, b, exp_avg, eta in zip(
-        params, grads, exp_avg_sqs, bs, exp_avgs, etas, strict=True
-    ):
-        g = grad.to(v.dtype)
-        if maximize:
-            g = -g
-        if clip_value is not None:
-            g = g.clamp(-clip_value, clip_value)
-        # Slot-shaped factors (v, b and everything below have the slot's shape).
-        g2 = _mean_square(g, v)
-        v.lerp_(g2, 1 - beta)
-        rcpl_v_hat = v.clamp_min(eps).reciprocal_().mul_(bias_correction)
-        decay_c = b.mul(zeta * _sqrt(lr)).add_(1.0).rsqrt_()
-        decay_d = b.mul(zeta * _sqrt(lr * eta)).add_(1.0).reciprocal_()
-        gamma = decay_c.mul_(rcpl_v_hat).mul_(g2).mul_(math.sqrt(fr) * lr**2)
-        # δ = coef_g·g + coef_θ·(θ − center), coef_g = −f·d·ξη/√v̂, coef_θ = −½·f·d·γ
-        coef_g = rcpl_v_hat.sqrt_().mul_(decay_d).mul_(-(fr * lr * eta))
-        coef_theta = decay_d.mul_(gamma).mul_(-0.5 * fr)
-        b.addcmul_(b.add(fr), gamma)
-        delta = g.mul(coef_g) if g is grad else g.mul_(coef_g)
-        delta.addcmul_(param, coef_theta)
-        if center != 0:
-            delta.sub_(coef_theta.mul(center))
-        if momentum > 0:
-            assert exp_avg is not None
-            exp_avg.lerp_(delta.to(exp_avg.dtype), 1 - momentum)
-            delta = exp_avg
-        param.add_(delta)
+    g = grad.to(v.dtype)
+    if maximize:
+        g = -g
+    if clip_value is not None:
+        g = g.clamp(-clip_value, clip_value)
+    # Slot-shaped factors (v, b and everything below have the slot's shape).
+    g2 = mean_square(g, v)
+    v.lerp_(g2, 1 - beta)
+    rcpl_v_hat = v.clamp_min(eps).reciprocal_().mul_(bias_correction)
+    decay_c = b.mul(zeta * _sqrt(lr)).add_(1.0).rsqrt_()
+    decay_d = b.mul(zeta * _sqrt(lr * eta)).add_(1.0).reciprocal_()
+    gamma = decay_c.mul_(rcpl_v_hat).mul_(g2).mul_(math.sqrt(fr) * lr**2)
+    # δ = coef_g·g + coef_θ·(θ − center), coef_g = −f·d·ξη/√v̂, coef_θ = −½·f·d·γ
+    coef_g = rcpl_v_hat.sqrt_().mul_(decay_d).mul_(-(fr * lr * eta))
+    coef_theta = decay_d.mul_(gamma).mul_(-0.5 * fr)
+    b.addcmul_(b.add(fr), gamma)
+    delta = g.mul(coef_g) if g is grad else g.mul_(coef_g)
+    delta.addcmul_(param, coef_theta)
+    if center != 0:
+        delta.sub_(coef_theta.mul(center))
+    if momentum > 0:
+        assert exp_avg is not None
+        exp_avg.lerp_(delta.to(exp_avg.dtype), 1 - momentum)
+        delta = exp_avg
+    param.add_(delta)
 
 
 def _multi_tensor_amos(

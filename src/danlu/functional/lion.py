@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from danlu.distributed import any_dtensor, local
 from danlu.functional._utils import group_by_device_and_dtype, select_path
 from danlu.functional.precision import needs_upcast, upcast_step
 
@@ -39,10 +40,13 @@ def lion(
     ``foreach``/``fused`` choose the implementation (see ``functional._utils.select_path``);
     all of them compute the same update. Momentum in another dtype than its parameter (e.g.
     bf16) and ``stochastic_rounding`` of bf16 parameters run the math in fp32
-    (``functional.precision``).
+    (``functional.precision``). DTensor (FSDP2) tensors are updated through their local
+    slices: the update is elementwise.
     """
     if not params:
         return
+    if any_dtensor(params):
+        params, grads, exp_avgs = ([local(t) for t in ts] for ts in (params, grads, exp_avgs))
     if needs_upcast(params, [exp_avgs], stochastic_rounding):
         upcast_step(
             _single_tensor_lion,

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu.distributed import new_state
 from danlu.functional._utils import statistics_dtype
 from danlu.functional.adafactor import (
     FACTORED_DIMS,
@@ -80,6 +81,10 @@ class AdaFactor(DanluOptimizer):
     scaling (``momentum_mode="unit"``, bert4keras). ``momentum_mode="scaled"`` averages
     α_t·s·û instead and subtracts the average (transformers/fairseq; the order transformers#34506
     reports as a bug). The momentum has the parameter's dtype.
+
+    **Under FSDP2** the row and column means, the update RMS and the parameter RMS are over
+    the whole tensor (three all-reduces per step for all tensors together); a statistic that
+    averages a sharded axis is replicated, the others are sharded like the parameter.
 
     Deviations from the reference:
         * ε1 is added to g² once (as in the blog and bojone/adafactor); bert4keras adds it a
@@ -221,14 +226,10 @@ class AdaFactor(DanluOptimizer):
                 row_shape[largest] = 1
                 col_shape[second] = 1
                 row = self._state_tensor(
-                    p,
-                    "exp_avg_sq_row",
-                    lambda p=p, s=row_shape, d=dtype: torch.zeros(s, dtype=d, device=p.device),
+                    p, "exp_avg_sq_row", lambda p=p, s=row_shape, d=dtype: new_state(p, s, d)
                 )
                 col = self._state_tensor(
-                    p,
-                    "exp_avg_sq_col",
-                    lambda p=p, s=col_shape, d=dtype: torch.zeros(s, dtype=d, device=p.device),
+                    p, "exp_avg_sq_col", lambda p=p, s=col_shape, d=dtype: new_state(p, s, d)
                 )
                 full = None
             exp_avg = None

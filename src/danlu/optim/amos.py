@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu.distributed import new_state
 from danlu.functional._utils import statistics_dtype
 from danlu.functional.amos import AMOS_EPS, SLOT_RULES, amos, amos_default_eta, amos_slot_shape
 from danlu.functional.tiger import KINDS
@@ -85,6 +86,10 @@ class Amos(DanluOptimizer):
     to the pre-training epochs) and ``finetune_rate`` are jestimator's ``init_b_fn`` and
     ``finetune_rate``; ``momentum`` is an EMA of δ without debiasing, applied after the step;
     ``clip_value`` clips each gradient entry to [−clip_value, clip_value] first.
+
+    **Under FSDP2** the mean square over a slot's reduced axes is over the whole tensor (one
+    all-reduce per step for all tensors); slots are sharded like the parameter along the axes
+    they keep and replicated along the ones they reduce.
 
     Deviations from the reference:
         * ``center`` (above) is an addition; ``center=0`` is jestimator.
@@ -182,16 +187,12 @@ class Amos(DanluOptimizer):
             dtype = statistics_dtype(p.dtype)
             shape = amos_slot_shape(p.shape, group["slots"])
             v = self._state_tensor(
-                p,
-                "exp_avg_sq",
-                lambda p=p, s=shape, d=dtype: torch.zeros(s, dtype=d, device=p.device),
+                p, "exp_avg_sq", lambda p=p, s=shape, d=dtype: new_state(p, s, d)
             )
             b = self._state_tensor(
                 p,
                 "b",
-                lambda p=p, s=shape, d=dtype: torch.full(
-                    s, float(group["init_b"]), dtype=d, device=p.device
-                ),
+                lambda p=p, s=shape, d=dtype: new_state(p, s, d, fill=float(group["init_b"])),
             )
             exp_avg = None
             if group["momentum"] > 0:
