@@ -83,7 +83,8 @@ def tiger(
     the momentum is untouched either way. ``foreach``/``fused`` choose the implementation
     (see ``functional._utils.select_path``); all of them compute the same update. Momentum
     in another dtype than its parameter (e.g. bf16) and ``stochastic_rounding`` of bf16
-    parameters run the math in fp32 (``functional.precision``).
+    parameters run the math in fp32: inside the Triton kernel on CUDA, elsewhere on upcast
+    copies (``functional.precision``).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -92,7 +93,7 @@ def tiger(
     if not params:
         return
     path = select_path(foreach, fused, params)
-    if path == "triton" and not needs_upcast(params, [exp_avgs], stochastic_rounding):
+    if path == "triton":
         from danlu.kernels.triton_tiger import tiger_triton
 
         tiger_triton(
@@ -112,6 +113,7 @@ def tiger(
             nonfinite=nonfinite,
             center=center,
             shrink_ratio=shrink_ratio,
+            stochastic_rounding=stochastic_rounding,
         )
         return
     if finite is not None:
