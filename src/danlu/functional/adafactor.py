@@ -21,13 +21,13 @@ parameter dtype: ε1 = 1e-30 underflows in fp16, and bf16 is too coarse for the 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
 from torch import Tensor
 
-from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
+from danlu.functional._utils import group_by_device_and_dtype, select_path
 
 __all__ = [
     "FACTORED_DIMS",
@@ -120,6 +120,7 @@ def adafactor(
     momentum_mode: str = "unit",
     maximize: bool = False,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> None:
     """One AdaFactor update at step ``step`` (1-based) of every tensor.
 
@@ -127,6 +128,9 @@ def adafactor(
     shapes with size 1 on the averaged axis, see :func:`adafactor_factored_axes`) or
     ``exp_avg_sqs[i]`` (full shape) is given; ``exp_avgs[i]`` is the momentum (needed when
     ``beta1 > 0``). Statistics must be float32 (or float64); the momentum may be any float dtype.
+    ``foreach``/``fused`` choose the implementation (see ``functional._utils.select_path``):
+    the Triton kernels on CUDA, the foreach path, or the single-tensor loop (there is no
+    separate CPU kernel: ``fused=True`` without Triton runs the foreach path).
     """
     if factored_dims not in FACTORED_DIMS:
         raise ValueError(f"factored_dims must be one of {FACTORED_DIMS}, got {factored_dims!r}")
@@ -136,7 +140,7 @@ def adafactor(
         return
     if beta1 > 0 and any(m is None for m in exp_avgs):
         raise ValueError("adafactor: beta1 > 0 needs a momentum tensor in exp_avgs for every param")
-    fn = _multi_tensor_adafactor if resolve_foreach(foreach, params) else _single_tensor_adafactor
+    fn = _implementation(select_path(foreach, fused, params))
     fn(
         list(params),
         list(grads),
@@ -162,6 +166,16 @@ def adafactor(
         momentum_mode=momentum_mode,
         maximize=maximize,
     )
+
+
+def _implementation(path: str) -> Callable[..., None]:
+    if path == "triton":
+        from danlu.kernels.triton_adafactor import adafactor_triton
+
+        return adafactor_triton
+    if path in ("foreach", "compiled"):
+        return _multi_tensor_adafactor
+    return _single_tensor_adafactor  # "single" and "chunked" (one g²-sized buffer per tensor)
 
 
 def _cast_like(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:

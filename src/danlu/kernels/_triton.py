@@ -30,14 +30,17 @@ __all__ = [
     "compute_dtype",
     "contiguous_or_raise",
     "device_scalars",
+    "div_rn",
     "group_by_dtypes",
     "int_table",
     "launch_tables",
     "lerp",
     "lr_tensor",
+    "round_to",
     "seed_tensor",
     "segment_sums",
     "sign",
+    "sqrt_rn",
     "store_rounded",
     "triton_dtype",
 ]
@@ -192,6 +195,40 @@ def sign(x):
 
 
 @triton.jit
+def sqrt_rn(x):
+    """IEEE square root (round to nearest), as torch computes it; plain tl.sqrt may be
+    approximate in fp32."""
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def div_rn(x, y):
+    """IEEE division (round to nearest); plain ``/`` may be approximate in fp32."""
+    if y.dtype == tl.float32:
+        return tl.div_rn(x, y)
+    else:
+        return x / y
+
+
+@triton.jit
+def round_to(value, DTYPE: tl.constexpr):
+    """``value.to(DTYPE)`` rounding to nearest even, written out for bf16 so that GPUs and
+    Triton's CPU interpreter (which truncates fp32 to bf16) give the same bits; fp64 goes
+    through fp32 first, as torch's conversion to bf16 does."""
+    if tl.bfloat16 == DTYPE:
+        if value.dtype == tl.float64:
+            value = value.to(tl.float32)
+        if value.dtype == tl.float32:
+            bits = value.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            value = tl.where(value == value, bits.to(tl.float32, bitcast=True), value)
+    return value.to(DTYPE)
+
+
+@triton.jit
 def store_rounded(
     ptr, offs, value, mask, seed_ptr, stream, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr
 ):
@@ -205,7 +242,7 @@ def store_rounded(
         # bf16 is the top half of fp32: noise in the discarded half, then truncation
         rounded = ((bits + noise) & -65536).to(tl.float32, bitcast=True)
         value = tl.where(tl.abs(value) < float("inf"), rounded, value)
-    tl.store(ptr + offs, value.to(DTYPE), mask=mask)
+    tl.store(ptr + offs, round_to(value, DTYPE), mask=mask)
 
 
 @triton.jit

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["lion_compiled", "tiger_compiled"]
+__all__ = ["adax_compiled", "lion_compiled", "tiger_compiled"]
 
 _compiled: dict[Callable[..., Any], Callable[..., Any]] = {}
 
@@ -44,7 +44,7 @@ def _lr_tensor(lr: float | Tensor, like: Tensor) -> Tensor:
     dtype = torch.promote_types(like.dtype, torch.float32)
     if isinstance(lr, Tensor):
         return lr.to(device=like.device, dtype=dtype)
-    return torch.tensor(lr, dtype=dtype, device=like.device)
+    return torch.full((), lr, dtype=dtype, device=like.device)  # a fill: no host-device copy
 
 
 def lion_compiled(
@@ -106,5 +106,43 @@ def tiger_compiled(
             grad_accum_steps=grad_accum_steps,
             first_micro_step=first_micro_step,
             last_micro_step=last_micro_step,
+            maximize=maximize,
+        )
+
+
+def adax_compiled(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    new_sample_weight: float,
+    lr: float | Tensor,
+    beta1: float,
+    eps: float,
+    eps_inside_sqrt: bool,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """AdaX (SPEC §6): ``functional.adax._single_tensor_adax`` compiled into one fused loop
+    per tensor. The per-step weight 1 − β̂_t is passed as a 0-d tensor like the lr, so the
+    step count does not recompile."""
+    from danlu.functional.adax import _single_tensor_adax
+
+    like = exp_avg_sqs[0]
+    with _recompile_limit():
+        _compile(_single_tensor_adax)(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            new_sample_weight=torch.full(
+                (), new_sample_weight, dtype=like.dtype, device=like.device
+            ),
+            lr=_lr_tensor(lr, params[0]),
+            beta1=beta1,
+            eps=eps,
+            eps_inside_sqrt=eps_inside_sqrt,
+            weight_decay=weight_decay,
             maximize=maximize,
         )

@@ -24,6 +24,7 @@ from danlu.kernels._triton import (
     launch_tables,
     lerp,
     lr_tensor,
+    round_to,
     seed_tensor,
     sign,
     store_rounded,
@@ -72,7 +73,7 @@ def _lion_kernel(
     p = p * (1 - lr * weight_decay) - update * lr
     m = lerp(m, g, weight2)
     store_rounded(p_ptr, offs, p, mask, seed_ptr, tid, P_DTYPE, STOCHASTIC)
-    tl.store(m_ptr + offs, m.to(M_DTYPE), mask=mask)
+    tl.store(m_ptr + offs, round_to(m, M_DTYPE), mask=mask)
 
 
 def lion_triton(

@@ -25,6 +25,7 @@ from danlu.kernels._triton import (
     launch_tables,
     lerp,
     lr_tensor,
+    round_to,
     seed_tensor,
     sign,
     store_rounded,
@@ -84,7 +85,7 @@ def _tiger_kernel(
             if FIRST:
                 m = m * tl.load(hyper_ptr)
             m = m + g * tl.load(hyper_ptr + 2)
-        tl.store(m_ptr + offs, m.to(M_DTYPE), mask=mask)
+        tl.store(m_ptr + offs, round_to(m, M_DTYPE), mask=mask)
         if LAST:
             p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
             if ROWWISE:
@@ -100,7 +101,7 @@ def _tiger_kernel(
             center = tl.load(hyper_ptr + 4)
             p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
             p = (p - center) * tl.load(hyper_ptr + 5) + center
-            tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+            tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
 
 
 def _step_sizes(params: list[Tensor], *, lr: Tensor, kind: str, rms_floor: float) -> Tensor:
