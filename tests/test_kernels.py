@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import danlu
+from danlu.functional.adax import _single_tensor_adax, adax_new_sample_weight
 from danlu.functional.lion import _single_tensor_lion
 from danlu.functional.tiger import _single_tensor_tiger
-from danlu.kernels.chunked import lion_chunked, tiger_chunked
-from danlu.kernels.compiled import lion_compiled, tiger_compiled
+from danlu.kernels.chunked import adax_chunked, lion_chunked, tiger_chunked
+from danlu.kernels.compiled import adax_compiled, lion_compiled, tiger_compiled
 
 # sizes that are not multiples of the slice size (7 below), an empty tensor and a scalar
 SHAPES = [(0,), (), (1,), (5,), (13, 7), (3, 11, 5), (50, 3)]
@@ -128,7 +129,7 @@ def test_tiger_compiled_matches_single(kind):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.parametrize("name", ["lion", "tiger"])
+@pytest.mark.parametrize("name", ["lion", "tiger", "adax", "adafactor"])
 def test_fused_optimizer_equals_default(name):
     torch.manual_seed(3)
     model = torch.nn.Sequential(
@@ -153,3 +154,92 @@ def test_fused_optimizer_equals_default(name):
 def test_foreach_and_fused_both_true_is_rejected():
     with pytest.raises(ValueError, match="fused"):
         danlu.Lion([torch.nn.Parameter(torch.ones(2))], foreach=True, fused=True)
+
+
+ADAX_KW = [
+    {
+        "lr": 1e-2,
+        "beta1": 0.9,
+        "eps": 1e-6,
+        "eps_inside_sqrt": False,
+        "weight_decay": 0.0,
+        "maximize": False,
+    },
+    {
+        "lr": 3e-3,
+        "beta1": 0.5,
+        "eps": 1e-3,
+        "eps_inside_sqrt": True,
+        "weight_decay": 0.5,
+        "maximize": True,
+    },
+    {
+        "lr": torch.tensor(2e-3),
+        "beta1": 0.9,
+        "eps": 1e-6,
+        "eps_inside_sqrt": False,
+        "weight_decay": 0.1,
+        "maximize": False,
+    },
+]
+
+
+def adax_state(shapes, dtype, seed):
+    params, exp_avgs, grads = tensors(shapes, dtype=dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    sd = torch.promote_types(dtype, torch.float32)
+    return params, exp_avgs, [torch.rand(s, generator=gen).to(sd) for s in shapes], grads
+
+
+def run_adax(fn, params, exp_avgs, exp_avg_sqs, grads, kw, **extra):
+    for t, g in enumerate(grads, start=1):
+        fn(
+            params,
+            g,
+            exp_avgs,
+            exp_avg_sqs,
+            new_sample_weight=adax_new_sample_weight(t, 1e-4),
+            **kw,
+            **extra,
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", ADAX_KW)
+def test_adax_chunked_is_bit_identical(kw, dtype):
+    params, exp_avgs, exp_avg_sqs, grads = adax_state(SHAPES, dtype, 4)
+    a = [clone(params), clone(exp_avgs), clone(exp_avg_sqs)]
+    b = [clone(params), clone(exp_avgs), clone(exp_avg_sqs)]
+    run_adax(_single_tensor_adax, *a, grads, kw)
+    run_adax(adax_chunked, *b, grads, kw, chunk=CHUNK)
+    for x, y in zip([*a[0], *a[1], *a[2]], [*b[0], *b[1], *b[2]], strict=True):
+        assert x.dtype == y.dtype
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adax_compiled_matches_single(dtype):
+    params, exp_avgs, exp_avg_sqs, grads = adax_state(SHAPES, dtype, 5)
+    a = [clone(params), clone(exp_avgs), clone(exp_avg_sqs)]
+    b = [clone(params), clone(exp_avgs), clone(exp_avg_sqs)]
+    kw = ADAX_KW[1]
+    run_adax(_single_tensor_adax, *a, grads, kw)
+    run_adax(adax_compiled, *b, grads, kw)
+    tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-13, "atol": 1e-15}
+    for x, y in zip([*a[0], *a[1], *a[2]], [*b[0], *b[1], *b[2]], strict=True):
+        torch.testing.assert_close(x, y, **tol)
+
+
+def test_state_dict_saved_without_fused_loads():
+    # a state dict from before ``fused`` existed gets the option's default on load
+    params = [torch.nn.Parameter(torch.ones(3))]
+    opt = danlu.AdaX(params, lr=1e-2)
+    params[0].grad = torch.ones(3)
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["fused"]
+    fresh = danlu.AdaX(params, lr=1e-2)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["fused"] is None
+    fresh.step()

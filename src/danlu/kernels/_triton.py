@@ -198,19 +198,13 @@ def sign(x):
 def sqrt_rn(x):
     """IEEE square root (round to nearest), as torch computes it; plain tl.sqrt may be
     approximate in fp32."""
-    if x.dtype == tl.float32:
-        return tl.sqrt_rn(x)
-    else:
-        return tl.sqrt(x)
+    return tl.sqrt_rn(x) if x.dtype == tl.float32 else tl.sqrt(x)
 
 
 @triton.jit
 def div_rn(x, y):
     """IEEE division (round to nearest); plain ``/`` may be approximate in fp32."""
-    if y.dtype == tl.float32:
-        return tl.div_rn(x, y)
-    else:
-        return x / y
+    return tl.div_rn(x, y) if y.dtype == tl.float32 else x / y
 
 
 @triton.jit
@@ -246,9 +240,7 @@ def store_rounded(
 
 
 @triton.jit
-def _segment_sum_kernel(
-    partials, offsets, out, num_programs, num_tensors, ROWS: tl.constexpr, BLOCK: tl.constexpr
-):
+def _segment_sum_kernel(partials, offsets, out, num_programs, num_tensors, BLOCK: tl.constexpr):
     # one program per (row, tensor): the sum of that tensor's per-block partial sums
     tid = tl.program_id(0)
     row = tl.program_id(1)
@@ -275,7 +267,6 @@ def segment_sums(partials: Tensor, tables: LaunchTables) -> Tensor:
             out,
             tables.num_programs,
             tensors,
-            ROWS=rows,
             BLOCK=256,
         )
     return out

@@ -196,7 +196,13 @@ def adax_chunked(
         neg_buf = scratch_buffer(grad, chunk, slot=1) if maximize else None
         square_buf = scratch_buffer(exp_avg_sq, chunk, slot=2)
         denom_buf = scratch_buffer(exp_avg_sq, chunk, slot=3)
-        ratio_buf = scratch_buffer(exp_avg, chunk, slot=4) if isinstance(lr, Tensor) else None
+        # m / denom has the promoted dtype (fp32 for bf16 m and fp32 v̂), as in the eager path
+        ratio_like = (
+            exp_avg_sq
+            if torch.promote_types(exp_avg.dtype, exp_avg_sq.dtype) == exp_avg_sq.dtype
+            else exp_avg
+        )
+        ratio_buf = scratch_buffer(ratio_like, chunk, slot=4) if isinstance(lr, Tensor) else None
         for p, g, m, v in zip(
             _slices(param, chunk),
             _slices(grad, chunk),

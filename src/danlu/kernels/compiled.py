@@ -47,6 +47,12 @@ def _lr_tensor(lr: float | Tensor, like: Tensor) -> Tensor:
     return torch.full((), lr, dtype=dtype, device=like.device)  # a fill: no host-device copy
 
 
+def _no_zero_dim(tensors: list[Tensor]) -> list[Tensor]:
+    """0-d tensors as 1-element views: Inductor (torch 2.13, CPU) loses in-place updates of
+    0-d float64 inputs in the single-tensor code."""
+    return [t.view(1) if t.dim() == 0 else t for t in tensors]
+
+
 def lion_compiled(
     params: list[Tensor],
     grads: list[Tensor],
@@ -132,10 +138,7 @@ def adax_compiled(
     like = exp_avg_sqs[0]
     with _recompile_limit():
         _compile(_single_tensor_adax)(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
+            *(_no_zero_dim(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs)),
             new_sample_weight=torch.full(
                 (), new_sample_weight, dtype=like.dtype, device=like.device
             ),

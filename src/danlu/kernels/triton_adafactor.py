@@ -427,6 +427,8 @@ def _launch(
         factors, info = hyper, hyper  # unused placeholders
         p1 = q1 = s1 = True
         wide = False
+    if tables.num_programs == 0:  # only empty tensors
+        return
     clip = settings.clip_threshold is not None
     common = {
         "FACTORED": factored,
@@ -442,7 +444,8 @@ def _launch(
     }
     n = len(params)
     reduce_first = clip or settings.scale
-    if reduce_first and tables.num_programs:
+    sums = None
+    if reduce_first:
         partials = torch.empty(2, tables.num_programs, dtype=compute, device=device)
         _adafactor_reduce_kernel[(tables.num_programs,)](
             *tables.addresses[:3],
@@ -460,25 +463,21 @@ def _launch(
             **common,
         )
         sums = segment_sums(partials, tables)
-    else:
-        sums = torch.zeros(2, n, dtype=compute, device=device)
-    if not reduce_first and not factored and not tables.num_programs:
-        return
     roots = [math.sqrt(max(p.numel(), 1)) for p in params]
     if clip:
+        assert sums is not None
         divisors = [r * cast(float, settings.clip_threshold) for r in roots]
         clip_denoms = sums[0].sqrt_().div_(device_scalars(divisors, compute, device))
         clip_denoms.clamp_min_(1.0)
     else:
         clip_denoms = device_scalars([1.0] * n, compute, device)
     if settings.scale:
+        assert sums is not None
         scales = sums[1].sqrt_().div_(device_scalars(roots, compute, device))
         factor = scales.clamp_min_(settings.eps2).mul_(step)
     else:
         factor = step.expand(n).contiguous()
     coef = clip_denoms.reciprocal().mul_(factor)
-    if not tables.num_programs:
-        return
     _adafactor_update_kernel[(tables.num_programs,)](
         *tables.addresses[:2],
         tables.addresses[2],
