@@ -127,6 +127,8 @@ CASES = {
             ("finetune_rate", -0.5),
             ("zeta", -0.25),
             ("eps", 0.0),
+            ("foreach", "yes"),
+            ("fused", 1),
         ],
         "invalid_group": [
             ("eta", 0.0),

