@@ -60,6 +60,10 @@ class LaunchTables:
 
 
 class _LRU(OrderedDict[Hashable, Tensor | LaunchTables]):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
     def lookup(self, key: Hashable) -> Tensor | LaunchTables | None:
         value = self.get(key)
         if value is not None:
@@ -68,12 +72,12 @@ class _LRU(OrderedDict[Hashable, Tensor | LaunchTables]):
 
     def keep(self, key: Hashable, value: Tensor | LaunchTables) -> None:
         self[key] = value
-        if len(self) > _CACHE_SIZE:
+        if len(self) > self.size:
             self.popitem(last=False)
 
 
-_tables = _LRU()
-_small = _LRU()
+_tables = _LRU(_CACHE_SIZE)
+_small = _LRU(4 * _CACHE_SIZE)  # hyper-parameters and small index tables
 
 
 def _to_device(values: Sequence[float] | Sequence[int], dtype: torch.dtype, device: torch.device):
