@@ -179,7 +179,7 @@ def group_by_dtypes(
     buckets: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensor_lists[0]):
         assert t is not None
-        key = (t.device, *(None if lst[i] is None else lst[i].dtype for lst in tensor_lists))
+        key = (t.device, *(getattr(lst[i], "dtype", None) for lst in tensor_lists))
         buckets.setdefault(key, []).append(i)
     for indices in buckets.values():
         yield [[lst[i] for i in indices] for lst in tensor_lists], indices  # type: ignore[misc]

@@ -222,7 +222,8 @@ def adax_chunked(
                 denom = torch.sqrt(v, out=denom_buf[:n]).add_(eps)
             if weight_decay != 0:
                 p.mul_(1 - lr * weight_decay)
-            if ratio_buf is not None:
+            if isinstance(lr, Tensor):
+                assert ratio_buf is not None
                 p.addcmul_(torch.div(m, denom, out=ratio_buf[:n]), lr, value=-1.0)
             else:
                 p.addcdiv_(m, denom, value=-lr)

@@ -151,11 +151,9 @@ def tiger_triton(
             compute,
             device,
         )
-        ok = (
-            finite[int_table(indices, torch.int64, finite.device)].to(device, torch.int8)
-            if mode
-            else lr_t  # unused placeholder pointer
-        )
+        ok = lr_t  # an unused placeholder pointer unless a non-finite policy applies
+        if mode and finite is not None:
+            ok = finite[int_table(indices, torch.int64, finite.device)].to(device, torch.int8)
         stochastic = stochastic_rounding and dtype == torch.bfloat16 and last_micro_step
         common = {
             "K1": grad_accum_steps == 1,
