@@ -2,10 +2,12 @@
 
 A launch covers every tensor of one dtype: each program handles ``BLOCK`` elements of one
 tensor, found through a per-program (tensor, block) map; the kernel turns the tensor's data
-address (an int64 table entry) back into a typed pointer. Tables are cached by the tensors'
-addresses and sizes, so after the first step a launch needs no host-to-device copy. There is
-no autotuning: an in-place kernel must never be run several times on the same data
-(lion-pytorch#36).
+address (an int64 table entry) back into a typed pointer. Full blocks run without a mask and,
+when every address is 16-byte aligned (``LaunchTables.aligned``), with that alignment
+declared, so the compiler emits 128-bit loads and stores; only a tensor's last block is
+masked. Tables are cached by the tensors' addresses and sizes, so after the first step a
+launch needs no host-to-device copy. There is no autotuning: an in-place kernel must never be
+run several times on the same data (lion-pytorch#36).
 
 Hyper-parameters reach the kernels through a small device tensor in the compute dtype
 (:func:`device_scalars`), never as Python floats: Triton passes those as fp32, which would
@@ -35,6 +37,7 @@ __all__ = [
     "int_table",
     "launch_tables",
     "lerp",
+    "load",
     "lr_tensor",
     "round_to",
     "seed_tensor",
@@ -43,6 +46,7 @@ __all__ = [
     "sqrt_rn",
     "store_rounded",
     "triton_dtype",
+    "typed_pointer",
 ]
 
 BLOCK = 1024
@@ -57,6 +61,7 @@ class LaunchTables:
     block_index: Tensor  # int32: which block of that tensor
     block_offsets: Tensor  # int32, n + 1 entries: tensor i owns programs [o[i], o[i + 1])
     num_programs: int
+    aligned: bool  # every data address is a multiple of 16 bytes (vector loads are safe)
 
 
 class _LRU(OrderedDict[Hashable, Tensor | LaunchTables]):
@@ -110,6 +115,7 @@ def launch_tables(roles: Sequence[Sequence[Tensor]], block: int = BLOCK) -> Laun
         block_index=_to_device(block_index, torch.int32, device),
         block_offsets=_to_device(offsets, torch.int32, device),
         num_programs=len(block_tensor),
+        aligned=all(t.data_ptr() % 16 == 0 for role in roles for t in role),
     )
     _tables.keep(key, tables)
     return tables
@@ -183,6 +189,21 @@ def group_by_dtypes(
         buckets.setdefault(key, []).append(i)
     for indices in buckets.values():
         yield [[lst[i] for i in indices] for lst in tensor_lists], indices  # type: ignore[misc]
+
+
+@triton.jit
+def typed_pointer(addresses, tid, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Entry ``tid`` of an address table as a pointer to ``DTYPE``."""
+    ptr = tl.load(addresses + tid).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def load(ptr, mask, other):
+    """``tl.load`` with ``mask=None`` for full blocks (no ``other`` then)."""
+    return tl.load(ptr) if mask is None else tl.load(ptr, mask=mask, other=other)
 
 
 @triton.jit

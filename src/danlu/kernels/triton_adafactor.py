@@ -39,11 +39,13 @@ from danlu.kernels._triton import (
     int_table,
     launch_tables,
     lerp,
+    load,
     lr_tensor,
     round_to,
     segment_sums,
     sqrt_rn,
     triton_dtype,
+    typed_pointer,
 )
 
 __all__ = ["adafactor_triton"]
@@ -95,8 +97,8 @@ def _factored_scale(
     # R is averaged over the largest axis, C over the second
     row_index = tl.where(largest_is_a, without_a, without_b)
     col_index = tl.where(largest_is_a, without_b, without_a)
-    row_factor = tl.load(factors_ptr + row_offset + row_index, mask=mask, other=0.0)
-    col_factor = tl.load(factors_ptr + col_offset + col_index, mask=mask, other=0.0)
+    row_factor = load(factors_ptr + row_offset + row_index, mask, 0.0)
+    col_factor = load(factors_ptr + col_offset + col_index, mask, 0.0)
     return g * row_factor * col_factor
 
 
@@ -122,13 +124,51 @@ def _unit_update(
     if FACTORED:
         u = _factored_scale(g, offs, mask, tid, info_ptr, factors_ptr, P1, Q1, S1, INDEX)
     else:
-        v = tl.load(v_ptr + offs, mask=mask, other=1.0).to(COMPUTE)
+        v = load(v_ptr + offs, mask, 1.0).to(COMPUTE)
         if UPDATE_V:
             # v̂ ← lerp(v̂, g² + ε1, 1 − β̂_t)
             v = lerp(v, g * g + tl.load(hyper_ptr + 1), tl.load(hyper_ptr))
             tl.store(v_ptr + offs, round_to(v, V_DTYPE), mask=mask)
         u = _rsqrt(v) * g
     return u
+
+
+@triton.jit
+def _reduce_block(
+    p_ptr,
+    g_ptr,
+    v_ptr,
+    offs,
+    mask,
+    tid,
+    info_ptr,
+    factors_ptr,
+    hyper_ptr,
+    FACTORED: tl.constexpr,
+    UPDATE_V: tl.constexpr,
+    CLIP: tl.constexpr,
+    SCALE: tl.constexpr,
+    V_DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    P1: tl.constexpr,
+    Q1: tl.constexpr,
+    S1: tl.constexpr,
+    INDEX: tl.constexpr,
+):
+    """(Σu², Σθ²) over one block; an unfactored v̂ is updated on the way."""
+    u_sum = 0.0
+    p_sum = 0.0
+    if CLIP or UPDATE_V:
+        g = load(g_ptr + offs, mask, 0.0).to(COMPUTE)
+        u = _unit_update(
+            g, v_ptr, offs, mask, tid, info_ptr, factors_ptr, hyper_ptr,
+            FACTORED, UPDATE_V, V_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
+        )  # fmt: skip
+        u_sum = tl.sum(u * u if mask is None else tl.where(mask, u * u, 0.0), axis=0)
+    if SCALE:
+        p = load(p_ptr + offs, mask, 0.0).to(COMPUTE)
+        p_sum = tl.sum(p * p, axis=0)
+    return u_sum, p_sum
 
 
 @triton.jit
@@ -148,6 +188,7 @@ def _adafactor_reduce_kernel(
     UPDATE_V: tl.constexpr,
     CLIP: tl.constexpr,
     SCALE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     V_DTYPE: tl.constexpr,
@@ -160,21 +201,92 @@ def _adafactor_reduce_kernel(
 ):
     pid = tl.program_id(0)
     tid = tl.load(block_tensor + pid)
-    offs = tl.load(block_index + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < tl.load(sizes + tid)
-    if CLIP or UPDATE_V:
-        g_ptr = tl.load(g_addrs + tid).to(tl.pointer_type(G_DTYPE))
-        v_ptr = tl.load(v_addrs + tid).to(tl.pointer_type(V_DTYPE))
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        u = _unit_update(
-            g, v_ptr, offs, mask, tid, info_ptr, factors_ptr, hyper_ptr,
-            FACTORED, UPDATE_V, V_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
+    start = tl.load(block_index + pid).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    size = tl.load(sizes + tid)
+    p_ptr = typed_pointer(p_addrs, tid, P_DTYPE, ALIGNED)
+    g_ptr = typed_pointer(g_addrs, tid, G_DTYPE, ALIGNED)
+    v_ptr = typed_pointer(v_addrs, tid, V_DTYPE, ALIGNED)
+    if start + BLOCK <= size:  # a full block: no mask, vector loads
+        u_sum, p_sum = _reduce_block(
+            p_ptr, g_ptr, v_ptr, offs, None, tid, info_ptr, factors_ptr, hyper_ptr,
+            FACTORED, UPDATE_V, CLIP, SCALE, V_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
         )  # fmt: skip
-        tl.store(partials + pid, tl.sum(tl.where(mask, u * u, 0.0), axis=0))
+    else:
+        u_sum, p_sum = _reduce_block(
+            p_ptr, g_ptr, v_ptr, offs, offs < size, tid, info_ptr, factors_ptr, hyper_ptr,
+            FACTORED, UPDATE_V, CLIP, SCALE, V_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
+        )  # fmt: skip
+    if CLIP or UPDATE_V:
+        tl.store(partials + pid, u_sum)
     if SCALE:
-        p_ptr = tl.load(p_addrs + tid).to(tl.pointer_type(P_DTYPE))
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        tl.store(partials + num_programs + pid, tl.sum(p * p, axis=0))
+        tl.store(partials + num_programs + pid, p_sum)
+
+
+@triton.jit
+def _update_block(
+    p_ptr,
+    g_ptr,
+    v_ptr,
+    m_addrs,
+    offs,
+    mask,
+    tid,
+    info_ptr,
+    factors_ptr,
+    hyper_ptr,
+    step_ptr,
+    clip_ptr,
+    factor_ptr,
+    coef_ptr,
+    FACTORED: tl.constexpr,
+    UPDATE_V: tl.constexpr,
+    MOMENTUM: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    DECAY: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    V_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    P1: tl.constexpr,
+    Q1: tl.constexpr,
+    S1: tl.constexpr,
+    INDEX: tl.constexpr,
+):
+    g = load(g_ptr + offs, mask, 0.0).to(COMPUTE)
+    if MAXIMIZE:
+        g = -g
+    u = _unit_update(
+        g, v_ptr, offs, mask, tid, info_ptr, factors_ptr, hyper_ptr,
+        FACTORED, UPDATE_V, V_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
+    )  # fmt: skip
+    if MOMENTUM == 1:
+        # unit order: the EMA of the clipped û, then θ ← θ − α_t·s·m
+        m_ptr = typed_pointer(m_addrs, tid, M_DTYPE, ALIGNED)
+        u = div_rn(u, tl.load(clip_ptr + tid).to(COMPUTE))
+        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+        m = round_to(lerp(m, round_to(u, M_DTYPE).to(COMPUTE), tl.load(hyper_ptr + 2)), M_DTYPE)
+        tl.store(m_ptr + offs, m, mask=mask)
+        source = m.to(COMPUTE)
+        coef = tl.load(factor_ptr + tid).to(COMPUTE)
+    elif MOMENTUM == 2:
+        # scaled order: the EMA of α_t·s·û, then θ ← θ − m
+        m_ptr = typed_pointer(m_addrs, tid, M_DTYPE, ALIGNED)
+        u = u * tl.load(coef_ptr + tid).to(COMPUTE)
+        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+        m = round_to(lerp(m, round_to(u, M_DTYPE).to(COMPUTE), tl.load(hyper_ptr + 2)), M_DTYPE)
+        tl.store(m_ptr + offs, m, mask=mask)
+        source = m.to(COMPUTE)
+        coef = 1.0
+    else:
+        source = u
+        coef = tl.load(coef_ptr + tid).to(COMPUTE)
+    p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+    if DECAY:
+        p = p * (1 - tl.load(step_ptr).to(COMPUTE) * tl.load(hyper_ptr + 3))
+    p = p - coef * source
+    tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -198,6 +310,7 @@ def _adafactor_update_kernel(
     MOMENTUM: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     DECAY: tl.constexpr,
+    ALIGNED: tl.constexpr,
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     V_DTYPE: tl.constexpr,
@@ -211,44 +324,24 @@ def _adafactor_update_kernel(
 ):
     pid = tl.program_id(0)
     tid = tl.load(block_tensor + pid)
-    offs = tl.load(block_index + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < tl.load(sizes + tid)
-    p_ptr = tl.load(p_addrs + tid).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(g_addrs + tid).to(tl.pointer_type(G_DTYPE))
-    v_ptr = tl.load(v_addrs + tid).to(tl.pointer_type(V_DTYPE))
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    if MAXIMIZE:
-        g = -g
-    u = _unit_update(
-        g, v_ptr, offs, mask, tid, info_ptr, factors_ptr, hyper_ptr,
-        FACTORED, UPDATE_V, V_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
-    )  # fmt: skip
-    if MOMENTUM == 1:
-        # unit order: the EMA of the clipped û, then θ ← θ − α_t·s·m
-        m_ptr = tl.load(m_addrs + tid).to(tl.pointer_type(M_DTYPE))
-        u = div_rn(u, tl.load(clip_ptr + tid).to(COMPUTE))
-        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-        m = round_to(lerp(m, round_to(u, M_DTYPE).to(COMPUTE), tl.load(hyper_ptr + 2)), M_DTYPE)
-        tl.store(m_ptr + offs, m, mask=mask)
-        source = m.to(COMPUTE)
-        coef = tl.load(factor_ptr + tid).to(COMPUTE)
-    elif MOMENTUM == 2:
-        # scaled order: the EMA of α_t·s·û, then θ ← θ − m
-        m_ptr = tl.load(m_addrs + tid).to(tl.pointer_type(M_DTYPE))
-        u = u * tl.load(coef_ptr + tid).to(COMPUTE)
-        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-        m = round_to(lerp(m, round_to(u, M_DTYPE).to(COMPUTE), tl.load(hyper_ptr + 2)), M_DTYPE)
-        tl.store(m_ptr + offs, m, mask=mask)
-        source = m.to(COMPUTE)
-        coef = 1.0
+    start = tl.load(block_index + pid).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    size = tl.load(sizes + tid)
+    p_ptr = typed_pointer(p_addrs, tid, P_DTYPE, ALIGNED)
+    g_ptr = typed_pointer(g_addrs, tid, G_DTYPE, ALIGNED)
+    v_ptr = typed_pointer(v_addrs, tid, V_DTYPE, ALIGNED)
+    if start + BLOCK <= size:  # a full block: no mask, vector loads
+        _update_block(
+            p_ptr, g_ptr, v_ptr, m_addrs, offs, None, tid, info_ptr, factors_ptr, hyper_ptr,
+            step_ptr, clip_ptr, factor_ptr, coef_ptr, FACTORED, UPDATE_V, MOMENTUM, MAXIMIZE,
+            DECAY, ALIGNED, P_DTYPE, V_DTYPE, M_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
+        )  # fmt: skip
     else:
-        source = u
-        coef = tl.load(coef_ptr + tid).to(COMPUTE)
-    p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
-    if DECAY:
-        p = p * (1 - tl.load(step_ptr).to(COMPUTE) * tl.load(hyper_ptr + 3))
-    p = p - coef * source
-    tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
+        _update_block(
+            p_ptr, g_ptr, v_ptr, m_addrs, offs, offs < size, tid, info_ptr, factors_ptr,
+            hyper_ptr, step_ptr, clip_ptr, factor_ptr, coef_ptr, FACTORED, UPDATE_V, MOMENTUM,
+            MAXIMIZE, DECAY, ALIGNED, P_DTYPE, V_DTYPE, M_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
+        )  # fmt: skip
 
 
 def _layout(shape: Sequence[int], largest: int, second: int) -> tuple[int, ...]:
@@ -440,6 +533,7 @@ def _launch(
         "Q1": q1,
         "S1": s1,
         "INDEX": tl.int64 if wide else tl.int32,
+        "ALIGNED": tables.aligned,
         "BLOCK": BLOCK,
     }
     n = len(params)

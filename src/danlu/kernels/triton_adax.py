@@ -26,9 +26,49 @@ from danlu.kernels._triton import (
     round_to,
     sqrt_rn,
     triton_dtype,
+    typed_pointer,
 )
 
 __all__ = ["adax_triton"]
+
+
+@triton.jit
+def _adax_block(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    offs,
+    mask,
+    lr,
+    hyper_ptr,
+    MAXIMIZE: tl.constexpr,
+    EPS_INSIDE_SQRT: tl.constexpr,
+    DECAY: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    V_DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    g = tl.load(g_ptr + offs, mask=mask)
+    if MAXIMIZE:
+        g = -g
+    eps = tl.load(hyper_ptr + 2)
+    # m ← lerp(m, g, 1 − β1) in m's dtype; the update reads the stored (rounded) m
+    m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+    m = round_to(lerp(m, round_to(g, M_DTYPE).to(COMPUTE), tl.load(hyper_ptr)), M_DTYPE)
+    tl.store(m_ptr + offs, m, mask=mask)
+    # v̂ ← lerp(v̂, g², 1 − β̂_t)
+    gv = round_to(g, V_DTYPE).to(COMPUTE)
+    v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
+    v = lerp(v, gv * gv, tl.load(hyper_ptr + 1))
+    tl.store(v_ptr + offs, round_to(v, V_DTYPE), mask=mask)
+    denom = sqrt_rn(v + eps) if EPS_INSIDE_SQRT else sqrt_rn(v) + eps
+    p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+    if DECAY:
+        p = p * (1 - lr * tl.load(hyper_ptr + 3))
+    p = p - div_rn(lr * m.to(COMPUTE), denom)
+    tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -45,6 +85,7 @@ def _adax_kernel(
     MAXIMIZE: tl.constexpr,
     EPS_INSIDE_SQRT: tl.constexpr,
     DECAY: tl.constexpr,
+    ALIGNED: tl.constexpr,
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     M_DTYPE: tl.constexpr,
@@ -54,32 +95,24 @@ def _adax_kernel(
 ):
     pid = tl.program_id(0)
     tid = tl.load(block_tensor + pid)
-    offs = tl.load(block_index + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < tl.load(sizes + tid)
-    p_ptr = tl.load(p_addrs + tid).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(g_addrs + tid).to(tl.pointer_type(G_DTYPE))
-    m_ptr = tl.load(m_addrs + tid).to(tl.pointer_type(M_DTYPE))
-    v_ptr = tl.load(v_addrs + tid).to(tl.pointer_type(V_DTYPE))
-    g = tl.load(g_ptr + offs, mask=mask)
-    if MAXIMIZE:
-        g = -g
-    eps = tl.load(hyper_ptr + 2)
-    # m ← lerp(m, g, 1 − β1) in m's dtype; the update reads the stored (rounded) m
-    m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-    m = round_to(lerp(m, round_to(g, M_DTYPE).to(COMPUTE), tl.load(hyper_ptr)), M_DTYPE)
-    tl.store(m_ptr + offs, m, mask=mask)
-    # v̂ ← lerp(v̂, g², 1 − β̂_t)
-    gv = round_to(g, V_DTYPE).to(COMPUTE)
-    v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
-    v = lerp(v, gv * gv, tl.load(hyper_ptr + 1))
-    tl.store(v_ptr + offs, round_to(v, V_DTYPE), mask=mask)
-    denom = sqrt_rn(v + eps) if EPS_INSIDE_SQRT else sqrt_rn(v) + eps
-    p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+    start = tl.load(block_index + pid).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    size = tl.load(sizes + tid)
+    p_ptr = typed_pointer(p_addrs, tid, P_DTYPE, ALIGNED)
+    g_ptr = typed_pointer(g_addrs, tid, G_DTYPE, ALIGNED)
+    m_ptr = typed_pointer(m_addrs, tid, M_DTYPE, ALIGNED)
+    v_ptr = typed_pointer(v_addrs, tid, V_DTYPE, ALIGNED)
     lr = tl.load(lr_ptr).to(COMPUTE)
-    if DECAY:
-        p = p * (1 - lr * tl.load(hyper_ptr + 3))
-    p = p - div_rn(lr * m.to(COMPUTE), denom)
-    tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
+    if start + BLOCK <= size:  # a full block: no mask, vector loads
+        _adax_block(
+            p_ptr, g_ptr, m_ptr, v_ptr, offs, None, lr, hyper_ptr,
+            MAXIMIZE, EPS_INSIDE_SQRT, DECAY, P_DTYPE, M_DTYPE, V_DTYPE, COMPUTE,
+        )  # fmt: skip
+    else:
+        _adax_block(
+            p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < size, lr, hyper_ptr,
+            MAXIMIZE, EPS_INSIDE_SQRT, DECAY, P_DTYPE, M_DTYPE, V_DTYPE, COMPUTE,
+        )  # fmt: skip
 
 
 def adax_triton(
@@ -115,6 +148,7 @@ def adax_triton(
             MAXIMIZE=maximize,
             EPS_INSIDE_SQRT=eps_inside_sqrt,
             DECAY=weight_decay != 0,
+            ALIGNED=tables.aligned,
             P_DTYPE=triton_dtype(ps[0].dtype),
             G_DTYPE=triton_dtype(gs[0].dtype),
             M_DTYPE=triton_dtype(ms[0].dtype),

@@ -29,9 +29,39 @@ from danlu.kernels._triton import (
     sign,
     store_rounded,
     triton_dtype,
+    typed_pointer,
 )
 
 __all__ = ["lion_triton"]
+
+
+@triton.jit
+def _lion_block(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    offs,
+    mask,
+    lr,
+    hyper_ptr,
+    seed_ptr,
+    tid,
+    MAXIMIZE: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+    g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
+    m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+    if MAXIMIZE:
+        g = -g
+    update = sign(lerp(m, g, tl.load(hyper_ptr)))
+    p = p * (1 - lr * tl.load(hyper_ptr + 2)) - update * lr
+    m = lerp(m, g, tl.load(hyper_ptr + 1))
+    store_rounded(p_ptr, offs, p, mask, seed_ptr, tid, P_DTYPE, STOCHASTIC)
+    tl.store(m_ptr + offs, round_to(m, M_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -47,6 +77,7 @@ def _lion_kernel(
     seed_ptr,
     MAXIMIZE: tl.constexpr,
     STOCHASTIC: tl.constexpr,
+    ALIGNED: tl.constexpr,
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     M_DTYPE: tl.constexpr,
@@ -55,25 +86,23 @@ def _lion_kernel(
 ):
     pid = tl.program_id(0)
     tid = tl.load(block_tensor + pid)
-    offs = tl.load(block_index + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < tl.load(sizes + tid)
-    p_ptr = tl.load(p_addrs + tid).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(g_addrs + tid).to(tl.pointer_type(G_DTYPE))
-    m_ptr = tl.load(m_addrs + tid).to(tl.pointer_type(M_DTYPE))
-    p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
-    g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
-    m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-    if MAXIMIZE:
-        g = -g
+    start = tl.load(block_index + pid).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    size = tl.load(sizes + tid)
+    p_ptr = typed_pointer(p_addrs, tid, P_DTYPE, ALIGNED)
+    g_ptr = typed_pointer(g_addrs, tid, G_DTYPE, ALIGNED)
+    m_ptr = typed_pointer(m_addrs, tid, M_DTYPE, ALIGNED)
     lr = tl.load(lr_ptr).to(COMPUTE)
-    weight1 = tl.load(hyper_ptr)
-    weight2 = tl.load(hyper_ptr + 1)
-    weight_decay = tl.load(hyper_ptr + 2)
-    update = sign(lerp(m, g, weight1))
-    p = p * (1 - lr * weight_decay) - update * lr
-    m = lerp(m, g, weight2)
-    store_rounded(p_ptr, offs, p, mask, seed_ptr, tid, P_DTYPE, STOCHASTIC)
-    tl.store(m_ptr + offs, round_to(m, M_DTYPE), mask=mask)
+    if start + BLOCK <= size:  # a full block: no mask, vector loads
+        _lion_block(
+            p_ptr, g_ptr, m_ptr, offs, None, lr, hyper_ptr, seed_ptr, tid,
+            MAXIMIZE, STOCHASTIC, P_DTYPE, M_DTYPE, COMPUTE,
+        )  # fmt: skip
+    else:
+        _lion_block(
+            p_ptr, g_ptr, m_ptr, offs, offs < size, lr, hyper_ptr, seed_ptr, tid,
+            MAXIMIZE, STOCHASTIC, P_DTYPE, M_DTYPE, COMPUTE,
+        )  # fmt: skip
 
 
 def lion_triton(
@@ -110,6 +139,7 @@ def lion_triton(
             seed_tensor(device) if stochastic else lr_t,  # the seed is unused without SR
             MAXIMIZE=maximize,
             STOCHASTIC=stochastic,
+            ALIGNED=tables.aligned,
             P_DTYPE=triton_dtype(dtype),
             G_DTYPE=triton_dtype(gs[0].dtype),
             M_DTYPE=triton_dtype(ms[0].dtype),

@@ -30,6 +30,7 @@ from danlu.kernels._triton import (
     sign,
     store_rounded,
     triton_dtype,
+    typed_pointer,
 )
 
 __all__ = ["tiger_triton"]
@@ -38,16 +39,16 @@ _MODES = {None: 0, "shrink": 1, "skip": 2}
 
 
 @triton.jit
-def _tiger_kernel(
-    p_addrs,
+def _tiger_block(
+    p_ptr,
     g_addrs,
     m_addrs,
-    sizes,
-    block_tensor,
-    block_index,
+    offs,
+    mask,
+    tid,
+    ok,
     eta_ptr,
-    ok_ptr,
-    hyper_ptr,  # β, 1 − β, (1 − β)/k, λ, centre, shrink ratio in the compute dtype
+    hyper_ptr,
     seed_ptr,
     width,
     K1: tl.constexpr,
@@ -58,23 +59,15 @@ def _tiger_kernel(
     NONFINITE: tl.constexpr,
     DECAY: tl.constexpr,
     STOCHASTIC: tl.constexpr,
+    ALIGNED: tl.constexpr,
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     M_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
-    BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tid = tl.load(block_tensor + pid)
-    offs = tl.load(block_index + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < tl.load(sizes + tid)
-    p_ptr = tl.load(p_addrs + tid).to(tl.pointer_type(P_DTYPE))
-    ok = True
-    if NONFINITE != 0:
-        ok = tl.load(ok_ptr + tid) != 0
     if ok:
-        g_ptr = tl.load(g_addrs + tid).to(tl.pointer_type(G_DTYPE))
-        m_ptr = tl.load(m_addrs + tid).to(tl.pointer_type(M_DTYPE))
+        g_ptr = typed_pointer(g_addrs, tid, G_DTYPE, ALIGNED)
+        m_ptr = typed_pointer(m_addrs, tid, M_DTYPE, ALIGNED)
         g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
         m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
         if MAXIMIZE:
@@ -102,6 +95,57 @@ def _tiger_kernel(
             p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
             p = (p - center) * tl.load(hyper_ptr + 5) + center
             tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _tiger_kernel(
+    p_addrs,
+    g_addrs,
+    m_addrs,
+    sizes,
+    block_tensor,
+    block_index,
+    eta_ptr,
+    ok_ptr,
+    hyper_ptr,  # β, 1 − β, (1 − β)/k, λ, centre, shrink ratio in the compute dtype
+    seed_ptr,
+    width,
+    K1: tl.constexpr,
+    FIRST: tl.constexpr,
+    LAST: tl.constexpr,
+    ROWWISE: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    NONFINITE: tl.constexpr,
+    DECAY: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tid = tl.load(block_tensor + pid)
+    start = tl.load(block_index + pid).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    size = tl.load(sizes + tid)
+    p_ptr = typed_pointer(p_addrs, tid, P_DTYPE, ALIGNED)
+    ok = True
+    if NONFINITE != 0:
+        ok = tl.load(ok_ptr + tid) != 0
+    if start + BLOCK <= size:  # a full block: no mask, vector loads
+        _tiger_block(
+            p_ptr, g_addrs, m_addrs, offs, None, tid, ok, eta_ptr, hyper_ptr, seed_ptr, width,
+            K1, FIRST, LAST, ROWWISE, MAXIMIZE, NONFINITE, DECAY, STOCHASTIC, ALIGNED,
+            P_DTYPE, G_DTYPE, M_DTYPE, COMPUTE,
+        )  # fmt: skip
+    else:
+        _tiger_block(
+            p_ptr, g_addrs, m_addrs, offs, offs < size, tid, ok, eta_ptr, hyper_ptr, seed_ptr,
+            width, K1, FIRST, LAST, ROWWISE, MAXIMIZE, NONFINITE, DECAY, STOCHASTIC, ALIGNED,
+            P_DTYPE, G_DTYPE, M_DTYPE, COMPUTE,
+        )  # fmt: skip
 
 
 def _step_sizes(params: list[Tensor], *, lr: Tensor, kind: str, rms_floor: float) -> Tensor:
@@ -191,6 +235,7 @@ def tiger_triton(
                     seed_tensor(device) if stochastic else lr_t,
                     width,
                     ROWWISE=True,
+                    ALIGNED=tables.aligned,
                     **common,
                 )
             continue
@@ -209,5 +254,6 @@ def tiger_triton(
             seed_tensor(device) if stochastic else lr_t,
             1,
             ROWWISE=False,
+            ALIGNED=tables.aligned,
             **common,
         )
