@@ -245,18 +245,20 @@ def test_adax_compiled_matches_single():
 
 
 def test_state_dict_saved_without_fused_loads():
-    # a state dict from before ``fused`` existed gets the option's default on load
-    params = [torch.nn.Parameter(torch.ones(3))]
-    opt = danlu.AdaX(params, lr=1e-2)
-    params[0].grad = torch.ones(3)
-    opt.step()
-    saved = opt.state_dict()
+    # a state dict from before ``fused`` existed loads and steps on the default path
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))]
+    opts = [danlu.AdaX([p], lr=1e-2) for p in params]
+    for p, opt in zip(params, opts, strict=True):
+        p.grad = torch.ones(3)
+        opt.step()
+    saved = opts[1].state_dict()
     for group in saved["param_groups"]:
         del group["fused"]
-    fresh = danlu.AdaX(params, lr=1e-2)
-    fresh.load_state_dict(saved)
-    assert fresh.param_groups[0]["fused"] is None
-    fresh.step()
+    opts[1].load_state_dict(saved)
+    for p, opt in zip(params, opts, strict=True):
+        p.grad = torch.full((3,), 0.5)
+        opt.step()
+    assert torch.equal(params[0], params[1])
 
 
 def test_amos_compiled_matches_single():

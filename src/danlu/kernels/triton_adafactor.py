@@ -409,10 +409,8 @@ def adafactor_triton(
         assert stats is not None
         key = (p.device, p.dtype, g.dtype, stats.dtype, None if m is None else m.dtype)
         buckets.setdefault((full is None, *key, *layout_key), []).append(i)
-    for (
-        is_factored,
-        *_,
-    ), indices in buckets.items():
+    for bucket, indices in buckets.items():
+        is_factored = bucket[0]
         ps = [params[i] for i in indices]
         gs = [grads[i] for i in indices]
         ms = [exp_avgs[i] for i in indices]

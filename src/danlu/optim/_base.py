@@ -157,14 +157,6 @@ class DanluOptimizer(Optimizer):
         self._check_group(defaults, where="")
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # load_state_dict passes the saved groups through here: a state dict saved before an
-        # option existed (e.g. ``fused``) gets the option's default
-        super().__setstate__(state)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-
     def _state_dtype(self, group: dict[str, Any], key: str, param: Tensor) -> torch.dtype:
         """The dtype that ``state[param][key]`` is kept in."""
         if key in self._float32_state_keys:

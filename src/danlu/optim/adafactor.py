@@ -267,7 +267,7 @@ class AdaFactor(DanluOptimizer):
                 momentum_mode=group["momentum_mode"],
                 maximize=group["maximize"],
                 foreach=group["foreach"],
-                fused=group["fused"],
+                fused=group.get("fused"),  # absent from state dicts saved before it existed
             )
         if steps:
             torch._foreach_add_(steps, 1.0)

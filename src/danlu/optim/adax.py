@@ -140,7 +140,7 @@ class AdaX(DanluOptimizer):
                     weight_decay=group["weight_decay"],
                     maximize=group["maximize"],
                     foreach=group["foreach"],
-                    fused=group["fused"],
+                    fused=group.get("fused"),  # absent from state dicts saved before it existed
                 )
             if steps:
                 torch._foreach_add_(steps, 1.0)

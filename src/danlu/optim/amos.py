@@ -225,7 +225,7 @@ class Amos(DanluOptimizer):
                 eps=group["eps"],
                 maximize=group["maximize"],
                 foreach=group["foreach"],
-                fused=group["fused"],
+                fused=group.get("fused"),  # absent from state dicts saved before it existed
             )
         if steps:
             torch._foreach_add_(steps, 1.0)
