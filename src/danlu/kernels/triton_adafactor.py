@@ -51,7 +51,6 @@ from danlu.kernels._triton import (
 __all__ = ["adafactor_triton"]
 
 _MOMENTUM = {"none": 0, "unit": 1, "scaled": 2}
-_INFO = 7  # per factored tensor: n_a, Q, n_b, S, largest is a, row offset, column offset
 
 
 @triton.jit
@@ -73,7 +72,9 @@ def _factored_scale(
     INDEX: tl.constexpr,
 ):
     """u = g·rf·cf for a tensor viewed as (P, n_a, Q, n_b, S) with factored axes a < b: the
-    statistic without axis a is indexed by (p, q, j, s), the one without b by (p, i, q, s)."""
+    statistic without axis a is indexed by (p, q, j, s), the one without b by (p, i, q, s).
+    ``info`` holds 7 integers per tensor: n_a, Q, n_b, S, whether a is the largest axis, and
+    the offsets of the row and column factors in the workspace."""
     info = info_ptr + tid * 7
     n_a = tl.load(info).to(INDEX)
     big_q = tl.load(info + 1).to(INDEX)
@@ -571,9 +572,7 @@ def _launch(
         factor = step.expand(n).contiguous()
     coef = clip_denoms.reciprocal().mul_(factor)
     _adafactor_update_kernel[(tables.num_programs,)](
-        *tables.addresses[:2],
-        tables.addresses[2],
-        tables.addresses[3],
+        *tables.addresses,
         tables.sizes,
         tables.block_tensor,
         tables.block_index,
