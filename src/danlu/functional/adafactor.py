@@ -21,14 +21,14 @@ parameter dtype: ε1 = 1e-30 underflows in fp16, and bf16 is too coarse for the 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from danlu.distributed import any_dtensor, local, reduce_partial_sums
-from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
+from danlu.functional._utils import group_by_device_and_dtype, select_path
 
 __all__ = [
     "FACTORED_DIMS",
@@ -121,6 +121,7 @@ def adafactor(
     momentum_mode: str = "unit",
     maximize: bool = False,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> None:
     """One AdaFactor update at step ``step`` (1-based) of every tensor.
 
@@ -128,6 +129,9 @@ def adafactor(
     shapes with size 1 on the averaged axis, see :func:`adafactor_factored_axes`) or
     ``exp_avg_sqs[i]`` (full shape) is given; ``exp_avgs[i]`` is the momentum (needed when
     ``beta1 > 0``). Statistics must be float32 (or float64); the momentum may be any float dtype.
+    ``foreach``/``fused`` choose the implementation (see ``functional._utils.select_path``):
+    the Triton kernels on CUDA, the foreach path, or the single-tensor loop (there is no
+    separate CPU kernel: ``fused=True`` without Triton runs the foreach path).
     DTensor (FSDP2) tensors take the single-tensor ops on their local slices, with every mean
     and norm over the whole tensor (state placed as ``danlu.distributed.new_state`` does).
     """
@@ -141,10 +145,8 @@ def adafactor(
         raise ValueError("adafactor: beta1 > 0 needs a momentum tensor in exp_avgs for every param")
     if any_dtensor(params):
         fn: Any = _dtensor_adafactor
-    elif resolve_foreach(foreach, params):
-        fn = _multi_tensor_adafactor
     else:
-        fn = _single_tensor_adafactor
+        fn = _implementation(select_path(foreach, fused, params))
     fn(
         list(params),
         list(grads),
@@ -170,6 +172,16 @@ def adafactor(
         momentum_mode=momentum_mode,
         maximize=maximize,
     )
+
+
+def _implementation(path: str) -> Callable[..., None]:
+    if path == "triton":
+        from danlu.kernels.triton_adafactor import adafactor_triton
+
+        return adafactor_triton
+    if path in ("foreach", "compiled"):
+        return _multi_tensor_adafactor
+    return _single_tensor_adafactor  # "single" and "chunked" (one g²-sized buffer per tensor)
 
 
 def _cast_like(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:

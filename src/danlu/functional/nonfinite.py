@@ -37,7 +37,8 @@ def finite_mask(tensors: Sequence[Tensor]) -> Tensor:
     picked = [tensors[i] for i in nonempty]
     for (group,), indices in group_by_device_and_dtype([picked]) if picked else ():
         norms = torch.stack(torch._foreach_norm(group, float("inf")))
-        where = torch.tensor([nonempty[i] for i in indices], device=device)
+        # a non-blocking copy: torch.tensor(..., device=cuda) would wait for the stream
+        where = torch.tensor([nonempty[i] for i in indices]).to(device, non_blocking=True)
         mask.index_copy_(0, where, torch.isfinite(norms).to(device))
     return mask
 

@@ -111,7 +111,8 @@ def tiger(
     the momentum is untouched either way. ``foreach``/``fused`` choose the implementation
     (see ``functional._utils.select_path``); all of them compute the same update. Momentum
     in another dtype than its parameter (e.g. bf16) and ``stochastic_rounding`` of bf16
-    parameters run the math in fp32 (``functional.precision``).
+    parameters run the math in fp32: inside the Triton kernel on CUDA, elsewhere on upcast
+    copies (``functional.precision``).
 
     DTensor (FSDP2) tensors take a simple path (:func:`_dtensor_tiger`): the momentum and the
     update run on the local slices, and the RMS factor is computed over the whole tensor (or
@@ -146,7 +147,7 @@ def tiger(
         )
         return
     path = select_path(foreach, fused, params)
-    if path == "triton" and not needs_upcast(params, [exp_avgs], stochastic_rounding):
+    if path == "triton":
         from danlu.kernels.triton_tiger import tiger_triton
 
         tiger_triton(
@@ -166,6 +167,7 @@ def tiger(
             nonfinite=nonfinite,
             center=center,
             shrink_ratio=shrink_ratio,
+            stochastic_rounding=stochastic_rounding,
         )
         return
     if finite is not None:

@@ -22,7 +22,7 @@ from danlu.optim._base import (
     check_beta,
     check_bool,
     check_choice,
-    check_foreach,
+    check_implementation,
     check_in_range,
     check_int_at_least,
     check_non_negative,
@@ -109,6 +109,10 @@ class AdaFactor(DanluOptimizer):
         momentum_mode: ``"unit"`` (bert4keras) or ``"scaled"`` (transformers).
         maximize: ascend instead of descend (the user's gradients are not modified).
         foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
+        fused: ``True`` runs the Triton kernels on CUDA (the statistics stay torch ops, the
+            clipping and parameter-scale sums and the update are fused passes); without
+            Triton it runs the foreach path. ``None`` (default) uses Triton on CUDA when
+            available and, on CPU, the single-tensor loop.
     """
 
     _display_name = "danlu.AdaFactor"
@@ -133,6 +137,7 @@ class AdaFactor(DanluOptimizer):
         momentum_mode: str = "unit",
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         if lr is None:
             lr, relative_step = 1.0, True
@@ -152,6 +157,7 @@ class AdaFactor(DanluOptimizer):
             "momentum_mode": momentum_mode,
             "maximize": maximize,
             "foreach": foreach,
+            "fused": fused,
         }
         super().__init__(params, defaults)
 
@@ -179,7 +185,7 @@ class AdaFactor(DanluOptimizer):
         check_int_at_least(f"{where}min_dim_size_to_factor", group["min_dim_size_to_factor"], 0)
         check_choice(f"{where}momentum_mode", group["momentum_mode"], MOMENTUM_MODES)
         check_bool(f"{where}maximize", group["maximize"])
-        check_foreach(group["foreach"])
+        check_implementation(group, where=where)
 
     def _axes(self, p: Tensor, group: dict[str, Any]) -> tuple[int, int] | None:
         return adafactor_factored_axes(
@@ -262,6 +268,7 @@ class AdaFactor(DanluOptimizer):
                 momentum_mode=group["momentum_mode"],
                 maximize=group["maximize"],
                 foreach=group["foreach"],
+                fused=group.get("fused"),  # absent from state dicts saved before it existed
             )
         if steps:
             torch._foreach_add_(steps, 1.0)

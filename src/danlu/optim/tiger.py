@@ -232,7 +232,7 @@ class Tiger(DanluOptimizer):
                 shrink_ratio=group["shrink_ratio"],
                 stochastic_rounding=group["stochastic_rounding"],
                 foreach=group["foreach"],
-                fused=group["fused"],
+                fused=group.get("fused"),  # absent from state dicts saved before it existed
             )
         steps = [
             # float64: the accumulation window is read from it, exact up to 2**53 micro-steps
