@@ -313,7 +313,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     impls = _danlu_impls() + _peer_impls(device)
     for algorithm, label, factory in impls:
-        if args.only and args.only not in label.lower():
+        if args.only and args.only.lower() not in label.lower():
             continue
         try:
             opt = factory(ps)

@@ -20,8 +20,8 @@ __all__ = ["finite_flags", "finite_mask", "shrink_"]
 def finite_mask(tensors: Sequence[Tensor]) -> Tensor:
     """A bool tensor with one entry per tensor: whether all its entries are finite.
 
-    One reduction per tensor (the max-abs norm, which is NaN or Inf exactly when an entry is,
-    and cannot overflow), computed on the tensors' device without synchronising with the
+    One reduction per tensor (the minimum and maximum on CPU, the max-abs norm elsewhere:
+    NaN or Inf exactly when an entry is, and they cannot overflow), computed on the tensors' device without synchronising with the
     host. Empty tensors count as finite. The result lives on the first tensor's device.
 
     A DTensor (FSDP2) is finite when every rank's slice is: its flag is agreed over the ranks
@@ -36,10 +36,16 @@ def finite_mask(tensors: Sequence[Tensor]) -> Tensor:
     nonempty = [i for i, t in enumerate(tensors) if t.numel() > 0]
     picked = [tensors[i] for i in nonempty]
     for (group,), indices in group_by_device_and_dtype([picked]) if picked else ():
-        norms = torch.stack(torch._foreach_norm(group, float("inf")))
+        if group[0].device.type == "cpu":
+            # min and max in one pass: NaN when any entry is, ±Inf when one is; on CPU 10×
+            # faster than the max-abs norm, which is not vectorised there
+            extremes = torch.stack([torch.stack(torch.aminmax(t.reshape(-1))) for t in group])
+            finite = torch.isfinite(extremes).all(dim=1)
+        else:
+            finite = torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf"))))
         # a non-blocking copy: torch.tensor(..., device=cuda) would wait for the stream
         where = torch.tensor([nonempty[i] for i in indices]).to(device, non_blocking=True)
-        mask.index_copy_(0, where, torch.isfinite(norms).to(device))
+        mask.index_copy_(0, where, finite.to(device))
     return mask
 
 
