@@ -24,6 +24,7 @@ $(VENV)/.compare-installed: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest -n 2

@@ -40,7 +40,7 @@ REGISTRY: dict[str, OptimizerInfo] = {}
 
 
 def _signature_defaults(cls: type) -> Mapping[str, Any]:
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters
     return MappingProxyType(
         {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
     )

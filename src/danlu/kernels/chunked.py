@@ -149,6 +149,7 @@ def tiger_chunked(
             if weight_decay != 0:
                 update.add_(p, alpha=weight_decay)
             if width:
+                assert isinstance(step_size, Tensor)  # per-row step sizes
                 rows = n // width
                 first_row = index * (size // width)
                 row_steps = step_size.view(-1, 1)[first_row : first_row + rows]

@@ -130,7 +130,7 @@ def tiger_triton(
         lr_t = _lr_tensor(lr, ps[0])
         ok = (
             finite[torch.tensor(indices, device=finite.device)].to(ps[0].device, torch.int8)
-            if mode
+            if finite is not None and mode
             else lr_t  # unused placeholder pointer
         )
         common = {

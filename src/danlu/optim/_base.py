@@ -247,7 +247,7 @@ class DanluOptimizer(Optimizer):
                 if wanted != p.dtype:
                     self.state[p][key] = value.to(device=p.device, dtype=wanted, copy=True)
 
-    def _state_tensor(self, p: Tensor, key: str, factory: Callable[[], Tensor]) -> Tensor:
+    def _state_tensor(self, p: Tensor, key: str, factory: Callable[..., Tensor]) -> Tensor:
         """Return ``state[p][key]``, creating it on first use."""
         state = self.state[p]
         if key not in state:
