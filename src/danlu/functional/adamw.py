@@ -27,6 +27,10 @@ from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
 
 __all__ = ["adamw"]
 
+# lr/(1 − β1ⁿ) can exceed float32's range (lr near its top, β1 near 1): torch takes the scalar
+# as a float32 and raises mid-step beyond it, while such a step overflows θ to ±inf anyway.
+_MAX_STEP_SIZE = float(torch.finfo(torch.float32).max)
+
 
 def adamw(
     params: Sequence[Tensor],
@@ -112,12 +116,15 @@ def _single_tensor_adamw(
         n = float(step.item())
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
-        step_size = lr / (1 - beta1**n)
+        step_size = min(lr / (1 - beta1**n), _MAX_STEP_SIZE)
         bias_correction2 = 1 - beta2**n
         if eps_inside_sqrt:
             denom = (exp_avg_sq / bias_correction2).add_(eps).sqrt_()
         else:
             denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+        if eps < torch.finfo(denom.dtype).tiny:  # ε = 0, or lost in fp16 (1e-8 + 0 = 0)
+            # v̂ = 0 only where every gradient was 0 (so m = 0): a 0 step, not 0/0
+            denom.clamp_min_(torch.finfo(denom.dtype).tiny)
         param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
@@ -165,7 +172,7 @@ def _multi_tensor_adamw(
         counts = [float(s.item()) for s in device_steps]
         if weight_decay != 0:
             torch._foreach_mul_(device_params, 1 - lr * weight_decay)
-        step_sizes = [-(lr / (1 - beta1**n)) for n in counts]
+        step_sizes = [-min(lr / (1 - beta1**n), _MAX_STEP_SIZE) for n in counts]
         bias_corrections2 = [1 - beta2**n for n in counts]
         if eps_inside_sqrt:
             denoms = torch._foreach_div(device_exp_avg_sqs, bias_corrections2)
@@ -175,4 +182,7 @@ def _multi_tensor_adamw(
             denoms = torch._foreach_sqrt(device_exp_avg_sqs)
             torch._foreach_div_(denoms, [bc**0.5 for bc in bias_corrections2])
             torch._foreach_add_(denoms, eps)
+        if eps < torch.finfo(denoms[0].dtype).tiny:  # ε = 0, or lost in fp16 (1e-8 + 0 = 0)
+            # v̂ = 0 only where every gradient was 0 (so m = 0): a 0 step, not 0/0
+            torch._foreach_clamp_min_(denoms, torch.finfo(denoms[0].dtype).tiny)
         torch._foreach_addcdiv_(device_params, device_exp_avgs, denoms, step_sizes)

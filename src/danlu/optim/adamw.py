@@ -15,7 +15,6 @@ from danlu.optim._base import (
     ParamsT,
     check_beta,
     check_bool,
-    check_choice,
     check_foreach,
     check_int_at_least,
     check_non_negative,
@@ -99,7 +98,7 @@ class AdamW(DanluOptimizer):
         check_non_negative(f"{where}eps", group["eps"])
         check_non_negative(f"{where}weight_decay", group["weight_decay"])
         check_int_at_least(f"{where}grad_accum_steps", group["grad_accum_steps"], 1)
-        check_choice(f"{where}eps_inside_sqrt", group["eps_inside_sqrt"], (False, True))
+        check_bool(f"{where}eps_inside_sqrt", group["eps_inside_sqrt"])
         check_bool(f"{where}maximize", group["maximize"])
         check_foreach(group["foreach"])
 
