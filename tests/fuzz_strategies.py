@@ -230,6 +230,9 @@ def hyperparameters(draw, name: str, *, extreme_max: float | None = None) -> dic
             out[arg] = draw(st.one_of(st.just(extreme_max), log_uniform(low, extreme_max)))
         else:
             out[arg] = draw(spec.valid)
+    if name == "adamw":  # the first step's size lr/(1 − β1) must fit in float32 too
+        while float(out["lr"]) / (1 - out["betas"][0]) > MAX_SCALAR:
+            out["lr"] = math.nextafter(min(float(out["lr"]), MAX_SCALAR * (1 - out["betas"][0])), 0)
     return out
 
 

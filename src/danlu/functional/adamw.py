@@ -27,10 +27,6 @@ from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
 
 __all__ = ["adamw"]
 
-# lr/(1 − β1ⁿ) can exceed float32's range (lr near its top, β1 near 1): torch takes the scalar
-# as a float32 and raises mid-step beyond it, while such a step overflows θ to ±inf anyway.
-_MAX_STEP_SIZE = float(torch.finfo(torch.float32).max)
-
 
 def adamw(
     params: Sequence[Tensor],
@@ -116,7 +112,7 @@ def _single_tensor_adamw(
         n = float(step.item())
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
-        step_size = min(lr / (1 - beta1**n), _MAX_STEP_SIZE)
+        step_size = lr / (1 - beta1**n)
         bias_correction2 = 1 - beta2**n
         if eps_inside_sqrt:
             denom = (exp_avg_sq / bias_correction2).add_(eps).sqrt_()
@@ -172,7 +168,7 @@ def _multi_tensor_adamw(
         counts = [float(s.item()) for s in device_steps]
         if weight_decay != 0:
             torch._foreach_mul_(device_params, 1 - lr * weight_decay)
-        step_sizes = [-min(lr / (1 - beta1**n), _MAX_STEP_SIZE) for n in counts]
+        step_sizes = [-(lr / (1 - beta1**n)) for n in counts]
         bias_corrections2 = [1 - beta2**n for n in counts]
         if eps_inside_sqrt:
             denoms = torch._foreach_div(device_exp_avg_sqs, bias_corrections2)
