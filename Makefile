@@ -34,7 +34,7 @@ test: lint
 	$(BIN)/python -m pytest -n 2
 
 demo: $(VENV)/.compare-installed
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/danlu compare
 
 # The documentation site (mkdocs.yml) into site/; --strict turns every warning into an error.
 docs: $(VENV)/.docs-installed

@@ -7,6 +7,12 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without CUDA the Triton kernels are tested under Triton's interpreter. The variable must be
+# set before anything imports triton (torch._dynamo does): Triton's own library functions
+# (tl.sum, tl.randint) are interpreted or compiled according to it when they are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile(
     "danlu",
     deadline=None,

@@ -115,6 +115,8 @@ def noise_scale_from_micro_grads(grads, micro_batch):
     trace = micro_batch * float(np.sum(np.var(grads, axis=0, ddof=1)))
     mean = grads.mean(axis=0)
     return trace, float(mean @ mean) - trace / (k * micro_batch)
+
+
 def adam_accumulated(
     theta, micro_grads, *, k, lr, beta1, beta2, eps, wd=0.0, eps_inside_sqrt=False
 ):
@@ -172,6 +174,7 @@ def adam_lazy_rows(theta, grads, *, lr, beta1, beta2, eps, variant):
         theta = theta + delta if variant == "dense" else np.where(present, theta + delta, theta)
         history.append(theta.copy())
     return history
+
 
 def _rms(x):
     return np.sqrt(np.mean(np.square(x))) if np.size(x) else 0.0
@@ -313,6 +316,7 @@ def amos_run(
         theta = theta + delta
         history.append(theta.copy())
     return history, v, b
+
 
 # ----------------------------------------------------------------------------------------------
 # LoRA-GA and LoRA-Pro, SPEC §10. PEFT naming for LoRA-GA (W = W0 + s·B_p A_p); LoRA-Pro is

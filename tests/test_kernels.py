@@ -4,10 +4,12 @@ import pytest
 import torch
 
 import danlu
+from danlu.functional.adax import _single_tensor_adax, adax_new_sample_weight
+from danlu.functional.amos import _single_tensor_amos, amos_slot_shape
 from danlu.functional.lion import _single_tensor_lion
 from danlu.functional.tiger import _single_tensor_tiger
-from danlu.kernels.chunked import lion_chunked, tiger_chunked
-from danlu.kernels.compiled import lion_compiled, tiger_compiled
+from danlu.kernels.chunked import adax_chunked, lion_chunked, tiger_chunked
+from danlu.kernels.compiled import adax_compiled, amos_compiled, lion_compiled, tiger_compiled
 
 # sizes that are not multiples of the slice size (7 below), an empty tensor and a scalar
 SHAPES = [(0,), (), (1,), (5,), (13, 7), (3, 11, 5), (50, 3)]
@@ -128,7 +130,8 @@ def test_tiger_compiled_matches_single(kind):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.parametrize("name", ["lion", "tiger"])
+# (AdaX and Amos compile per param group: their compiled math is checked below, on one call)
+@pytest.mark.parametrize("name", ["lion", "tiger", "adafactor"])
 def test_fused_optimizer_equals_default(name):
     torch.manual_seed(3)
     model = torch.nn.Sequential(
@@ -150,6 +153,144 @@ def test_fused_optimizer_equals_default(name):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", ["lion", "tiger", "adax", "amos"])
+def test_fused_true_on_cpu_runs_the_compiled_path(name, monkeypatch):
+    import danlu.kernels.compiled as compiled
+
+    calls = []
+    monkeypatch.setattr(compiled, f"{name}_compiled", lambda *a, **k: calls.append(name))
+    param = torch.nn.Parameter(torch.ones(4, 3))
+    opt = danlu.REGISTRY[name].cls([param], lr=1e-2, fused=True)
+    param.grad = torch.ones(4, 3)
+    opt.step()
+    assert calls == [name]
+
+
 def test_foreach_and_fused_both_true_is_rejected():
     with pytest.raises(ValueError, match="fused"):
         danlu.Lion([torch.nn.Parameter(torch.ones(2))], foreach=True, fused=True)
+
+
+ADAX_KW = [
+    {
+        "lr": 1e-2,
+        "beta1": 0.9,
+        "eps": 1e-6,
+        "eps_inside_sqrt": False,
+        "weight_decay": 0.0,
+        "maximize": False,
+    },
+    {
+        "lr": 3e-3,
+        "beta1": 0.5,
+        "eps": 1e-3,
+        "eps_inside_sqrt": True,
+        "weight_decay": 0.5,
+        "maximize": True,
+    },
+    {
+        "lr": torch.tensor(2e-3),
+        "beta1": 0.9,
+        "eps": 1e-6,
+        "eps_inside_sqrt": False,
+        "weight_decay": 0.1,
+        "maximize": False,
+    },
+]
+
+
+def adax_state(shapes, dtype, seed):
+    params, exp_avgs, grads = tensors(shapes, dtype=dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    sd = torch.promote_types(dtype, torch.float32)
+    return params, exp_avgs, [torch.rand(s, generator=gen).to(sd) for s in shapes], grads
+
+
+def run_adax(fn, params, exp_avgs, exp_avg_sqs, grads, kw, **extra):
+    for t, g in enumerate(grads, start=1):
+        fn(
+            params,
+            g,
+            exp_avgs,
+            exp_avg_sqs,
+            new_sample_weight=adax_new_sample_weight(t, 1e-4),
+            **kw,
+            **extra,
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", ADAX_KW)
+def test_adax_chunked_is_bit_identical(kw, dtype):
+    params, exp_avgs, exp_avg_sqs, grads = adax_state(SHAPES, dtype, 4)
+    a = [clone(params), clone(exp_avgs), clone(exp_avg_sqs)]
+    b = [clone(params), clone(exp_avgs), clone(exp_avg_sqs)]
+    run_adax(_single_tensor_adax, *a, grads, kw)
+    run_adax(adax_chunked, *b, grads, kw, chunk=CHUNK)
+    for x, y in zip([*a[0], *a[1], *a[2]], [*b[0], *b[1], *b[2]], strict=True):
+        assert x.dtype == y.dtype
+        assert torch.equal(x, y)
+
+
+def test_adax_compiled_matches_single():
+    dtype = torch.float64
+    params, exp_avgs, exp_avg_sqs, grads = adax_state(SHAPES, dtype, 5)
+    a = [clone(params), clone(exp_avgs), clone(exp_avg_sqs)]
+    b = [clone(params), clone(exp_avgs), clone(exp_avg_sqs)]
+    kw = ADAX_KW[1]
+    run_adax(_single_tensor_adax, *a, grads, kw)
+    run_adax(adax_compiled, *b, grads, kw)
+    for x, y in zip([*a[0], *a[1], *a[2]], [*b[0], *b[1], *b[2]], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-15)
+
+
+def test_state_dict_saved_without_fused_loads():
+    # a state dict from before ``fused`` existed loads and steps on the default path
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))]
+    opts = [danlu.AdaX([p], lr=1e-2) for p in params]
+    for p, opt in zip(params, opts, strict=True):
+        p.grad = torch.ones(3)
+        opt.step()
+    saved = opts[1].state_dict()
+    for group in saved["param_groups"]:
+        del group["fused"]
+    opts[1].load_state_dict(saved)
+    for p, opt in zip(params, opts, strict=True):
+        p.grad = torch.full((3,), 0.5)
+        opt.step()
+    assert torch.equal(params[0], params[1])
+
+
+def test_amos_compiled_matches_single():
+    # float64, momentum, clipping, a centre; a 0-d param, and every slot rule: 0-d slots of
+    # a vector and of a 3-d tensor ("scalar"), per-output rows, full-size slots
+    shapes = [(), (5,), (13, 7), (3, 11, 5), (4, 6)]
+    rules = ["per_output", "per_output", "per_output", "scalar", "full"]
+    gen = torch.Generator().manual_seed(6)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    slot_shapes = [amos_slot_shape(s, r) for s, r in zip(shapes, rules, strict=True)]
+    vs = [torch.rand(s, generator=gen, dtype=torch.float64) for s in slot_shapes]
+    bs = [torch.rand(s, generator=gen, dtype=torch.float64) for s in slot_shapes]
+    ms = [torch.randn(s, generator=gen, dtype=torch.float64) * 0.1 for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(3)]
+    a = [clone(params), clone(vs), clone(bs), clone(ms)]
+    b = [clone(params), clone(vs), clone(bs), clone(ms)]
+    for t, g in enumerate(grads, start=1):
+        kw = {
+            "etas": [0.5, 0.5, 0.3, 0.2, 0.4],
+            "bias_correction": 1 - 0.999**t,
+            "lr": 0.1,
+            "beta": 0.999,
+            "zeta": 0.25,
+            "finetune_rate": 1.0,
+            "center": 0.5,
+            "momentum": 0.5,
+            "clip_value": 1.0,
+            "eps": 2.0**-125,
+            "maximize": True,  # constant: a changed flag would compile a second variant
+        }
+        _single_tensor_amos(a[0], g, *a[1:], **kw)
+        amos_compiled(b[0], g, *b[1:], **kw)
+    for x, y in zip([*a[0], *a[1], *a[2], *a[3]], [*b[0], *b[1], *b[2], *b[3]], strict=True):
+        assert x.shape == y.shape
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)

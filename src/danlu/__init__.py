@@ -5,6 +5,7 @@ See SPEC sections cited in each docstring for the exact algorithms.
 
 from danlu import (
     diagnostics,
+    distributed,
     functional,
     init,
     lora,
@@ -49,6 +50,7 @@ __all__ = [
     "accumulation_betas",
     "create_optimizer",
     "diagnostics",
+    "distributed",
     "functional",
     "init",
     "lora",

@@ -21,13 +21,14 @@ parameter dtype: ε1 = 1e-30 underflows in fp16, and bf16 is too coarse for the 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
+from danlu.distributed import any_dtensor, local, reduce_partial_sums
+from danlu.functional._utils import group_by_device_and_dtype, select_path
 
 __all__ = [
     "FACTORED_DIMS",
@@ -120,6 +121,7 @@ def adafactor(
     momentum_mode: str = "unit",
     maximize: bool = False,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> None:
     """One AdaFactor update at step ``step`` (1-based) of every tensor.
 
@@ -127,6 +129,11 @@ def adafactor(
     shapes with size 1 on the averaged axis, see :func:`adafactor_factored_axes`) or
     ``exp_avg_sqs[i]`` (full shape) is given; ``exp_avgs[i]`` is the momentum (needed when
     ``beta1 > 0``). Statistics must be float32 (or float64); the momentum may be any float dtype.
+    ``foreach``/``fused`` choose the implementation (see ``functional._utils.select_path``):
+    the Triton kernels on CUDA, the foreach path, or the single-tensor loop (there is no
+    separate CPU kernel: ``fused=True`` without Triton runs the foreach path).
+    DTensor (FSDP2) tensors take the single-tensor ops on their local slices, with every mean
+    and norm over the whole tensor (state placed as ``danlu.distributed.new_state`` does).
     """
     if factored_dims not in FACTORED_DIMS:
         raise ValueError(f"factored_dims must be one of {FACTORED_DIMS}, got {factored_dims!r}")
@@ -136,7 +143,10 @@ def adafactor(
         return
     if beta1 > 0 and any(m is None for m in exp_avgs):
         raise ValueError("adafactor: beta1 > 0 needs a momentum tensor in exp_avgs for every param")
-    fn = _multi_tensor_adafactor if resolve_foreach(foreach, params) else _single_tensor_adafactor
+    if any_dtensor(params):
+        fn: Any = _dtensor_adafactor
+    else:
+        fn = _implementation(select_path(foreach, fused, params))
     fn(
         list(params),
         list(grads),
@@ -162,6 +172,16 @@ def adafactor(
         momentum_mode=momentum_mode,
         maximize=maximize,
     )
+
+
+def _implementation(path: str) -> Callable[..., None]:
+    if path == "triton":
+        from danlu.kernels.triton_adafactor import adafactor_triton
+
+        return adafactor_triton
+    if path in ("foreach", "compiled"):
+        return _multi_tensor_adafactor
+    return _single_tensor_adafactor  # "single" and "chunked" (one g²-sized buffer per tensor)
 
 
 def _cast_like(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:
@@ -213,60 +233,253 @@ def _single_tensor_adafactor(
     for param, grad, row, col, full, exp_avg in zip(
         params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, strict=True
     ):
-        stats = row if full is None else full
-        assert stats is not None  # the shell always passes one layout
-        g = grad.to(stats.dtype)
-        if maximize:
-            g = -g
-        # One full-size temporary: g², then reused for the update.
-        buffer = torch.square(g)
-        if full is None:
-            largest, second = _axes(param, row, factored_dims, min_dim_size_to_factor)
-            assert row is not None and col is not None
-            # mean(g² + ε1) = mean(g²) + ε1
-            row.lerp_(buffer.mean(dim=largest, keepdim=True).add_(eps1), 1 - beta2_t)
-            col.lerp_(buffer.mean(dim=second, keepdim=True).add_(eps1), 1 - beta2_t)
-            # g / √(R·C/mean(R)) = g · (R/mean(R))^(-1/2) · C^(-1/2): no full-size v̂.
-            # The clamps keep a zero row or column (ε1 = 0, or R/mean(R) underflowing next to
-            # large gradients) at a finite factor: its gradients are 0, so is its update.
-            tiny = torch.finfo(row.dtype).tiny
-            row_factor = row.div(row.mean(dim=second, keepdim=True).clamp_min_(tiny))
-            row_factor.clamp_min_(tiny).rsqrt_()
-            update = torch.mul(g, row_factor, out=buffer).mul_(col.clamp_min(tiny).rsqrt())
+        axes = (
+            None if full is not None else _axes(param, row, factored_dims, min_dim_size_to_factor)
+        )
+        _adafactor_tensor(
+            param,
+            grad,
+            row,
+            col,
+            full,
+            exp_avg,
+            axes=axes,
+            beta2_t=beta2_t,
+            step_size=step_size,
+            beta1=beta1,
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=clip_threshold,
+            multiply_by_parameter_scale=multiply_by_parameter_scale,
+            weight_decay=weight_decay,
+            momentum_mode=momentum_mode,
+            maximize=maximize,
+        )
+
+
+def _adafactor_tensor(
+    param: Tensor,
+    grad: Tensor,
+    row: Tensor | None,
+    col: Tensor | None,
+    full: Tensor | None,
+    exp_avg: Tensor | None,
+    *,
+    axes: tuple[int, int] | None,
+    beta2_t: float,
+    step_size: float | Tensor,
+    beta1: float,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float | None,
+    multiply_by_parameter_scale: bool,
+    weight_decay: float,
+    momentum_mode: str,
+    maximize: bool,
+) -> None:
+    """One tensor's update; ``axes`` are the factored (largest, second) axes, None when
+    unfactored."""
+    stats = row if full is None else full
+    assert stats is not None  # the shell always passes one layout
+    g = grad.to(stats.dtype)
+    if maximize:
+        g = -g
+    # One full-size temporary: g², then reused for the update.
+    buffer = torch.square(g)
+    if full is None:
+        assert row is not None and col is not None and axes is not None
+        largest, second = axes
+        # mean(g² + ε1) = mean(g²) + ε1
+        row.lerp_(buffer.mean(dim=largest, keepdim=True).add_(eps1), 1 - beta2_t)
+        col.lerp_(buffer.mean(dim=second, keepdim=True).add_(eps1), 1 - beta2_t)
+        # g / √(R·C/mean(R)) = g · (R/mean(R))^(-1/2) · C^(-1/2): no full-size v̂.
+        # The clamps keep a zero row or column (ε1 = 0, or R/mean(R) underflowing next to
+        # large gradients) at a finite factor: its gradients are 0, so is its update.
+        tiny = torch.finfo(row.dtype).tiny
+        row_factor = row.div(row.mean(dim=second, keepdim=True).clamp_min_(tiny))
+        row_factor.clamp_min_(tiny).rsqrt_()
+        update = torch.mul(g, row_factor, out=buffer).mul_(col.clamp_min(tiny).rsqrt())
+    else:
+        full.lerp_(buffer.add_(eps1), 1 - beta2_t)
+        if eps1 == 0:  # v̂ = 0 where every gradient was 0: a 0 update, not 0·∞
+            update = torch.clamp_min(full, torch.finfo(full.dtype).tiny, out=buffer).rsqrt_()
         else:
-            full.lerp_(buffer.add_(eps1), 1 - beta2_t)
-            if eps1 == 0:  # v̂ = 0 where every gradient was 0: a 0 update, not 0·∞
-                update = torch.clamp_min(full, torch.finfo(full.dtype).tiny, out=buffer).rsqrt_()
-            else:
-                update = torch.rsqrt(full, out=buffer)
-            update.mul_(g)
+            update = torch.rsqrt(full, out=buffer)
+        update.mul_(g)
+    clip_denom = None
+    if clip_threshold is not None:
+        clip_denom = torch.linalg.vector_norm(update).div_(_rms_divisor(update) * clip_threshold)
+        clip_denom.clamp_min_(1.0)
+    if multiply_by_parameter_scale:
+        scale = torch.linalg.vector_norm(param, dtype=stats.dtype) / _rms_divisor(param)
+        factor: float | Tensor = scale.clamp_min_(eps2).mul_(step_size)
+    else:
+        factor = step_size
+    _finish_update(
+        param,
+        update,
+        exp_avg,
+        clip_denom,
+        factor,
+        beta1=beta1,
+        momentum_mode=momentum_mode,
+        weight_decay=weight_decay,
+        step_size=step_size,
+    )
+
+
+def _finish_update(
+    param: Tensor,
+    update: Tensor,
+    exp_avg: Tensor | None,
+    clip_denom: Tensor | None,
+    factor: float | Tensor,
+    *,
+    beta1: float,
+    momentum_mode: str,
+    weight_decay: float,
+    step_size: float | Tensor,
+) -> None:
+    """Clipping, momentum, decay and the step, given the unit update u, the clipping
+    denominator max(1, RMS(u)/d) (None: no clipping) and the factor α_t·s."""
+    source, coef = update, factor
+    if beta1 > 0 and momentum_mode == "unit":
+        assert exp_avg is not None
+        if clip_denom is not None:
+            update.div_(clip_denom)
+        exp_avg.lerp_(update.to(exp_avg.dtype), 1 - beta1)
+        source = exp_avg
+    elif clip_denom is not None:
+        coef = clip_denom.reciprocal_().mul_(factor)
+    if beta1 > 0 and momentum_mode == "scaled":
+        assert exp_avg is not None
+        exp_avg.lerp_(update.mul_(coef).to(exp_avg.dtype), 1 - beta1)
+        source, coef = exp_avg, 1.0
+    if weight_decay != 0:
+        param.mul_(1 - step_size * weight_decay)
+    _apply(param, source, coef)
+
+
+def _dtensor_adafactor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg_sq_rows: list[Tensor | None],
+    exp_avg_sq_cols: list[Tensor | None],
+    exp_avg_sqs: list[Tensor | None],
+    exp_avgs: list[Tensor | None],
+    *,
+    beta2_t: float,
+    step_size: float | Tensor,
+    beta1: float,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float | None,
+    multiply_by_parameter_scale: bool,
+    weight_decay: float,
+    factored_dims: str,
+    min_dim_size_to_factor: int,
+    momentum_mode: str,
+    maximize: bool,
+) -> None:
+    """AdaFactor on DTensors (FSDP2): the single-tensor ops on the local slices, with the row
+    and column means, the update RMS and the parameter RMS over the whole tensor. The partial
+    sums of all tensors are all-reduced together, in three collectives per step (the
+    statistics; the mean of the row statistic; the two RMS). The unit update is formed twice,
+    once for its RMS and once to apply it, so that no tensor's update is kept while the
+    others are formed."""
+    n = len(params)
+    axes = [
+        _axes(p, r, factored_dims, min_dim_size_to_factor) if f is None else None
+        for p, r, f in zip(params, exp_avg_sq_rows, exp_avg_sqs, strict=True)
+    ]
+    rows = [None if t is None else local(t) for t in exp_avg_sq_rows]
+    cols = [None if t is None else local(t) for t in exp_avg_sq_cols]
+    fulls = [None if t is None else local(t) for t in exp_avg_sqs]
+
+    def gradient(i: int) -> Tensor:
+        stats = rows[i] if fulls[i] is None else fulls[i]
+        assert stats is not None  # the shell always passes one layout
+        g = local(grads[i]).to(stats.dtype)
+        return -g if maximize else g
+
+    # 1. the second-moment statistics; mean(g² + ε1) = mean(g²) + ε1
+    factored: list[tuple[int, int, int]] = []  # (index, largest axis, second axis)
+    partials: list[Tensor] = []
+    for i, (full, axis_pair) in enumerate(zip(fulls, axes, strict=True)):
+        squares = torch.square(gradient(i))
+        if full is not None:
+            full.lerp_(squares.add_(eps1), 1 - beta2_t)
+            continue
+        assert axis_pair is not None
+        largest, second = axis_pair
+        factored.append((i, largest, second))
+        partials += [squares.sum(dim=largest, keepdim=True), squares.sum(dim=second, keepdim=True)]
+    sums = reduce_partial_sums(
+        partials,
+        [params[i] for i, _, _ in factored for _ in (0, 1)],
+        [axis for _, largest, second in factored for axis in (largest, second)],
+    )
+    for j, (i, largest, second) in enumerate(factored):
+        row, col, shape = rows[i], cols[i], params[i].shape
+        assert row is not None and col is not None
+        row.lerp_(sums[2 * j].div_(shape[largest]).add_(eps1), 1 - beta2_t)
+        col.lerp_(sums[2 * j + 1].div_(shape[second]).add_(eps1), 1 - beta2_t)
+    # 2. the mean of the row statistic over the second axis
+    row_sums = []
+    for i, _, second in factored:
+        row = rows[i]
+        assert row is not None
+        row_sums.append(row.sum(dim=second, keepdim=True))
+    normalisers = reduce_partial_sums(
+        row_sums, [params[i] for i, _, _ in factored], [second for _, _, second in factored]
+    )
+    row_factors: list[Tensor | None] = [None] * n
+    for (i, _, second), total in zip(factored, normalisers, strict=True):
+        row = rows[i]
+        assert row is not None
+        tiny = torch.finfo(row.dtype).tiny  # a zero row or column keeps a finite factor
+        total = total.div_(params[i].shape[second]).clamp_min_(tiny)
+        row_factors[i] = row.div(total).clamp_min_(tiny).rsqrt_()
+
+    def unit_update(i: int) -> Tensor:
+        g = gradient(i)
+        full, row_factor, col = fulls[i], row_factors[i], cols[i]
+        if full is not None:
+            tiny = torch.finfo(full.dtype).tiny if eps1 == 0 else 0.0
+            return torch.clamp_min(full, tiny).rsqrt_().mul_(g)
+        assert row_factor is not None and col is not None
+        return g.mul(row_factor).mul_(col.clamp_min(torch.finfo(col.dtype).tiny).rsqrt())
+
+    # 3. the RMS of each update (clipping) and of each parameter (parameter scale)
+    partials = []
+    for i, param in enumerate(params):
+        update = unit_update(i)
+        partials.append(update.square().sum())
+        partials.append(local(param).to(update.dtype).square().sum())
+    totals = reduce_partial_sums(partials, [p for p in params for _ in (0, 1)], [None] * (2 * n))
+    # 4. clipping, momentum, decay and the step
+    for i, param in enumerate(params):
+        divisor = _rms_divisor(param)
         clip_denom = None
         if clip_threshold is not None:
-            clip_denom = torch.linalg.vector_norm(update).div_(
-                _rms_divisor(update) * clip_threshold
-            )
-            clip_denom.clamp_min_(1.0)
+            clip_denom = totals[2 * i].sqrt().div_(divisor * clip_threshold).clamp_min_(1.0)
         if multiply_by_parameter_scale:
-            scale = torch.linalg.vector_norm(param, dtype=stats.dtype) / _rms_divisor(param)
+            scale = totals[2 * i + 1].sqrt().div_(divisor)
             factor: float | Tensor = scale.clamp_min_(eps2).mul_(step_size)
         else:
             factor = step_size
-        source, coef = update, factor
-        if beta1 > 0 and momentum_mode == "unit":
-            assert exp_avg is not None
-            if clip_denom is not None:
-                update.div_(clip_denom)
-            exp_avg.lerp_(update.to(exp_avg.dtype), 1 - beta1)
-            source = exp_avg
-        elif clip_denom is not None:
-            coef = clip_denom.reciprocal_().mul_(factor)
-        if beta1 > 0 and momentum_mode == "scaled":
-            assert exp_avg is not None
-            exp_avg.lerp_(update.mul_(coef).to(exp_avg.dtype), 1 - beta1)
-            source, coef = exp_avg, 1.0
-        if weight_decay != 0:
-            param.mul_(1 - step_size * weight_decay)
-        _apply(param, source, coef)
+        exp_avg = exp_avgs[i]
+        _finish_update(
+            local(param),
+            unit_update(i),
+            None if exp_avg is None else local(exp_avg),
+            clip_denom,
+            factor,
+            beta1=beta1,
+            momentum_mode=momentum_mode,
+            weight_decay=weight_decay,
+            step_size=step_size,
+        )
 
 
 def _multi_tensor_adafactor(

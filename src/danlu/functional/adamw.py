@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from danlu.distributed import any_dtensor, local
 from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
 
 __all__ = ["adamw"]
@@ -48,9 +49,14 @@ def adamw(
     foreach: bool | None = None,
 ) -> None:
     """One AdamW micro-step. ``steps`` holds each parameter's update count (0-d tensors); it
-    is incremented on the last micro-step of a window, before the bias correction."""
+    is incremented on the last micro-step of a window, before the bias correction. DTensor
+    (FSDP2) tensors are updated through their local slices: the update is elementwise."""
     if not params:
         return
+    if any_dtensor(params):
+        params, grads, exp_avgs, exp_avg_sqs = (
+            [local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)
+        )
     if isinstance(lr, Tensor):
         lr = float(lr.item())
     fn = _multi_tensor_adamw if resolve_foreach(foreach, params) else _single_tensor_adamw

@@ -20,12 +20,13 @@ gracefully to 0 (β̂ = 1) for very large t. Decoupled weight decay (SPEC §0):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
+from danlu.distributed import any_dtensor, local
+from danlu.functional._utils import group_by_device_and_dtype, select_path
 
 __all__ = ["adax", "adax_beta2_hat", "adax_new_sample_weight"]
 
@@ -63,16 +64,23 @@ def adax(
     weight_decay: float = 0.0,
     maximize: bool = False,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> None:
     """One AdaX update at step ``step`` (1-based, shared by all tensors of the call).
 
     ``exp_avgs`` is m (any float dtype, usually the param's); ``exp_avg_sqs`` is the normalised
     v̂ (float32 or wider). ``eps_inside_sqrt`` puts ε under the root (the blog) instead of after
-    it (the code, the default).
+    it (the code, the default). ``foreach``/``fused`` choose the implementation (see
+    ``functional._utils.select_path``); all of them compute the same update.
     """
     if not params:
         return
-    fn = _multi_tensor_adax if resolve_foreach(foreach, params) else _single_tensor_adax
+    if any_dtensor(params):
+        # elementwise: the update runs on the local slices of DTensor (FSDP2) parameters
+        params, grads, exp_avgs, exp_avg_sqs = (
+            [local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)
+        )
+    fn = _implementation(select_path(foreach, fused, params))
     fn(
         list(params),
         list(grads),
@@ -86,6 +94,24 @@ def adax(
         weight_decay=weight_decay,
         maximize=maximize,
     )
+
+
+def _implementation(path: str) -> Callable[..., None]:
+    if path == "single":
+        return _single_tensor_adax
+    if path == "foreach":
+        return _multi_tensor_adax
+    if path == "chunked":
+        from danlu.kernels.chunked import adax_chunked
+
+        return adax_chunked
+    if path == "compiled":
+        from danlu.kernels.compiled import adax_compiled
+
+        return adax_compiled
+    from danlu.kernels.triton_adax import adax_triton
+
+    return adax_triton
 
 
 def _single_tensor_adax(

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from danlu.distributed import any_dtensor, local
 from danlu.functional._utils import group_by_device_and_dtype, select_path
 from danlu.functional.precision import needs_upcast, upcast_step
 
@@ -38,10 +39,29 @@ def lion(
 
     ``foreach``/``fused`` choose the implementation (see ``functional._utils.select_path``);
     all of them compute the same update. Momentum in another dtype than its parameter (e.g.
-    bf16) and ``stochastic_rounding`` of bf16 parameters run the math in fp32
-    (``functional.precision``).
+    bf16) and ``stochastic_rounding`` of bf16 parameters run the math in fp32: inside the
+    Triton kernel on CUDA, elsewhere on upcast copies (``functional.precision``). DTensor
+    (FSDP2) tensors are updated through their local slices: the update is elementwise.
     """
     if not params:
+        return
+    if any_dtensor(params):
+        params, grads, exp_avgs = ([local(t) for t in ts] for ts in (params, grads, exp_avgs))
+    path = select_path(foreach, fused, params)
+    if path == "triton":
+        from danlu.kernels.triton_lion import lion_triton
+
+        lion_triton(
+            list(params),
+            list(grads),
+            list(exp_avgs),
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            stochastic_rounding=stochastic_rounding,
+        )
         return
     if needs_upcast(params, [exp_avgs], stochastic_rounding):
         upcast_step(
@@ -57,7 +77,7 @@ def lion(
             maximize=maximize,
         )
         return
-    fn = _implementation(select_path(foreach, fused, params))
+    fn = _implementation(path)
     fn(
         list(params),
         list(grads),
@@ -79,13 +99,9 @@ def _implementation(path: str) -> Callable[..., None]:
         from danlu.kernels.chunked import lion_chunked
 
         return lion_chunked
-    if path == "compiled":
-        from danlu.kernels.compiled import lion_compiled
+    from danlu.kernels.compiled import lion_compiled
 
-        return lion_compiled
-    from danlu.kernels.triton_lion import lion_triton
-
-    return lion_triton
+    return lion_compiled
 
 
 def _single_tensor_lion(

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from danlu.distributed import agree, any_dtensor, local
 from danlu.functional._utils import group_by_device_and_dtype
 
 __all__ = ["finite_flags", "finite_mask", "shrink_"]
@@ -22,16 +23,22 @@ def finite_mask(tensors: Sequence[Tensor]) -> Tensor:
     One reduction per tensor (the max-abs norm, which is NaN or Inf exactly when an entry is,
     and cannot overflow), computed on the tensors' device without synchronising with the
     host. Empty tensors count as finite. The result lives on the first tensor's device.
+
+    A DTensor (FSDP2) is finite when every rank's slice is: its flag is agreed over the ranks
+    that hold it (``danlu.distributed.agree``), so they all take the same action.
     """
     if not tensors:
         return torch.ones(0, dtype=torch.bool)
+    if any_dtensor(tensors):
+        return agree(finite_mask([local(t) for t in tensors]), tensors, op="min")
     device = tensors[0].device
     mask = torch.ones(len(tensors), dtype=torch.bool, device=device)
     nonempty = [i for i, t in enumerate(tensors) if t.numel() > 0]
     picked = [tensors[i] for i in nonempty]
     for (group,), indices in group_by_device_and_dtype([picked]) if picked else ():
         norms = torch.stack(torch._foreach_norm(group, float("inf")))
-        where = torch.tensor([nonempty[i] for i in indices], device=device)
+        # a non-blocking copy: torch.tensor(..., device=cuda) would wait for the stream
+        where = torch.tensor([nonempty[i] for i in indices]).to(device, non_blocking=True)
         mask.index_copy_(0, where, torch.isfinite(norms).to(device))
     return mask
 
@@ -44,6 +51,7 @@ def finite_flags(tensors: Sequence[Tensor]) -> list[bool]:
 def shrink_(params: Sequence[Tensor], *, center: float, ratio: float) -> None:
     """θ ← (θ − c)·s + c: pull each parameter toward its init centre c by the factor s."""
     for p in params:
+        p = local(p)
         if center == 0:
             p.mul_(ratio)
         else:

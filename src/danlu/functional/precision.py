@@ -4,6 +4,8 @@
 ``stochastic_rounding`` (bf16 parameters whose tiny updates would otherwise round away,
 pytorch#120376) both run the optimizer's math in fp32 on upcast copies and write the results
 back: the state with round-to-nearest, bf16 parameters with stochastic rounding when asked.
+The Triton kernels of Lion and Tiger do the same in one pass (``danlu.kernels``); this module
+is the path everywhere else.
 """
 
 from __future__ import annotations

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from danlu.distributed import any_dtensor, is_dtensor, local, sharded_sums
 from danlu.functional._utils import group_by_device_and_dtype, select_path
 from danlu.functional.nonfinite import shrink_
 from danlu.functional.precision import needs_upcast, upcast_step
@@ -36,10 +38,15 @@ KINDS = ("matrix", "elementwise", "embedding")
 def tiger_step_size(
     param: Tensor, *, lr: float | Tensor, kind: str, rms_floor: float
 ) -> float | Tensor:
-    """η for one tensor: 0.5·α, α·max(RMS(θ), floor), or a column of per-row values."""
+    """η for one tensor: 0.5·α, α·max(RMS(θ), floor), or a column of per-row values.
+
+    For a DTensor (FSDP2) parameter the RMS is over the whole tensor (or whole rows), summed
+    over the ranks that shard it; the result is laid out like the local slice."""
     if kind == "elementwise":
         return 0.5 * lr
     dtype = torch.promote_types(param.dtype, torch.float32)
+    if is_dtensor(param):
+        return _sharded_step_sizes([param], lr=lr, kind=kind, rms_floor=rms_floor)[0]
     if kind == "matrix":
         rms = torch.linalg.vector_norm(param, dtype=dtype) / math.sqrt(max(param.numel(), 1))
     elif kind == "embedding":
@@ -50,6 +57,27 @@ def tiger_step_size(
     else:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return rms.clamp_min_(rms_floor).mul_(lr)
+
+
+def _sharded_step_sizes(
+    params: Sequence[Tensor], *, lr: float | Tensor, kind: str, rms_floor: float
+) -> list[Tensor]:
+    """η of several DTensor parameters of one kind, their sums of squares all-reduced together
+    (one collective per step, not one per tensor)."""
+    if kind not in ("matrix", "embedding"):
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    squares = []
+    dims: list[int | None] = []
+    for param in params:
+        dtype = torch.promote_types(param.dtype, torch.float32)
+        squares.append(local(param).to(dtype).square())
+        dims.append(-1 if kind == "embedding" and param.dim() > 0 else None)
+    out = []
+    for param, total, dim in zip(params, sharded_sums(squares, params, dims), dims, strict=True):
+        count = param.numel() if dim is None else param.shape[-1]
+        rms = total.sqrt_().div_(math.sqrt(max(count, 1)))
+        out.append(rms.clamp_min_(rms_floor).mul_(lr))
+    return out
 
 
 def tiger(
@@ -83,7 +111,13 @@ def tiger(
     the momentum is untouched either way. ``foreach``/``fused`` choose the implementation
     (see ``functional._utils.select_path``); all of them compute the same update. Momentum
     in another dtype than its parameter (e.g. bf16) and ``stochastic_rounding`` of bf16
-    parameters run the math in fp32 (``functional.precision``).
+    parameters run the math in fp32: inside the Triton kernel on CUDA, elsewhere on upcast
+    copies (``functional.precision``).
+
+    DTensor (FSDP2) tensors take a simple path (:func:`_dtensor_tiger`): the momentum and the
+    update run on the local slices, and the RMS factor is computed over the whole tensor (or
+    whole rows) across the ranks. ``finite`` must then be the same on every rank (as
+    ``finite_mask`` returns it).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -91,8 +125,29 @@ def tiger(
         raise ValueError(f"nonfinite must be 'shrink' or 'skip', got {nonfinite!r}")
     if not params:
         return
+    if any_dtensor(params):
+        _dtensor_tiger(
+            params,
+            grads,
+            exp_avgs,
+            lr=lr,
+            beta=beta,
+            weight_decay=0.0 if kind == "elementwise" else weight_decay,
+            kind=kind,
+            rms_floor=rms_floor,
+            grad_accum_steps=grad_accum_steps,
+            first_micro_step=first_micro_step,
+            last_micro_step=last_micro_step,
+            maximize=maximize,
+            finite=finite,
+            nonfinite=nonfinite,
+            center=center,
+            shrink_ratio=shrink_ratio,
+            stochastic_rounding=stochastic_rounding,
+        )
+        return
     path = select_path(foreach, fused, params)
-    if path == "triton" and not needs_upcast(params, [exp_avgs], stochastic_rounding):
+    if path == "triton":
         from danlu.kernels.triton_tiger import tiger_triton
 
         tiger_triton(
@@ -112,6 +167,7 @@ def tiger(
             nonfinite=nonfinite,
             center=center,
             shrink_ratio=shrink_ratio,
+            stochastic_rounding=stochastic_rounding,
         )
         return
     if finite is not None:
@@ -251,3 +307,99 @@ def _multi_tensor_tiger(
             for update, param in zip(updates, device_params, strict=True):
                 update.mul_(tiger_step_size(param, lr=lr, kind=kind, rms_floor=rms_floor))
         torch._foreach_sub_(device_params, updates)
+
+
+def _dtensor_tiger(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta: float,
+    weight_decay: float,
+    kind: str,
+    rms_floor: float,
+    grad_accum_steps: int,
+    first_micro_step: bool,
+    last_micro_step: bool,
+    maximize: bool,
+    finite: Tensor | None,
+    nonfinite: str,
+    center: float,
+    shrink_ratio: float,
+    stochastic_rounding: bool,
+) -> None:
+    """Tiger on DTensors: η of every tensor from the whole tensor (or whole rows), one
+    collective for all of them; the momentum and the update on the local slices."""
+    flags = [True] * len(params) if finite is None else finite.tolist()
+    step_sizes: list[float | Tensor] = [0.0] * len(params)
+    if last_micro_step:
+        stepped = [i for i, ok in enumerate(flags) if ok]
+        if kind == "elementwise":
+            for i in stepped:
+                step_sizes[i] = 0.5 * lr
+        else:  # η from θ_{t−1}: before any parameter of the call changes
+            sizes = _sharded_step_sizes(
+                [params[i] for i in stepped], lr=lr, kind=kind, rms_floor=rms_floor
+            )
+            for i, size in zip(stepped, sizes, strict=True):
+                step_sizes[i] = size
+    for param, grad, exp_avg, ok, step_size in zip(
+        params, grads, exp_avgs, flags, step_sizes, strict=True
+    ):
+        p, g, m = local(param), local(grad), local(exp_avg)
+        if not ok:
+            if nonfinite == "shrink":
+                shrink_([p], center=center, ratio=shrink_ratio)
+            continue
+        settings: dict[str, Any] = {
+            "step_size": step_size,
+            "beta": beta,
+            "weight_decay": weight_decay,
+            "grad_accum_steps": grad_accum_steps,
+            "first_micro_step": first_micro_step,
+            "last_micro_step": last_micro_step,
+            "maximize": maximize,
+        }
+        if needs_upcast([p], [[m]], stochastic_rounding):
+            upcast_step(
+                _tiger_with_step_size,
+                [p],
+                [g],
+                [[m]],
+                stochastic_rounding=stochastic_rounding,
+                **settings,
+            )
+        else:
+            _tiger_with_step_size([p], [g], [m], **settings)
+
+
+def _tiger_with_step_size(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    step_size: float | Tensor,
+    beta: float,
+    weight_decay: float,
+    grad_accum_steps: int,
+    first_micro_step: bool,
+    last_micro_step: bool,
+    maximize: bool,
+) -> None:
+    """The ops of :func:`_single_tensor_tiger` with η given (already reduced over the ranks)."""
+    for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
+        if maximize:
+            grad = -grad
+        if grad_accum_steps == 1:
+            exp_avg.lerp_(grad, 1 - beta)
+        else:
+            if first_micro_step:
+                exp_avg.mul_(beta)
+            exp_avg.add_(grad, alpha=(1 - beta) / grad_accum_steps)
+        if not last_micro_step:
+            continue
+        update = torch.sign(exp_avg)
+        if weight_decay != 0:
+            update.add_(param, alpha=weight_decay)
+        param.sub_(update.mul_(step_size))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK", "lion_chunked", "tiger_chunked"]
+__all__ = ["CHUNK", "adax_chunked", "lion_chunked", "tiger_chunked"]
 
 #: Elements per slice: a few tensors × 1 MiB (fp32) sit in the L2/L3 caches of common CPUs.
 CHUNK = 1 << 18
@@ -157,3 +157,76 @@ def tiger_chunked(
             else:
                 update.mul_(step_size)
             p.sub_(update)
+
+
+def adax_chunked(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    new_sample_weight: float,
+    lr: float | Tensor,
+    beta1: float,
+    eps: float,
+    eps_inside_sqrt: bool,
+    weight_decay: float,
+    maximize: bool,
+    chunk: int = CHUNK,
+) -> None:
+    """AdaX (SPEC §6), bit-identical to ``functional.adax._single_tensor_adax``: g², the
+    denominator and m/denom live in slice-sized scratch buffers."""
+    from danlu.functional.adax import _single_tensor_adax
+
+    for param, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+        if param.numel() <= chunk or not _all_contiguous(param, grad, exp_avg, exp_avg_sq):
+            _single_tensor_adax(
+                [param],
+                [grad],
+                [exp_avg],
+                [exp_avg_sq],
+                new_sample_weight=new_sample_weight,
+                lr=lr,
+                beta1=beta1,
+                eps=eps,
+                eps_inside_sqrt=eps_inside_sqrt,
+                weight_decay=weight_decay,
+                maximize=maximize,
+            )
+            continue
+        neg_buf = scratch_buffer(grad, chunk, slot=1) if maximize else None
+        square_buf = scratch_buffer(exp_avg_sq, chunk, slot=2)
+        denom_buf = scratch_buffer(exp_avg_sq, chunk, slot=3)
+        # m / denom has the promoted dtype (fp32 for bf16 m and fp32 v̂), as in the eager path
+        ratio_like = (
+            exp_avg_sq
+            if torch.promote_types(exp_avg.dtype, exp_avg_sq.dtype) == exp_avg_sq.dtype
+            else exp_avg
+        )
+        ratio_buf = scratch_buffer(ratio_like, chunk, slot=4) if isinstance(lr, Tensor) else None
+        for p, g, m, v in zip(
+            _slices(param, chunk),
+            _slices(grad, chunk),
+            _slices(exp_avg, chunk),
+            _slices(exp_avg_sq, chunk),
+            strict=True,
+        ):
+            n = p.numel()
+            if neg_buf is not None:
+                g = torch.neg(g, out=neg_buf[:n])
+            m.lerp_(g.to(m.dtype), 1 - beta1)
+            gv = g.to(v.dtype)
+            v.lerp_(torch.mul(gv, gv, out=square_buf[:n]), new_sample_weight)
+            if eps_inside_sqrt:
+                denom = torch.add(v, eps, out=denom_buf[:n]).sqrt_()
+            else:
+                denom = torch.sqrt(v, out=denom_buf[:n]).add_(eps)
+            if eps < torch.finfo(denom.dtype).tiny:  # ε = 0: a 0 step where v̂ = 0, not 0/0
+                denom.clamp_min_(torch.finfo(denom.dtype).tiny)
+            if weight_decay != 0:
+                p.mul_(1 - lr * weight_decay)
+            if isinstance(lr, Tensor):
+                assert ratio_buf is not None
+                p.addcmul_(torch.div(m, denom, out=ratio_buf[:n]), lr, value=-1.0)
+            else:
+                p.addcdiv_(m, denom, value=-lr)

@@ -1,6 +1,10 @@
-"""Lion (SPEC §1(a)) as one Triton kernel launch per dtype, several tensors per launch.
+"""Lion (SPEC §1(a)) as one Triton kernel launch per dtype combination, several tensors per
+launch.
 
-Math in fp32 (fp64 for fp64 tensors) with one rounding when storing; the lr is read from
+Math in fp32 (fp64 for fp64 parameters) on the loaded values, with one rounding when storing:
+the momentum may have another dtype than its parameter (``state_dtype``, e.g. bf16 momentum
+for fp32 parameters; round to nearest) and bf16 parameters may be rounded stochastically.
+That is the fp32 upcast path of ``functional.precision`` in one pass. The lr is read from
 device memory, so a scheduler changes it without recompiling or synchronising.
 """
 
@@ -11,22 +15,53 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from danlu.functional._utils import group_by_device_and_dtype
-from danlu.kernels._triton import BLOCK, contiguous_or_raise, launch_tables, triton_dtype
+from danlu.kernels._triton import (
+    BLOCK,
+    compute_dtype,
+    contiguous_or_raise,
+    device_scalars,
+    group_by_dtypes,
+    launch_tables,
+    lerp,
+    lr_tensor,
+    round_to,
+    seed_tensor,
+    sign,
+    store_rounded,
+    triton_dtype,
+    typed_pointer,
+)
 
 __all__ = ["lion_triton"]
 
 
 @triton.jit
-def _lerp(start, end, weight):
-    # torch.lerp's formula, for the same rounding as the eager path
-    diff = end - start
-    return tl.where(weight < 0.5, start + weight * diff, end - diff * (1 - weight))
-
-
-@triton.jit
-def _sign(x):
-    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, tl.where(x == x, 0.0, x))).to(x.dtype)
+def _lion_block(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    offs,
+    mask,
+    lr,
+    hyper_ptr,
+    seed_ptr,
+    tid,
+    MAXIMIZE: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+    g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
+    m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+    if MAXIMIZE:
+        g = -g
+    update = sign(lerp(m, g, tl.load(hyper_ptr)))
+    p = p * (1 - lr * tl.load(hyper_ptr + 2)) - update * lr
+    m = lerp(m, g, tl.load(hyper_ptr + 1))
+    store_rounded(p_ptr, offs, p, mask, seed_ptr, tid, P_DTYPE, STOCHASTIC)
+    tl.store(m_ptr + offs, round_to(m, M_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -38,39 +73,36 @@ def _lion_kernel(
     block_tensor,
     block_index,
     lr_ptr,
-    weight1,
-    weight2,
-    weight_decay,
+    hyper_ptr,  # 1 − β1, 1 − β2, λ in the compute dtype
+    seed_ptr,
     MAXIMIZE: tl.constexpr,
-    DTYPE: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tid = tl.load(block_tensor + pid)
-    offs = tl.load(block_index + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < tl.load(sizes + tid)
-    p_ptr = tl.load(p_addrs + tid).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(g_addrs + tid).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(m_addrs + tid).to(tl.pointer_type(DTYPE))
-    p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
-    g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
-    m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-    if MAXIMIZE:
-        g = -g
+    start = tl.load(block_index + pid).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    size = tl.load(sizes + tid)
+    p_ptr = typed_pointer(p_addrs, tid, P_DTYPE, ALIGNED)
+    g_ptr = typed_pointer(g_addrs, tid, G_DTYPE, ALIGNED)
+    m_ptr = typed_pointer(m_addrs, tid, M_DTYPE, ALIGNED)
     lr = tl.load(lr_ptr).to(COMPUTE)
-    update = _sign(_lerp(m, g, weight1))
-    p = p * (1 - lr * weight_decay) - update * lr
-    m = _lerp(m, g, weight2)
-    tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
-    tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
-
-
-def _lr_tensor(lr: float | Tensor, like: Tensor) -> Tensor:
-    dtype = torch.promote_types(like.dtype, torch.float32)
-    if isinstance(lr, Tensor):
-        return lr.detach().to(device=like.device, dtype=dtype).reshape(())
-    return torch.tensor(lr, dtype=dtype, device=like.device)
+    if start + BLOCK <= size:  # a full block: no mask, vector loads
+        _lion_block(
+            p_ptr, g_ptr, m_ptr, offs, None, lr, hyper_ptr, seed_ptr, tid,
+            MAXIMIZE, STOCHASTIC, P_DTYPE, M_DTYPE, COMPUTE,
+        )  # fmt: skip
+    else:
+        _lion_block(
+            p_ptr, g_ptr, m_ptr, offs, offs < size, lr, hyper_ptr, seed_ptr, tid,
+            MAXIMIZE, STOCHASTIC, P_DTYPE, M_DTYPE, COMPUTE,
+        )  # fmt: skip
 
 
 def lion_triton(
@@ -83,26 +115,34 @@ def lion_triton(
     beta2: float,
     weight_decay: float,
     maximize: bool,
+    stochastic_rounding: bool = False,
 ) -> None:
-    """Lion on contiguous tensors: one launch per (device, dtype) group."""
-    for (ps, gs, ms), _ in group_by_device_and_dtype([params, grads, exp_avgs]):
+    """Lion on contiguous tensors: one launch per (device, dtypes) group. ``exp_avgs`` may
+    have any float dtype; ``stochastic_rounding`` rounds bf16 parameters stochastically."""
+    for (ps, gs, ms), _ in group_by_dtypes([params, grads, exp_avgs]):
         contiguous_or_raise([*ps, *gs, *ms], "Lion")
         tables = launch_tables([ps, gs, ms])
         if tables.num_programs == 0:
             continue
-        dtype = ps[0].dtype
+        device, dtype = ps[0].device, ps[0].dtype
+        compute = compute_dtype(dtype)
+        stochastic = stochastic_rounding and dtype == torch.bfloat16
+        lr_t = lr_tensor(lr, compute, device)
         _lion_kernel[(tables.num_programs,)](
             *tables.addresses,
             tables.sizes,
             tables.block_tensor,
             tables.block_index,
-            # 1 - β computed on the host in fp64, as the eager path does
-            _lr_tensor(lr, ps[0]),
-            1 - beta1,
-            1 - beta2,
-            float(weight_decay),
+            lr_t,
+            # 1 − β computed on the host in fp64, as the eager path does
+            device_scalars([1 - beta1, 1 - beta2, weight_decay], compute, device),
+            seed_tensor(device) if stochastic else lr_t,  # the seed is unused without SR
             MAXIMIZE=maximize,
-            DTYPE=triton_dtype(dtype),
-            COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+            STOCHASTIC=stochastic,
+            ALIGNED=tables.aligned,
+            P_DTYPE=triton_dtype(dtype),
+            G_DTYPE=triton_dtype(gs[0].dtype),
+            M_DTYPE=triton_dtype(ms[0].dtype),
+            COMPUTE=triton_dtype(compute),
             BLOCK=BLOCK,
         )

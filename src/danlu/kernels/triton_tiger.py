@@ -15,13 +15,86 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from danlu.functional._utils import group_by_device_and_dtype
-from danlu.kernels._triton import BLOCK, contiguous_or_raise, launch_tables, triton_dtype
-from danlu.kernels.triton_lion import _lerp, _lr_tensor, _sign
+from danlu.kernels._triton import (
+    BLOCK,
+    compute_dtype,
+    contiguous_or_raise,
+    device_scalars,
+    group_by_dtypes,
+    int_table,
+    launch_tables,
+    lerp,
+    lr_tensor,
+    round_to,
+    seed_tensor,
+    sign,
+    store_rounded,
+    triton_dtype,
+    typed_pointer,
+)
 
 __all__ = ["tiger_triton"]
 
 _MODES = {None: 0, "shrink": 1, "skip": 2}
+
+
+@triton.jit
+def _tiger_block(
+    p_ptr,
+    g_addrs,
+    m_addrs,
+    offs,
+    mask,
+    tid,
+    ok,
+    eta_ptr,
+    hyper_ptr,
+    seed_ptr,
+    width,
+    K1: tl.constexpr,
+    FIRST: tl.constexpr,
+    LAST: tl.constexpr,
+    ROWWISE: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    NONFINITE: tl.constexpr,
+    DECAY: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    if ok:
+        g_ptr = typed_pointer(g_addrs, tid, G_DTYPE, ALIGNED)
+        m_ptr = typed_pointer(m_addrs, tid, M_DTYPE, ALIGNED)
+        g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
+        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+        if MAXIMIZE:
+            g = -g
+        if K1:
+            m = lerp(m, g, tl.load(hyper_ptr + 1))
+        else:
+            if FIRST:
+                m = m * tl.load(hyper_ptr)
+            m = m + g * tl.load(hyper_ptr + 2)
+        tl.store(m_ptr + offs, round_to(m, M_DTYPE), mask=mask)
+        if LAST:
+            p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+            if ROWWISE:
+                eta = tl.load(eta_ptr + offs // width, mask=mask).to(COMPUTE)
+            else:
+                eta = tl.load(eta_ptr + tid).to(COMPUTE)
+            update = sign(m)
+            if DECAY:
+                update = update + p * tl.load(hyper_ptr + 3)
+            store_rounded(p_ptr, offs, p - update * eta, mask, seed_ptr, tid, P_DTYPE, STOCHASTIC)
+    else:
+        if NONFINITE == 1:
+            center = tl.load(hyper_ptr + 4)
+            p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+            p = (p - center) * tl.load(hyper_ptr + 5) + center
+            tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -34,13 +107,9 @@ def _tiger_kernel(
     block_index,
     eta_ptr,
     ok_ptr,
+    hyper_ptr,  # β, 1 − β, (1 − β)/k, λ, centre, shrink ratio in the compute dtype
+    seed_ptr,
     width,
-    beta,
-    weight,
-    grad_scale,
-    weight_decay,
-    center,
-    shrink_ratio,
     K1: tl.constexpr,
     FIRST: tl.constexpr,
     LAST: tl.constexpr,
@@ -48,46 +117,35 @@ def _tiger_kernel(
     MAXIMIZE: tl.constexpr,
     NONFINITE: tl.constexpr,
     DECAY: tl.constexpr,
-    DTYPE: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tid = tl.load(block_tensor + pid)
-    offs = tl.load(block_index + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < tl.load(sizes + tid)
-    p_ptr = tl.load(p_addrs + tid).to(tl.pointer_type(DTYPE))
+    start = tl.load(block_index + pid).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    size = tl.load(sizes + tid)
+    p_ptr = typed_pointer(p_addrs, tid, P_DTYPE, ALIGNED)
     ok = True
     if NONFINITE != 0:
         ok = tl.load(ok_ptr + tid) != 0
-    if ok:
-        g_ptr = tl.load(g_addrs + tid).to(tl.pointer_type(DTYPE))
-        m_ptr = tl.load(m_addrs + tid).to(tl.pointer_type(DTYPE))
-        g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
-        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-        if MAXIMIZE:
-            g = -g
-        if K1:
-            m = _lerp(m, g, weight)
-        else:
-            if FIRST:
-                m = m * beta
-            m = m + g * grad_scale
-        tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
-        if LAST:
-            p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
-            if ROWWISE:
-                eta = tl.load(eta_ptr + offs // width, mask=mask).to(COMPUTE)
-            else:
-                eta = tl.load(eta_ptr + tid).to(COMPUTE)
-            update = _sign(m)
-            if DECAY:
-                update = update + p * weight_decay
-            tl.store(p_ptr + offs, (p - update * eta).to(DTYPE), mask=mask)
+    if start + BLOCK <= size:  # a full block: no mask, vector loads
+        _tiger_block(
+            p_ptr, g_addrs, m_addrs, offs, None, tid, ok, eta_ptr, hyper_ptr, seed_ptr, width,
+            K1, FIRST, LAST, ROWWISE, MAXIMIZE, NONFINITE, DECAY, STOCHASTIC, ALIGNED,
+            P_DTYPE, G_DTYPE, M_DTYPE, COMPUTE,
+        )  # fmt: skip
     else:
-        if NONFINITE == 1:
-            p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
-            tl.store(p_ptr + offs, ((p - center) * shrink_ratio + center).to(DTYPE), mask=mask)
+        _tiger_block(
+            p_ptr, g_addrs, m_addrs, offs, offs < size, tid, ok, eta_ptr, hyper_ptr, seed_ptr,
+            width, K1, FIRST, LAST, ROWWISE, MAXIMIZE, NONFINITE, DECAY, STOCHASTIC, ALIGNED,
+            P_DTYPE, G_DTYPE, M_DTYPE, COMPUTE,
+        )  # fmt: skip
 
 
 def _step_sizes(params: list[Tensor], *, lr: Tensor, kind: str, rms_floor: float) -> Tensor:
@@ -95,8 +153,8 @@ def _step_sizes(params: list[Tensor], *, lr: Tensor, kind: str, rms_floor: float
     if kind == "elementwise":
         return (0.5 * lr).expand(len(params)).contiguous()
     norms = torch.stack(torch._foreach_norm(params, 2, dtype=lr.dtype))
-    roots = torch.tensor([math.sqrt(max(p.numel(), 1)) for p in params], dtype=lr.dtype)
-    return (norms / roots.to(lr.device, non_blocking=True)).clamp_min_(rms_floor).mul_(lr)
+    roots = [math.sqrt(max(p.numel(), 1)) for p in params]
+    return (norms / device_scalars(roots, lr.dtype, lr.device)).clamp_min_(rms_floor).mul_(lr)
 
 
 def tiger_triton(
@@ -117,37 +175,42 @@ def tiger_triton(
     nonfinite: str | None = None,
     center: float = 0.0,
     shrink_ratio: float = 1.0,
+    stochastic_rounding: bool = False,
 ) -> None:
     """One Tiger micro-step on contiguous tensors of one kind.
 
     ``finite`` (a bool tensor, one entry per tensor, on the tensors' device) with
     ``nonfinite="shrink"`` or ``"skip"`` applies the non-finite policy on the device.
+    ``exp_avgs`` may have any float dtype (rounded to nearest); ``stochastic_rounding``
+    rounds bf16 parameters stochastically.
     """
     mode = _MODES[nonfinite if finite is not None else None]
-    for (ps, gs, ms), indices in group_by_device_and_dtype([params, grads, exp_avgs]):
+    for (ps, gs, ms), indices in group_by_dtypes([params, grads, exp_avgs]):
         contiguous_or_raise([*ps, *gs, *ms], "Tiger")
-        dtype = ps[0].dtype
-        lr_t = _lr_tensor(lr, ps[0])
-        ok = (
-            finite[torch.tensor(indices, device=finite.device)].to(ps[0].device, torch.int8)
-            if finite is not None and mode
-            else lr_t  # unused placeholder pointer
+        device, dtype = ps[0].device, ps[0].dtype
+        compute = compute_dtype(dtype)
+        lr_t = lr_tensor(lr, compute, device)
+        hyper = device_scalars(
+            [beta, 1 - beta, (1 - beta) / grad_accum_steps, weight_decay, center, shrink_ratio],
+            compute,
+            device,
         )
+        ok = lr_t  # an unused placeholder pointer unless a non-finite policy applies
+        if mode and finite is not None:
+            ok = finite[int_table(indices, torch.int64, finite.device)].to(device, torch.int8)
+        stochastic = stochastic_rounding and dtype == torch.bfloat16 and last_micro_step
         common = {
-            "beta": float(beta),
-            "weight": 1 - beta,
-            "grad_scale": (1 - beta) / grad_accum_steps,
-            "weight_decay": float(weight_decay),
-            "center": float(center),
-            "shrink_ratio": float(shrink_ratio),
             "K1": grad_accum_steps == 1,
             "FIRST": first_micro_step,
             "LAST": last_micro_step,
             "MAXIMIZE": maximize,
             "NONFINITE": mode,
             "DECAY": weight_decay != 0,
-            "DTYPE": triton_dtype(dtype),
-            "COMPUTE": tl.float64 if dtype == torch.float64 else tl.float32,
+            "STOCHASTIC": stochastic,
+            "P_DTYPE": triton_dtype(dtype),
+            "G_DTYPE": triton_dtype(gs[0].dtype),
+            "M_DTYPE": triton_dtype(ms[0].dtype),
+            "COMPUTE": triton_dtype(compute),
             "BLOCK": BLOCK,
         }
         if kind == "embedding":
@@ -156,7 +219,7 @@ def tiger_triton(
                     continue
                 width = p.shape[-1] if p.dim() > 0 else 1
                 if last_micro_step:
-                    rms = torch.linalg.vector_norm(p, dim=-1, dtype=lr_t.dtype) / math.sqrt(width)
+                    rms = torch.linalg.vector_norm(p, dim=-1, dtype=compute) / math.sqrt(width)
                     eta = rms.clamp_min_(rms_floor).mul_(lr_t).reshape(-1)
                 else:
                     eta = lr_t
@@ -168,8 +231,11 @@ def tiger_triton(
                     tables.block_index,
                     eta,
                     ok[i:] if mode else ok,
+                    hyper,
+                    seed_tensor(device) if stochastic else lr_t,
                     width,
                     ROWWISE=True,
+                    ALIGNED=tables.aligned,
                     **common,
                 )
             continue
@@ -184,7 +250,10 @@ def tiger_triton(
             tables.block_index,
             eta,
             ok,
+            hyper,
+            seed_tensor(device) if stochastic else lr_t,
             1,
             ROWWISE=False,
+            ALIGNED=tables.aligned,
             **common,
         )

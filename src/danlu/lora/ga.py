@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from danlu.distributed import any_dtensor
 from danlu.lora.layers import LoRAAdapter, find_lora_adapters
 
 __all__ = [
@@ -361,6 +362,11 @@ def lora_ga_init_(
             "first"
         )
     for a in adapters:
+        if any_dtensor((a.base_weight, a.lora_A, a.lora_B)):
+            raise ValueError(
+                f"{a.label!r} is sharded (DTensor, FSDP2): run lora_ga_init_ on the whole model "
+                "before fully_shard (it averages its gradient estimate over the ranks itself)"
+            )
         if 2 * a.rank > min(a.in_features, a.out_features):
             raise ValueError(
                 f"{a.label!r}: LoRA-GA needs 2·rank <= min(in_features, out_features) = "

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from danlu.distributed import full_tensor, local, local_slice, new_state
+from danlu.functional.nonfinite import finite_mask
 from danlu.lora.layers import LoRATriple, find_lora_adapters
 from danlu.optim._base import (
     DanluOptimizer,
@@ -139,7 +141,7 @@ def lora_pro_gradients(
     """
     check_choice("x_mode", x_mode, X_MODES)
     dtype = _compute_dtype(lora_A.dtype)
-    A, B, gA, gB = (t.detach().to(dtype) for t in (lora_A, lora_B, grad_A, grad_B))
+    A, B, gA, gB = (full_tensor(t).detach().to(dtype) for t in (lora_A, lora_B, grad_A, grad_B))
     (spec,) = _spectra([A], [B])
     hat_A, hat_B, _, _ = _adjust(A, B, gA, gB, float(scale), spec, x_mode=x_mode, ridge=ridge)
     return hat_A, hat_B
@@ -296,7 +298,7 @@ class LoRAProAdam(DanluOptimizer):
             raw_grads.append((A.grad, B.grad))
             labels.append(label)
         compute = [
-            tuple(t.detach().to(_compute_dtype(A.dtype)) for t in (A, B, gA, gB))
+            tuple(full_tensor(t).detach().to(_compute_dtype(A.dtype)) for t in (A, B, gA, gB))
             for (_, A, B, _), (gA, gB) in zip(adapters, raw_grads, strict=True)
         ]
         spectra = _spectra([c[0] for c in compute], [c[1] for c in compute])
@@ -304,8 +306,9 @@ class LoRAProAdam(DanluOptimizer):
             spectra, [(c[2], c[3]) for c in compute], labels, self.rank_tol, self._display_name
         )
         for work in plain:
-            for g, name in zip(work.grads, work.names, strict=True):
-                if not bool(torch.isfinite(g).all()):
+            finite = finite_mask(work.grads).tolist()
+            for ok, name in zip(finite, work.names, strict=True):
+                if not ok:
                     raise FloatingPointError(
                         f"{self._display_name}: non-finite gradient in {name}; nothing was modified"
                     )
@@ -316,13 +319,21 @@ class LoRAProAdam(DanluOptimizer):
         for work in plain:
             self._step_plain(work)
 
-    def _moments(self, p: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Any]:
+    def _moments(
+        self, p: Tensor, shape: tuple[int, ...], dtype: torch.dtype, *, like: Tensor | None
+    ) -> dict[str, Any]:
+        """The moments of ``p`` (created on first use), as local tensors. ``like``: the tensor
+        they are laid out as (a DTensor parameter's slices), or None for whole tensors (an
+        adapter's out×in moments, the same on every rank under FSDP2)."""
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
-        return state
+            for key in ("exp_avg", "exp_avg_sq"):
+                if like is None:
+                    state[key] = torch.zeros(shape, dtype=dtype, device=local(p).device)
+                else:
+                    state[key] = new_state(like, shape, dtype)
+        return {key: local(value) for key, value in state.items()}
 
     @staticmethod
     def _adam_direction(state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> Tensor:
@@ -351,7 +362,7 @@ class LoRAProAdam(DanluOptimizer):
         _, _, t_A, t_B = _adjust(A32, B32, gA, gB, s, spec, x_mode="zero", ridge=self.ridge)
         equivalent = s * (B32 @ t_A + t_B @ A32)  # G̃, out×in
         del t_A, t_B
-        state = self._moments(A, tuple(equivalent.shape), equivalent.dtype)
+        state = self._moments(A, tuple(equivalent.shape), equivalent.dtype, like=None)
         direction = self._adam_direction(state, equivalent, group)
         del equivalent
         u_A, u_B = s * (B32.mT @ direction), s * (direction @ A32.mT)
@@ -360,19 +371,21 @@ class LoRAProAdam(DanluOptimizer):
             A32, B32, u_A, u_B, s, spec, x_mode=self.x_mode, ridge=self.ridge
         )
         keep = math.sqrt(1 - lr * wd) if wd else 1.0
-        A.copy_(A32 * keep - lr * step_A)
-        B.copy_(B32 * keep - lr * step_B)
+        # under FSDP2 each rank writes its slice of the (identical) whole results
+        local(A).copy_(local_slice(A32 * keep - lr * step_A, A))
+        local(B).copy_(local_slice(B32 * keep - lr * step_B, B))
         if wd and base is not None:
-            base.mul_(1 - lr * wd)
+            local(base).mul_(1 - lr * wd)
 
     def _step_plain(self, work: GroupTensors) -> None:
         group = work.group
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         for p, g in zip(work.params, work.grads, strict=True):
             dtype = _compute_dtype(p.dtype)
-            state = self._moments(p, tuple(p.shape), dtype)
-            direction = self._adam_direction(state, g.to(dtype), group)
-            p.copy_(p.to(dtype) * (1 - lr * wd) - lr * direction)
+            state = self._moments(p, tuple(p.shape), dtype, like=p)
+            direction = self._adam_direction(state, local(g).to(dtype), group)
+            piece = local(p)
+            piece.copy_(piece.to(dtype) * (1 - lr * wd) - lr * direction)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,6 +481,10 @@ class LoRAPro(Optimizer):
     ``load_state_dict()`` are the inner optimizer's (LR schedulers work on it), and no state is
     keyed by name. After an efficient step the ``.grad`` of the factors hold the adjusted
     gradients.
+
+    Under FSDP2 the factors and their gradients are gathered (r×(in+out) numbers per
+    adapter), the adjustment is computed whole on every rank and each rank keeps its slice; the
+    full mode's out×in moments are then whole tensors, the same on every rank.
 
     Deviations from the reference: explicit triples instead of name pairing; a rank check
     instead of a silently degenerate step; the symmetric X uses (AAᵀ)^{-1} where the reference
@@ -593,7 +610,10 @@ class LoRAPro(Optimizer):
     def _check_full_rank(self) -> None:
         with torch.no_grad():
             compute = [
-                (t.lora_A.detach().to(_compute_dtype(t.lora_A.dtype)), t.lora_B.detach())
+                (
+                    full_tensor(t.lora_A).detach().to(_compute_dtype(t.lora_A.dtype)),
+                    full_tensor(t.lora_B).detach(),
+                )
                 for t in self.triples
             ]
             As = [A for A, _ in compute]
@@ -656,7 +676,8 @@ class LoRAPro(Optimizer):
             labels.append(label)
         compute = [
             tuple(
-                x.detach().to(_compute_dtype(t.lora_A.dtype)) for x in (t.lora_A, t.lora_B, gA, gB)
+                full_tensor(x).detach().to(_compute_dtype(t.lora_A.dtype))
+                for x in (t.lora_A, t.lora_B, gA, gB)
             )
             for t, gA, gB in work
         ]
@@ -669,5 +690,6 @@ class LoRAPro(Optimizer):
             for (t, _, _), (A, B, gA, gB), spec in zip(work, compute, spectra, strict=True)
         ]
         for (_, raw_A, raw_B), (hat_A, hat_B) in zip(work, adjusted, strict=True):
-            raw_A.copy_(hat_A)
-            raw_B.copy_(hat_B)
+            # under FSDP2 each rank keeps its slice of the (identical) adjusted gradients
+            local(raw_A).copy_(local_slice(hat_A, raw_A))
+            local(raw_B).copy_(local_slice(hat_B, raw_B))

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from danlu.distributed import check_placements, is_dtensor
+
 __all__ = [
     "DanluOptimizer",
     "GroupTensors",
@@ -229,6 +231,8 @@ class DanluOptimizer(Optimizer):
                 raise ValueError(
                     f"{self._display_name} does not support complex parameters ({label})"
                 )
+            if is_dtensor(p):
+                check_placements(p, label)
             out.params.append(p)
             out.grads.append(p.grad)
             out.names.append(label)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu.distributed import new_state
 from danlu.functional._utils import statistics_dtype
 from danlu.functional.adafactor import (
     FACTORED_DIMS,
@@ -21,7 +22,7 @@ from danlu.optim._base import (
     check_beta,
     check_bool,
     check_choice,
-    check_foreach,
+    check_implementation,
     check_in_range,
     check_int_at_least,
     check_non_negative,
@@ -81,6 +82,10 @@ class AdaFactor(DanluOptimizer):
     α_t·s·û instead and subtracts the average (transformers/fairseq; the order transformers#34506
     reports as a bug). The momentum has the parameter's dtype.
 
+    **Under FSDP2** the row and column means, the update RMS and the parameter RMS are over
+    the whole tensor (three all-reduces per step for all tensors together); a statistic that
+    averages a sharded axis is replicated, the others are sharded like the parameter.
+
     Deviations from the reference:
         * ε1 is added to g² once (as in the blog and bojone/adafactor); bert4keras adds it a
           second time inside the square root, which changes nothing unless v̂ ≈ ε1.
@@ -104,6 +109,10 @@ class AdaFactor(DanluOptimizer):
         momentum_mode: ``"unit"`` (bert4keras) or ``"scaled"`` (transformers).
         maximize: ascend instead of descend (the user's gradients are not modified).
         foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
+        fused: ``True`` runs the Triton kernels on CUDA (the statistics stay torch ops, the
+            clipping and parameter-scale sums and the update are fused passes); without
+            Triton it runs the foreach path. ``None`` (default) uses Triton on CUDA when
+            available and, on CPU, the single-tensor loop.
     """
 
     _display_name = "danlu.AdaFactor"
@@ -128,6 +137,7 @@ class AdaFactor(DanluOptimizer):
         momentum_mode: str = "unit",
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         check_bool("relative_step", relative_step)  # before lr=None overrides it
         if lr is None:
@@ -148,6 +158,7 @@ class AdaFactor(DanluOptimizer):
             "momentum_mode": momentum_mode,
             "maximize": maximize,
             "foreach": foreach,
+            "fused": fused,
         }
         super().__init__(params, defaults)
 
@@ -175,7 +186,7 @@ class AdaFactor(DanluOptimizer):
         check_int_at_least(f"{where}min_dim_size_to_factor", group["min_dim_size_to_factor"], 0)
         check_choice(f"{where}momentum_mode", group["momentum_mode"], MOMENTUM_MODES)
         check_bool(f"{where}maximize", group["maximize"])
-        check_foreach(group["foreach"])
+        check_implementation(group, where=where)
 
     def _axes(self, p: Tensor, group: dict[str, Any]) -> tuple[int, int] | None:
         return adafactor_factored_axes(
@@ -222,14 +233,10 @@ class AdaFactor(DanluOptimizer):
                 row_shape[largest] = 1
                 col_shape[second] = 1
                 row = self._state_tensor(
-                    p,
-                    "exp_avg_sq_row",
-                    lambda p=p, s=row_shape, d=dtype: torch.zeros(s, dtype=d, device=p.device),
+                    p, "exp_avg_sq_row", lambda p=p, s=row_shape, d=dtype: new_state(p, s, d)
                 )
                 col = self._state_tensor(
-                    p,
-                    "exp_avg_sq_col",
-                    lambda p=p, s=col_shape, d=dtype: torch.zeros(s, dtype=d, device=p.device),
+                    p, "exp_avg_sq_col", lambda p=p, s=col_shape, d=dtype: new_state(p, s, d)
                 )
                 full = None
             exp_avg = None
@@ -262,6 +269,7 @@ class AdaFactor(DanluOptimizer):
                 momentum_mode=group["momentum_mode"],
                 maximize=group["maximize"],
                 foreach=group["foreach"],
+                fused=group.get("fused"),  # absent from state dicts saved before it existed
             )
         if steps:
             torch._foreach_add_(steps, 1.0)

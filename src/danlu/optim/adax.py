@@ -15,7 +15,7 @@ from danlu.optim._base import (
     ParamsT,
     check_beta,
     check_bool,
-    check_foreach,
+    check_implementation,
     check_in_range,
     check_non_negative,
     step_buckets,
@@ -62,6 +62,10 @@ class AdaX(DanluOptimizer):
         eps_inside_sqrt: ε under the square root (the blog) instead of after it (the code).
         maximize: ascend instead of descend (the user's gradients are not modified).
         foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
+        fused: ``True`` runs the fused kernel (Triton on CUDA; on CPU the math compiled with
+            ``torch.compile``, which compiles on the first step); ``None`` (default) uses
+            Triton on CUDA when available and, on CPU, the chunked for-loop (bit-identical to
+            the single-tensor math, no parameter-sized temporaries).
     """
 
     _display_name = "danlu.AdaX"
@@ -78,6 +82,7 @@ class AdaX(DanluOptimizer):
         eps_inside_sqrt: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -87,6 +92,7 @@ class AdaX(DanluOptimizer):
             "eps_inside_sqrt": eps_inside_sqrt,
             "maximize": maximize,
             "foreach": foreach,
+            "fused": fused,
         }
         super().__init__(params, defaults)
 
@@ -101,7 +107,7 @@ class AdaX(DanluOptimizer):
         check_non_negative(f"{where}weight_decay", group["weight_decay"])
         check_bool(f"{where}eps_inside_sqrt", group["eps_inside_sqrt"])
         check_bool(f"{where}maximize", group["maximize"])
-        check_foreach(group["foreach"])
+        check_implementation(group, where=where)
 
     def _step(self, gathered: list[GroupTensors]) -> None:
         for work in gathered:
@@ -134,6 +140,7 @@ class AdaX(DanluOptimizer):
                     weight_decay=group["weight_decay"],
                     maximize=group["maximize"],
                     foreach=group["foreach"],
+                    fused=group.get("fused"),  # absent from state dicts saved before it existed
                 )
             if steps:
                 torch._foreach_add_(steps, 1.0)

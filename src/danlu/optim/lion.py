@@ -124,7 +124,7 @@ class Lion(DanluOptimizer):
                 maximize=group["maximize"],
                 stochastic_rounding=group["stochastic_rounding"],
                 foreach=group["foreach"],
-                fused=group["fused"],
+                fused=group.get("fused"),  # absent from state dicts saved before it existed
             )
 
 

@@ -71,6 +71,13 @@ class Tiger(DanluOptimizer):
     ``shrink_ratio=0.99``). The blog recommends α between 1e-3 and 2e-3, β = 0.945 for vision
     and 0.965 for language; LAMB learning rates carry over unchanged.
 
+    **Distributed** (docs/distributed.md): under DDP nothing changes; with
+    ``grad_accum_steps`` keep DDP's gradient sync on every micro-step (with ``no_sync()`` the
+    momentum would be built from each rank's own gradients), or use
+    ``danlu.GradientAccumulation(Tiger(...), k, module=ddp_model)``. Under FSDP2 the RMS is
+    over the whole tensor (whole rows for embeddings), all tensors of a step in one
+    all-reduce, and a tensor is non-finite for every rank when it is for one.
+
     Deviations from the reference:
         * ``rms_floor=1e-3``: the RMS factor is max(RMS, rms_floor), so a zero-initialised
           matrix (or embedding row) still trains; the reference has no floor and such a matrix
@@ -225,7 +232,7 @@ class Tiger(DanluOptimizer):
                 shrink_ratio=group["shrink_ratio"],
                 stochastic_rounding=group["stochastic_rounding"],
                 foreach=group["foreach"],
-                fused=group["fused"],
+                fused=group.get("fused"),  # absent from state dicts saved before it existed
             )
         steps = [
             # float64: the accumulation window is read from it, exact up to 2**53 micro-steps

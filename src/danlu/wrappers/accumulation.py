@@ -7,9 +7,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, overload
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from danlu.distributed import check_sync_module, set_gradient_sync
 from danlu.optim._base import check_beta, check_int_at_least
 from danlu.wrappers._base import OptimizerWrapper, iter_params
 
@@ -34,10 +35,20 @@ class GradientAccumulation(OptimizerWrapper):
     micro-steps by other means (``model.zero_grad(set_to_none=False)``): that erases the sum.
     On an update step ``.grad`` is divided by k in place.
 
-    ``will_update`` says whether the next ``step()`` applies an update (use it for DDP's
-    ``no_sync()`` or to step an lr scheduler once per update); ``updated`` whether the last one
-    did. ``state_dict()`` includes the micro-step counter and the running sums, so a checkpoint
-    taken after ``step()`` mid-window resumes bit for bit.
+    **Under DDP or FSDP2** pass the wrapped model as ``module``: the wrapper then switches its
+    gradient synchronisation off for the micro-batches that do not end a window and on for the
+    one that does (what ``ddp.no_sync()`` does; ``set_requires_gradient_sync`` for FSDP2), so
+    gradients cross the network once per update instead of once per micro-batch, and the
+    update is still the one on the mean over all ranks and micro-batches. The switch is made
+    at construction and after every ``step()`` (and ``load_state_dict``), i.e. before the next
+    forward pass, which is when DDP reads it; keep the usual loop and do not add ``no_sync()``
+    yourself.
+
+    ``will_update`` says whether the next ``step()`` applies an update (use it to step an lr
+    scheduler once per update, or for ``no_sync()`` by hand when no ``module`` is given);
+    ``updated`` whether the last one did. ``state_dict()`` includes the micro-step counter and
+    the running sums, so a checkpoint taken after ``step()`` mid-window resumes bit for bit
+    (``danlu.distributed.get_optimizer_state_dict`` saves at window boundaries only).
 
     Not for use under AMP's ``GradScaler`` (its ``unscale_`` rewrites ``.grad``, here the running
     sum, and a skipped inf step would leave the window stuck): there, use the scaler's own
@@ -53,13 +64,21 @@ class GradientAccumulation(OptimizerWrapper):
     blog's approximation of v.
     """
 
-    def __init__(self, optimizer: Optimizer, steps: int) -> None:
+    def __init__(self, optimizer: Optimizer, steps: int, module: nn.Module | None = None) -> None:
         super().__init__(optimizer)
         check_int_at_least("steps", steps, 1)
+        check_sync_module("module", module)
         self.steps = steps
+        self.module = module
         self.micro_step = 0
         self.updated = False
         self._sums: dict[Tensor, Tensor] = {}
+        self._set_sync()
+
+    def _set_sync(self) -> None:
+        """Gradient sync of ``module`` on for the micro-batch that ends a window, off otherwise."""
+        if self.module is not None:
+            set_gradient_sync(self.module, self.will_update)
 
     @property
     def will_update(self) -> bool:
@@ -84,6 +103,7 @@ class GradientAccumulation(OptimizerWrapper):
             self.micro_step += 1
             self._sums = {p: p.grad for p in params if p.grad is not None}
             self.updated = False
+            self._set_sync()
             return loss
         grads = [p.grad for p in params if p.grad is not None]
         for g in grads:
@@ -99,6 +119,7 @@ class GradientAccumulation(OptimizerWrapper):
         self.micro_step = 0
         self._sums = {}
         self.updated = True
+        self._set_sync()
         return loss
 
     def _wrapper_state(self) -> dict[str, Any]:
@@ -126,6 +147,7 @@ class GradientAccumulation(OptimizerWrapper):
             running = saved.to(device=p.device, dtype=p.dtype, copy=True)
             p.grad = running
             self._sums[p] = running
+        self._set_sync()
 
 
 class UpdateEvery(OptimizerWrapper):

@@ -45,6 +45,11 @@ class NonFiniteGuard(OptimizerWrapper):
     in which some tensor was skipped or shrunk), ``skipped_tensors`` (tensor-steps skipped or
     shrunk in all), ``last_nonfinite`` (names of the tensors found in the last call).
 
+    Under DDP every rank sees the same averaged gradient, so every rank decides alike; under
+    FSDP2 a tensor is non-finite for every rank that holds part of it when any part is (the
+    flags are agreed with one small all-reduce), so no rank steps a slice while another
+    shrinks or skips its own.
+
     The user's gradients are not modified. With "tensor" scope, an inner optimizer that counts
     micro-steps per tensor (Tiger or danlu.AdamW with ``grad_accum_steps``) does not count a
     skipped tensor's micro-step, so its window shifts; use Tiger's own ``nonfinite`` option

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from danlu.distributed import any_dtensor
 from danlu.wrappers._base import OptimizerWrapper, iter_params, unwrap
 from danlu.wrappers.accumulation import GradientAccumulation, UpdateEvery
 from danlu.wrappers.guard import NonFiniteGuard
@@ -45,6 +46,12 @@ def _check_per_parameter(optimizer: Optimizer, where: str = "optimizer") -> None
                 f"{where}: wrap the optimizers inside the MultiOptimizer, not the MultiOptimizer"
             )
         if not isinstance(opt, OptimizerWrapper):
+            if any_dtensor(p for _, p in iter_params(opt)):
+                raise ValueError(
+                    f"{where}: sharded (DTensor, FSDP2) parameters cannot be stepped inside "
+                    "backward: their statistics need collectives in the same order on every "
+                    "rank, and FSDP2 writes the gradients after its reduce-scatter"
+                )
             for index, group in enumerate(opt.param_groups):
                 if group.get("nonfinite_scope") == "global":
                     raise ValueError(

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from danlu.distributed import any_over_shards, is_dtensor, local
 from danlu.optim._base import check_bool
 from danlu.wrappers._base import OptimizerWrapper, iter_params
 
@@ -45,6 +46,11 @@ class Lazy(OptimizerWrapper):
     (absent rows × row size, close to one copy of the table for a large vocabulary; with
     ``lazy_moments=True`` the same again per moment tensor), freed after the step. With tied
     embeddings every row has a gradient and nothing is copied (and nothing is lazy).
+
+    Under DDP every rank sees the same averaged gradient, hence the same rows. Under FSDP2
+    (DTensor tables) each rank restores rows of its own slice, and when the table is sharded
+    along its last axis a row counts as present if any rank's part of it has a non-zero
+    gradient, so all ranks treat it alike.
 
     Deviation: a present row whose gradient is exactly zero is treated as absent (SPEC §4(c)),
     unless the gradient is sparse.
@@ -93,6 +99,21 @@ class Lazy(OptimizerWrapper):
             for p in self.lazy_params:
                 grad = p.grad
                 if grad is None or id(p) not in stepped:
+                    continue
+                if is_dtensor(p):
+                    # FSDP2: each rank restores the absent rows of its own slice; a row split
+                    # over ranks is present when any part of it has a non-zero gradient.
+                    piece = local(p)
+                    present = any_over_shards((local(grad) != 0).any(dim=-1), p, -1)
+                    absent = torch.logical_not(present).nonzero(as_tuple=True)
+                    if absent[0].numel() == 0:
+                        continue
+                    restores.append((piece, absent, piece[absent]))
+                    if self.lazy_moments:
+                        for value in self.state.get(p, {}).values():
+                            if isinstance(value, Tensor) and value.shape == p.shape:
+                                moment = local(value)
+                                restores.append((moment, absent, moment[absent]))
                     continue
                 if grad.is_sparse:
                     if grad.sparse_dim() != 1:

@@ -1,0 +1,5 @@
+"""``python -m danlu``: the ``danlu`` command line."""
+
+from danlu.cli import main
+
+raise SystemExit(main())

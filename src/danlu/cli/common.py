@@ -1,0 +1,231 @@
+"""What the ``danlu compare`` tasks share: settings, results, hyper-parameter transfer, timing and
+memory measurement."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import danlu
+from danlu.recipes import adamw_to_lion
+
+#: Optimizers ``--optimizers`` accepts, in display order.
+OPTIMIZERS = ("adamw", "lion", "tiger", "adafactor", "adax", "amos")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A task's AdamW setting, from which the others are derived (SPEC §1(b), §2(b), §5(b),
+    §7.2)."""
+
+    lr: float
+    weight_decay: float
+    batches_per_epoch: int  # N in Amos's ξ ≈ 1/√N
+    tiger_beta: float = 0.965  # the blog: 0.945 for vision, 0.965 for language
+
+
+def transfer_hparams(name: str, base: Baseline, lr_override: float | None) -> dict[str, Any]:
+    """Keyword arguments for optimizer ``name`` derived from the AdamW baseline:
+
+    * AdamW, AdaX: the baseline lr and weight decay (AdaX has no weight decay of its own);
+    * Lion: lr ÷ 10, weight decay × 10 (SPEC §1(b), ``danlu.recipes.adamw_to_lion``);
+    * Tiger: the relative lr α = 2e-3 at the top of the blog's range [1e-3, 2e-3], λ = 0.01,
+      β = 0.965 for language and 0.945 for vision (SPEC §2(b));
+    * AdaFactor: lr 1e-3, the blog's advice even for fine-tuning (SPEC §5(b));
+    * Amos: ξ = 1/√N with N the number of batches in the training data (SPEC §7.2).
+    """
+    if name == "adamw":
+        kw: dict[str, Any] = {"lr": base.lr, "weight_decay": base.weight_decay}
+    elif name == "lion":
+        lion = adamw_to_lion(base.lr, base.weight_decay)
+        kw = {"lr": lion.lr, "weight_decay": lion.weight_decay}
+    elif name == "tiger":
+        kw = {"lr": 2e-3, "weight_decay": 0.01, "beta": base.tiger_beta}
+    elif name == "adafactor":
+        kw = {"lr": 1e-3}
+    elif name == "adax":
+        kw = {"lr": base.lr, "weight_decay": base.weight_decay}
+    elif name == "amos":
+        kw = {"lr": 1 / math.sqrt(base.batches_per_epoch)}
+    else:  # pragma: no cover - validated by the CLI
+        raise ValueError(f"unknown optimizer {name!r}")
+    if lr_override is not None:
+        kw["lr"] = lr_override
+    return kw
+
+
+def make_optimizer(name: str, model: nn.Module, hparams: dict[str, Any]) -> torch.optim.Optimizer:
+    """A registered optimizer on ``danlu.param_groups(model)`` (kinds, centres, no decay for
+    biases and norms; Amos reads the per-group η)."""
+    kw = dict(hparams)
+    groups = danlu.param_groups(model, weight_decay=kw.pop("weight_decay", None))
+    return danlu.create_optimizer(name, groups, **kw)
+
+
+@dataclass
+class RunResult:
+    """One optimizer (or variant) on one task."""
+
+    label: str
+    hparams: dict[str, Any]
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    metrics: list[float] = field(default_factory=list)
+    final_metric: float = float("nan")
+    seconds_per_step: float = float("nan")
+    state_bytes_per_param: float = float("nan")
+    peak_memory_bytes: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TaskResult:
+    name: str
+    description: str
+    metric: str  # e.g. "test accuracy"
+    higher_is_better: bool
+    runs: list[RunResult]
+    settings: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "metric": self.metric,
+            "higher_is_better": self.higher_is_better,
+            "settings": self.settings,
+            "notes": self.notes,
+            "runs": [r.to_json() for r in self.runs],
+        }
+
+
+@dataclass
+class Context:
+    """What every task gets from the command line."""
+
+    optimizers: Sequence[str]
+    steps: int | None
+    seed: int
+    device: torch.device
+    quick: bool
+    lr: dict[str, float]
+    text: str | None
+    progress: Callable[[str, int], ProgressHandle]
+
+
+class ProgressHandle:
+    """A progress bar for one run: ``advance()`` per step, ``close()`` at the end."""
+
+    def advance(self, n: int = 1) -> None:  # pragma: no cover - interface
+        pass
+
+    def close(self) -> None:  # pragma: no cover - interface
+        pass
+
+
+def state_bytes_per_param(opt: torch.optim.Optimizer, model: nn.Module) -> float:
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = 0
+    for state in opt.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.dim() > 0:
+                total += value.numel() * value.element_size()
+    return total / max(numel, 1)
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim), so that the next block's
+    resident-set growth counts what it allocates rather than reusing an earlier run's pages."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA's allocator high-water mark, or on CPU the peak resident set
+    size above the level at entry (after returning freed memory to the OS), sampled every 2 ms;
+    None where /proc is not available. Allocations made before the block (the model) are not
+    counted: the figure is optimizer state + gradients + activations + temporaries."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak: int | None = None
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        _release_free_memory()
+        self._base = _rss_bytes()
+        self._max = self._base
+        if self._base is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            rss = _rss_bytes()
+            if rss is not None and self._max is not None and rss > self._max:
+                self._max = rss
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        if self._base is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(0, (self._max or 0) - self._base)
+
+
+def warmup_steps(steps: int) -> int:
+    """Steps left out of the time per step: the first ones pay for thread pools, allocator
+    growth and lazy initialisation."""
+    return min(5, steps // 5)
+
+
+@contextmanager
+def timer() -> Iterator[list[float]]:
+    """Accumulates wall time into the yielded one-element list."""
+    box = [0.0]
+    start = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box[0] += time.perf_counter() - start
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

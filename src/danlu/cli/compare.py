@@ -1,0 +1,433 @@
+"""``danlu compare``: train small real models with several optimizers side by side and show the
+blog's claims on the user's own machine: a table, ``results.json`` and ``compare.png``.
+
+Every argument is checked before anything runs or is written; a bad value ends with a one-line
+message and exit code 2. Files are written only into ``--out``, at the end, each one atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from danlu.cli.common import OPTIMIZERS, Context, ProgressHandle, TaskResult
+from danlu.cli.tasks import DEFAULT_TASKS, TASKS
+
+DEFAULT_OUT = "danlu-compare"
+
+
+class UsageError(Exception):
+    """A bad command-line value: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="danlu compare",
+        description=(
+            "Train small real models with several optimizers side by side, offline, and show "
+            "the final metric, time per step, optimizer-state bytes per parameter and peak "
+            "memory; write results.json and compare.png (plus drift.png) into --out. "
+            "Hyper-parameters follow the blog's transfer rules from an AdamW baseline and are "
+            "printed with the results."
+        ),
+        epilog=(
+            "tasks: "
+            + "; ".join(f"{name}: {module.DESCRIPTION}" for name, module in TASKS.items())
+            + ". Example: danlu compare --task digits charlm --optimizers adamw,tiger --quick"
+        ),
+    )
+    parser.add_argument(
+        "--task",
+        nargs="+",
+        action="extend",
+        metavar="NAME",
+        help=f"tasks to run (default: all of {', '.join(DEFAULT_TASKS)}); "
+        f"choose from {', '.join(TASKS)}",
+    )
+    parser.add_argument(
+        "--optimizers",
+        default=",".join(OPTIMIZERS),
+        metavar="LIST",
+        help=f"comma-separated optimizers for the digits and charlm tasks (default: "
+        f"{','.join(OPTIMIZERS)})",
+    )
+    parser.add_argument(
+        "--steps",
+        type=str,
+        default=None,
+        metavar="N",
+        help="training steps per run (default: per task; fewer with --quick)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=str,
+        default="0",
+        metavar="S",
+        help="random seed for data order and initialisation (default: 0)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEV",
+        help="auto (CUDA when available, else CPU), cpu or cuda (default: auto)",
+    )
+    parser.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        help=f"directory for results.json and the figures (default: "
+        f"./{DEFAULT_OUT}); nothing is written anywhere else",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller models and fewer steps: about a minute on 2 CPU cores",
+    )
+    parser.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override the learning rate of one optimizer, e.g. --lr tiger=3e-3 (repeatable)",
+    )
+    parser.add_argument(
+        "--text",
+        default=None,
+        metavar="FILE",
+        help="your own text file for the charlm task (default: the Python "
+        "standard library's source files)",
+    )
+    return parser
+
+
+def _parse_int(name: str, value: str | None, minimum: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise UsageError(f"argument {name}: expected an integer, got {value!r}") from None
+    if number < minimum:
+        raise UsageError(f"argument {name}: must be >= {minimum}, got {number}")
+    return number
+
+
+def validate(args: argparse.Namespace) -> dict[str, Any]:
+    """Turn parsed arguments into settings; raise UsageError for anything wrong."""
+    tasks = args.task or list(DEFAULT_TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise UsageError(
+            f"argument --task: unknown task {unknown[0]!r} (choose from {', '.join(TASKS)})"
+        )
+    tasks = list(dict.fromkeys(tasks))
+
+    optimizers = [o.strip().lower() for o in args.optimizers.split(",") if o.strip()]
+    if not optimizers:
+        raise UsageError("argument --optimizers: give at least one optimizer")
+    for name in optimizers:
+        if name not in OPTIMIZERS:
+            raise UsageError(
+                f"argument --optimizers: unknown optimizer {name!r} "
+                f"(choose from {', '.join(OPTIMIZERS)})"
+            )
+    optimizers = list(dict.fromkeys(optimizers))
+
+    lrs: dict[str, float] = {}
+    for item in args.lr:
+        name, sep, value = item.partition("=")
+        name = name.strip().lower()
+        if not sep:
+            raise UsageError(f"argument --lr: expected NAME=VALUE, got {item!r}")
+        if name not in OPTIMIZERS:
+            raise UsageError(
+                f"argument --lr: unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})"
+            )
+        try:
+            lr = float(value)
+        except ValueError:
+            raise UsageError(
+                f"argument --lr: {name}'s value must be a number, got {value!r}"
+            ) from None
+        if not math.isfinite(lr) or lr <= 0:
+            raise UsageError(
+                f"argument --lr: {name}'s value must be a finite number > 0, got {value!r}"
+            )
+        lrs[name] = lr
+
+    steps = _parse_int("--steps", args.steps, 1)
+    seed = _parse_int("--seed", args.seed, 0)
+
+    device_name = args.device.lower()
+    if device_name not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"argument --device: expected auto, cpu or cuda, got {args.device!r}")
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("argument --device: cuda was asked for but no CUDA device is available")
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+
+    if args.text is not None:
+        try:
+            with open(args.text, "rb") as f:
+                sample = f.read(1 << 16)
+        except OSError as exc:
+            raise UsageError(
+                f"argument --text: cannot read {args.text!r} ({exc.strerror or exc})"
+            ) from None
+        if len(sample) < 2_000:
+            raise UsageError(
+                f"argument --text: {args.text!r} is too short (at least 2000 bytes are needed)"
+            )
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"argument --out: {str(out)!r} exists and is not a directory")
+
+    return {
+        "tasks": tasks,
+        "optimizers": optimizers,
+        "lr": lrs,
+        "steps": steps,
+        "seed": seed,
+        "device": torch.device(device_name),
+        "out": out,
+        "quick": args.quick,
+        "text": args.text,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress bars and the terminal table (rich)
+
+
+class _RichProgress:
+    def __init__(self, console: Any) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description:<34}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+
+    def __enter__(self) -> _RichProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def handle(self, title: str, total: int) -> ProgressHandle:
+        progress = self.progress
+        task_id = progress.add_task(title, total=total)
+
+        class _Handle(ProgressHandle):
+            def advance(self, n: int = 1) -> None:
+                progress.advance(task_id, n)
+
+            def close(self) -> None:
+                progress.update(task_id, completed=total)
+
+        return _Handle()
+
+
+def _fmt_hparams(hparams: dict[str, Any]) -> str:
+    parts = []
+    for key in ("lr", "weight_decay", "beta", "betas"):
+        if key in hparams:
+            value = hparams[key]
+            if isinstance(value, list | tuple):
+                value = "(" + ", ".join(f"{v:g}" for v in value) + ")"
+            else:
+                value = f"{value:.3g}"
+            parts.append(f"{'wd' if key == 'weight_decay' else key}={value}")
+    return " ".join(parts)
+
+
+def print_tables(console: Any, results: Sequence[TaskResult]) -> None:
+    from rich.table import Table
+
+    for task in results:
+        table = Table(title=f"{task.name}: {task.description}", title_justify="left")
+        table.add_column("optimizer")
+        table.add_column(task.metric, justify="right")
+        table.add_column("ms/step", justify="right")
+        table.add_column("state B/param", justify="right")
+        table.add_column("peak MiB", justify="right")
+        table.add_column("hyper-parameters")
+        finals = [r.final_metric for r in task.runs if math.isfinite(r.final_metric)]
+        best = (max if task.higher_is_better else min)(finals) if finals else None
+        for run in task.runs:
+            metric = f"{run.final_metric:.4f}"
+            if best is not None and run.final_metric == best:
+                metric = f"[bold]{metric}[/bold]"
+            peak = "—" if run.peak_memory_bytes is None else f"{run.peak_memory_bytes / 2**20:.1f}"
+            table.add_row(
+                run.label,
+                metric,
+                f"{run.seconds_per_step * 1e3:.2f}",
+                f"{run.state_bytes_per_param:.3g}",
+                peak,
+                _fmt_hparams(run.hparams),
+            )
+        console.print(table)
+        for note in task.notes:
+            console.print(f"  [dim]{note}[/dim]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def results_json(
+    settings: dict[str, Any], results: Sequence[TaskResult], seconds: float
+) -> dict[str, Any]:
+    import danlu
+
+    return {
+        "danlu_version": danlu.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(settings["device"]),
+        "threads": torch.get_num_threads(),
+        "settings": {
+            k: (str(v) if isinstance(v, Path | torch.device) else v) for k, v in settings.items()
+        },
+        "seconds": seconds,
+        "tasks": {task.name: task.to_json() for task in results},
+    }
+
+
+@contextlib.contextmanager
+def _matplotlib_config_in(out: Path) -> Iterator[None]:
+    """Keep matplotlib's cache out of the user's home: a temporary directory inside --out."""
+    previous = os.environ.get("MPLCONFIGDIR")
+    tmp = tempfile.mkdtemp(dir=out, prefix=".matplotlib-")
+    os.environ["MPLCONFIGDIR"] = tmp
+    try:
+        yield
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if previous is None:
+            os.environ.pop("MPLCONFIGDIR", None)
+        else:
+            os.environ["MPLCONFIGDIR"] = previous
+
+
+def write_outputs(
+    out: Path, settings: dict[str, Any], results: Sequence[TaskResult], seconds: float
+) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    payload = results_json(settings, results, seconds)
+    path = out / "results.json"
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
+    written.append(path)
+    with _matplotlib_config_in(out):
+        from danlu.cli.plots import plot_compare, plot_drift
+
+        path = out / "compare.png"
+        _atomic_write(path, lambda tmp: plot_compare(results, tmp))
+        written.append(path)
+        drift = [t for t in results if t.name == "embedding-drift"]
+        if drift:
+            path = out / "drift.png"
+            _atomic_write(path, lambda tmp: plot_drift(drift[0], tmp))
+            written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        settings = validate(args)
+    except UsageError as exc:
+        print(f"danlu compare: error: {exc} (see danlu compare --help)", file=sys.stderr)
+        return 2
+    try:
+        from rich.console import Console
+    except ImportError:
+        print(
+            "danlu compare: error: the compare extra is not installed "
+            "(pip install 'danlu[compare]')",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        import matplotlib  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as exc:
+        print(
+            f"danlu compare: error: {exc.name} is missing (pip install 'danlu[compare]')",
+            file=sys.stderr,
+        )
+        return 2
+
+    # a wide table even when the output is not a terminal (CI logs, files)
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    start = time.perf_counter()
+    results: list[TaskResult] = []
+    with _RichProgress(console) as progress:
+        ctx = Context(
+            optimizers=settings["optimizers"],
+            steps=settings["steps"],
+            seed=settings["seed"],
+            device=settings["device"],
+            quick=settings["quick"],
+            lr=settings["lr"],
+            text=settings["text"],
+            progress=progress.handle,
+        )
+        for name in settings["tasks"]:
+            results.append(TASKS[name].run(ctx))
+    seconds = time.perf_counter() - start
+    print_tables(console, results)
+    written = write_outputs(settings["out"], settings, results, seconds)
+    console.print(
+        f"{seconds:.0f} s on {settings['device']} "
+        f"({torch.get_num_threads()} threads); wrote " + ", ".join(str(p) for p in written)
+    )
+    return 0
