@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build on these machines.
 TORCH_VERSION := 2.13.0
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,17 @@ $(VENV)/.dev-installed: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
 	$(BIN)/pip install -e ".[dev]"
 	touch $@
 
+$(VENV)/.docs-installed: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
+	$(BIN)/pip install -e ".[docs]"
+	touch $@
+
 $(VENV)/.compare-installed: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
 	$(BIN)/pip install -e ".[compare]"
 	touch $@
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest -n 2
@@ -31,8 +36,12 @@ test: lint
 demo: $(VENV)/.compare-installed
 	$(BIN)/danlu compare
 
+# The documentation site (mkdocs.yml) into site/; --strict turns every warning into an error.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/step_bench.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) build dist site src/*.egg-info

@@ -19,6 +19,18 @@ settings.register_profile(
     max_examples=40,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# CI (.ci/run): the same examples on every run, so a red build is reproducible, and no example
+# database left behind.
+settings.register_profile(
+    "ci",
+    parent=settings.get_profile("danlu"),
+    max_examples=60,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+)
+# A long local fuzzing session: HYPOTHESIS_PROFILE=deep pytest tests/test_fuzz_*.py
+settings.register_profile("deep", parent=settings.get_profile("danlu"), max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "danlu"))
 
 # The tests use tiny tensors: intra-op threads only add synchronisation, and with pytest-xdist

@@ -94,6 +94,7 @@ def _output_parameter_ids(model: nn.Module, output_layer: OutputLayerSpec | None
                 raise ValueError(
                     f"output_layer {item!r} is neither a module nor a parameter name of the model"
                 )
+        params: list[Tensor]
         if isinstance(item, nn.Module):
             params = list(item.parameters())
         elif isinstance(item, Tensor):

@@ -6,6 +6,7 @@ import bisect
 import math
 from collections.abc import Mapping
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -76,7 +77,7 @@ class PiecewiseLinearLR(LRScheduler):
         self.from_zero = from_zero
         super().__init__(optimizer, last_epoch)
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
+    def get_lr(self) -> list[float | Tensor]:
         factor = piecewise_linear(self.last_epoch, self.schedule, self.from_zero)
         return [base_lr * factor for base_lr in self.base_lrs]
 
@@ -155,7 +156,7 @@ class _AmosDecayLR(LRScheduler):
         warmup = min(1.0, t / self.warmup_steps) if self.warmup_steps else 1.0
         return warmup * self._decay(t, self.halving_step)
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
+    def get_lr(self) -> list[float | Tensor]:
         factor = self.factor(self.last_epoch)
         return [base_lr * factor for base_lr in self.base_lrs]
 

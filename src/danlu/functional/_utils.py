@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,8 +27,8 @@ def resolve_foreach(foreach: bool | None, tensors: Sequence[Tensor]) -> bool:
 
 
 def group_by_device_and_dtype(
-    tensor_lists: Sequence[Sequence[Tensor]],
-) -> Iterator[tuple[list[list[Tensor]], list[int]]]:
+    tensor_lists: Sequence[Sequence[Any]],
+) -> Iterator[tuple[list[list[Any]], list[int]]]:
     """Split parallel tensor lists by the (device, dtype) of the first list.
 
     Yields ``(lists, indices)`` where ``lists[j]`` holds the members of ``tensor_lists[j]``

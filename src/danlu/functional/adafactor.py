@@ -293,11 +293,19 @@ def _adafactor_tensor(
         row.lerp_(buffer.mean(dim=largest, keepdim=True).add_(eps1), 1 - beta2_t)
         col.lerp_(buffer.mean(dim=second, keepdim=True).add_(eps1), 1 - beta2_t)
         # g / √(R·C/mean(R)) = g · (R/mean(R))^(-1/2) · C^(-1/2): no full-size v̂.
-        row_factor = row.div(row.mean(dim=second, keepdim=True)).rsqrt_()
-        update = torch.mul(g, row_factor, out=buffer).mul_(col.rsqrt())
+        # The clamps keep a zero row or column (ε1 = 0, or R/mean(R) underflowing next to
+        # large gradients) at a finite factor: its gradients are 0, so is its update.
+        tiny = torch.finfo(row.dtype).tiny
+        row_factor = row.div(row.mean(dim=second, keepdim=True).clamp_min_(tiny))
+        row_factor.clamp_min_(tiny).rsqrt_()
+        update = torch.mul(g, row_factor, out=buffer).mul_(col.clamp_min(tiny).rsqrt())
     else:
         full.lerp_(buffer.add_(eps1), 1 - beta2_t)
-        update = torch.rsqrt(full, out=buffer).mul_(g)
+        if eps1 == 0:  # v̂ = 0 where every gradient was 0: a 0 update, not 0·∞
+            update = torch.clamp_min(full, torch.finfo(full.dtype).tiny, out=buffer).rsqrt_()
+        else:
+            update = torch.rsqrt(full, out=buffer)
+        update.mul_(g)
     clip_denom = None
     if clip_threshold is not None:
         clip_denom = torch.linalg.vector_norm(update).div_(_rms_divisor(update) * clip_threshold)
@@ -429,15 +437,18 @@ def _dtensor_adafactor(
     for (i, _, second), total in zip(factored, normalisers, strict=True):
         row = rows[i]
         assert row is not None
-        row_factors[i] = row.div(total.div_(params[i].shape[second])).rsqrt_()
+        tiny = torch.finfo(row.dtype).tiny  # a zero row or column keeps a finite factor
+        total = total.div_(params[i].shape[second]).clamp_min_(tiny)
+        row_factors[i] = row.div(total).clamp_min_(tiny).rsqrt_()
 
     def unit_update(i: int) -> Tensor:
         g = gradient(i)
         full, row_factor, col = fulls[i], row_factors[i], cols[i]
         if full is not None:
-            return torch.rsqrt(full).mul_(g)
+            tiny = torch.finfo(full.dtype).tiny if eps1 == 0 else 0.0
+            return torch.clamp_min(full, tiny).rsqrt_().mul_(g)
         assert row_factor is not None and col is not None
-        return g.mul(row_factor).mul_(col.rsqrt())
+        return g.mul(row_factor).mul_(col.clamp_min(torch.finfo(col.dtype).tiny).rsqrt())
 
     # 3. the RMS of each update (clipping) and of each parameter (parameter scale)
     partials = []
@@ -527,10 +538,16 @@ def _multi_tensor_adafactor(
             normalisers = [
                 r.mean(dim=a[1], keepdim=True) for r, a in zip(f_rows, axes, strict=True)
             ]
+            # As in the single-tensor path: a zero row or column keeps a finite factor.
+            tiny = torch.finfo(f_rows[0].dtype).tiny
+            torch._foreach_clamp_min_(normalisers, tiny)
             row_factors = list(torch._foreach_div(f_rows, normalisers))
+            torch._foreach_clamp_min_(row_factors, tiny)
             torch._foreach_rsqrt_(row_factors)
             f_updates = list(torch._foreach_mul([gs[i] for i in factored], row_factors))
-            torch._foreach_mul_(f_updates, torch._foreach_rsqrt(f_cols))
+            col_factors = torch._foreach_clamp_min(f_cols, tiny)
+            torch._foreach_rsqrt_(col_factors)
+            torch._foreach_mul_(f_updates, col_factors)
             for i, u in zip(factored, f_updates, strict=True):
                 updates[i] = u
         if unfactored:
@@ -539,7 +556,12 @@ def _multi_tensor_adafactor(
             squares = list(torch._foreach_mul(u_grads, u_grads))
             torch._foreach_add_(squares, eps1)
             torch._foreach_lerp_(u_fulls, squares, 1 - beta2_t)
-            u_updates = list(torch._foreach_rsqrt(u_fulls))
+            if eps1 == 0:  # v̂ = 0 where every gradient was 0: a 0 update, not 0·∞
+                tiny = torch.finfo(u_fulls[0].dtype).tiny
+                u_updates = list(torch._foreach_clamp_min(u_fulls, tiny))
+                torch._foreach_rsqrt_(u_updates)
+            else:
+                u_updates = list(torch._foreach_rsqrt(u_fulls))
             torch._foreach_mul_(u_updates, u_grads)
             for i, u in zip(unfactored, u_updates, strict=True):
                 updates[i] = u

@@ -124,6 +124,9 @@ def _single_tensor_adamw(
             denom = (exp_avg_sq / bias_correction2).add_(eps).sqrt_()
         else:
             denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+        if eps < torch.finfo(denom.dtype).tiny:  # ε = 0, or lost in fp16 (1e-8 + 0 = 0)
+            # v̂ = 0 only where every gradient was 0 (so m = 0): a 0 step, not 0/0
+            denom.clamp_min_(torch.finfo(denom.dtype).tiny)
         param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
@@ -181,4 +184,7 @@ def _multi_tensor_adamw(
             denoms = torch._foreach_sqrt(device_exp_avg_sqs)
             torch._foreach_div_(denoms, [bc**0.5 for bc in bias_corrections2])
             torch._foreach_add_(denoms, eps)
+        if eps < torch.finfo(denoms[0].dtype).tiny:  # ε = 0, or lost in fp16 (1e-8 + 0 = 0)
+            # v̂ = 0 only where every gradient was 0 (so m = 0): a 0 step, not 0/0
+            torch._foreach_clamp_min_(denoms, torch.finfo(denoms[0].dtype).tiny)
         torch._foreach_addcdiv_(device_params, device_exp_avgs, denoms, step_sizes)

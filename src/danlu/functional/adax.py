@@ -135,6 +135,9 @@ def _single_tensor_adax(
         g = grad.to(exp_avg_sq.dtype)
         exp_avg_sq.lerp_(g * g, new_sample_weight)
         denom = exp_avg_sq.add(eps).sqrt_() if eps_inside_sqrt else exp_avg_sq.sqrt().add_(eps)
+        if eps < torch.finfo(denom.dtype).tiny:  # ε = 0, or lost in fp16 (1e-8 + 0 = 0)
+            # v̂ = 0 only where every gradient was 0 (so m = 0): a 0 step, not 0/0
+            denom.clamp_min_(torch.finfo(denom.dtype).tiny)
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
         if isinstance(lr, Tensor):
@@ -171,6 +174,9 @@ def _multi_tensor_adax(
         else:
             denoms = torch._foreach_sqrt(device_exp_avg_sqs)
             torch._foreach_add_(denoms, eps)
+        if eps < torch.finfo(denoms[0].dtype).tiny:  # ε = 0, or lost in fp16 (1e-8 + 0 = 0)
+            # v̂ = 0 only where every gradient was 0 (so m = 0): a 0 step, not 0/0
+            torch._foreach_clamp_min_(denoms, torch.finfo(denoms[0].dtype).tiny)
         if weight_decay != 0:
             torch._foreach_mul_(device_params, 1 - lr * weight_decay)
         if isinstance(lr, Tensor):

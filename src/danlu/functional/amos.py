@@ -326,7 +326,9 @@ def _multi_tensor_amos(
         decay_cs = list(torch._foreach_mul(device_bs, zeta * _sqrt(lr)))
         torch._foreach_add_(decay_cs, 1.0)
         torch._foreach_rsqrt_(decay_cs)
-        decay_ds = list(torch._foreach_mul(device_bs, [zeta * _sqrt(lr * e) for e in device_etas]))
+        # floats, or 0-d tensors when lr is a tensor (the TensorList overload broadcasts them)
+        decay_scales: list[Any] = [zeta * _sqrt(lr * e) for e in device_etas]
+        decay_ds = list(torch._foreach_mul(device_bs, decay_scales))
         torch._foreach_add_(decay_ds, 1.0)
         torch._foreach_reciprocal_(decay_ds)
         gammas = decay_cs
@@ -336,7 +338,8 @@ def _multi_tensor_amos(
         coef_gs = rcpl_v_hats
         torch._foreach_sqrt_(coef_gs)
         torch._foreach_mul_(coef_gs, decay_ds)
-        torch._foreach_mul_(coef_gs, [-(fr * lr * e) for e in device_etas])
+        coef_scales: list[Any] = [-(fr * lr * e) for e in device_etas]
+        torch._foreach_mul_(coef_gs, coef_scales)
         coef_thetas = decay_ds
         torch._foreach_mul_(coef_thetas, gammas)
         torch._foreach_mul_(coef_thetas, -0.5 * fr)

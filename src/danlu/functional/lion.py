@@ -140,7 +140,7 @@ def _multi_tensor_lion(
         [params, grads, exp_avgs]
     ):
         if maximize:
-            device_grads = torch._foreach_neg(device_grads)
+            device_grads = list(torch._foreach_neg(device_grads))
         updates = torch._foreach_lerp(device_exp_avgs, device_grads, 1 - beta1)
         torch._foreach_sign_(updates)
         if weight_decay != 0:

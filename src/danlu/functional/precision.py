@@ -64,6 +64,11 @@ def upcast_step(
         state_hi = [state[i].to(compute) for state in states]
         fn([p_hi], [g.to(compute)], *[[s] for s in state_hi], **kwargs)
         for state, s_hi in zip(states, state_hi, strict=True):
+            if state[i].dtype == torch.float16 and s_hi.dtype != torch.float16:
+                # saturate at ±65504 instead of overflowing to ±inf (which a later opposite
+                # gradient turns into NaN); ±inf and NaN from the math itself are kept
+                limit = torch.finfo(torch.float16).max
+                s_hi = torch.where(torch.isfinite(s_hi), s_hi.clamp(-limit, limit), s_hi)
             state[i].copy_(s_hi)
         if p_hi is p:
             continue

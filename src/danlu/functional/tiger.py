@@ -282,7 +282,7 @@ def _multi_tensor_tiger(
         [params, grads, exp_avgs]
     ):
         if maximize:
-            device_grads = torch._foreach_neg(device_grads)
+            device_grads = list(torch._foreach_neg(device_grads))
         if grad_accum_steps == 1:
             torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta)
         else:

@@ -149,6 +149,7 @@ def tiger_chunked(
             if weight_decay != 0:
                 update.add_(p, alpha=weight_decay)
             if width:
+                assert isinstance(step_size, Tensor)  # per-row step sizes
                 rows = n // width
                 first_row = index * (size // width)
                 row_steps = step_size.view(-1, 1)[first_row : first_row + rows]
@@ -220,6 +221,8 @@ def adax_chunked(
                 denom = torch.add(v, eps, out=denom_buf[:n]).sqrt_()
             else:
                 denom = torch.sqrt(v, out=denom_buf[:n]).add_(eps)
+            if eps < torch.finfo(denom.dtype).tiny:  # ε = 0: a 0 step where v̂ = 0, not 0/0
+                denom.clamp_min_(torch.finfo(denom.dtype).tiny)
             if weight_decay != 0:
                 p.mul_(1 - lr * weight_decay)
             if isinstance(lr, Tensor):

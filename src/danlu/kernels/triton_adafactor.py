@@ -130,7 +130,9 @@ def _unit_update(
             # v̂ ← lerp(v̂, g² + ε1, 1 − β̂_t)
             v = lerp(v, g * g + tl.load(hyper_ptr + 1), tl.load(hyper_ptr))
             tl.store(v_ptr + offs, round_to(v, V_DTYPE), mask=mask)
-        u = _rsqrt(v) * g
+        # v̂ = 0 only where every gradient was 0 (ε1 = 0): a 0 update, not 0·∞
+        tiny = tl.load(hyper_ptr + 4)
+        u = _rsqrt(tl.where(v < tiny, tiny, v)) * g
     return u
 
 
@@ -182,7 +184,7 @@ def _adafactor_reduce_kernel(
     block_index,
     info_ptr,
     factors_ptr,
-    hyper_ptr,  # 1 − β̂_t, ε1, 1 − β1, λ
+    hyper_ptr,  # 1 − β̂_t, ε1, 1 − β1, λ, the smallest normal number
     partials,  # (2, programs): Σu², Σθ² per block
     num_programs,
     FACTORED: tl.constexpr,
@@ -301,7 +303,7 @@ def _adafactor_update_kernel(
     block_index,
     info_ptr,
     factors_ptr,
-    hyper_ptr,  # 1 − β̂_t, ε1, 1 − β1, λ
+    hyper_ptr,  # 1 − β̂_t, ε1, 1 − β1, λ, the smallest normal number
     step_ptr,  # α_t, for the decay
     clip_ptr,  # per tensor: max(1, RMS(u)/d)
     factor_ptr,  # per tensor: α_t·max(ε2, RMS(θ)) (or α_t)
@@ -466,9 +468,14 @@ def _factors(
     torch._foreach_lerp_(rows, row_means, 1 - settings.beta2_t)
     torch._foreach_lerp_(cols, col_means, 1 - settings.beta2_t)
     normalisers = [r.mean(dim=a[1], keepdim=True) for r, a in zip(rows, axes, strict=True)]
+    # a zero row or column keeps a finite factor (its gradients, so its update, are 0)
+    tiny = torch.finfo(rows[0].dtype).tiny
+    torch._foreach_clamp_min_(normalisers, tiny)
     row_factors = torch._foreach_div(rows, normalisers)
+    torch._foreach_clamp_min_(row_factors, tiny)
     torch._foreach_rsqrt_(row_factors)
-    col_factors = torch._foreach_rsqrt(cols)
+    col_factors = torch._foreach_clamp_min(cols, tiny)
+    torch._foreach_rsqrt_(col_factors)
     packed = [t.reshape(-1) for t in (*row_factors, *col_factors)]
     offsets = [0]
     for t in packed:
@@ -494,7 +501,13 @@ def _launch(
     compute = compute_dtype(params[0].dtype, stat_dtype)
     tables = launch_tables([params, grads, stats, momenta])
     hyper = device_scalars(
-        [1 - settings.beta2_t, settings.eps1, 1 - settings.beta1, settings.weight_decay],
+        [
+            1 - settings.beta2_t,
+            settings.eps1,
+            1 - settings.beta1,
+            settings.weight_decay,
+            torch.finfo(compute).tiny,
+        ],
         compute,
         device,
     )

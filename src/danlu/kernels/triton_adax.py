@@ -9,6 +9,7 @@ scheduler or the step count changes them without recompiling or synchronising.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -64,6 +65,9 @@ def _adax_block(
     v = lerp(v, gv * gv, tl.load(hyper_ptr + 1))
     tl.store(v_ptr + offs, round_to(v, V_DTYPE), mask=mask)
     denom = sqrt_rn(v + eps) if EPS_INSIDE_SQRT else sqrt_rn(v) + eps
+    # ε = 0: v̂ = 0 only where every gradient was 0 (so m = 0): a 0 step, not 0/0
+    tiny = tl.load(hyper_ptr + 4)
+    denom = tl.where(denom < tiny, tiny, denom)
     p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
     if DECAY:
         p = p * (1 - lr * tl.load(hyper_ptr + 3))
@@ -144,7 +148,11 @@ def adax_triton(
             tables.block_tensor,
             tables.block_index,
             lr_tensor(lr, compute, device),
-            device_scalars([1 - beta1, new_sample_weight, eps, weight_decay], compute, device),
+            device_scalars(
+                [1 - beta1, new_sample_weight, eps, weight_decay, torch.finfo(compute).tiny],
+                compute,
+                device,
+            ),
             MAXIMIZE=maximize,
             EPS_INSIDE_SQRT=eps_inside_sqrt,
             DECAY=weight_decay != 0,

@@ -9,7 +9,6 @@ state exactly as they were.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -48,14 +47,23 @@ def _as_float(value: Any) -> float:
     return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
+#: The largest hyper-parameter accepted: the kernels take scalars as float32 (float64 for
+#: float64 tensors), and torch raises mid-step on a scalar beyond float32's range.
+MAX_SCALAR = float(torch.finfo(torch.float32).max)
+
+
+def _in_float32_range(value: Any) -> bool:
+    return _is_number(value) and abs(_as_float(value)) <= MAX_SCALAR  # False for NaN
+
+
 def check_non_negative(name: str, value: Any) -> None:
-    if not _is_number(value) or not math.isfinite(_as_float(value)) or _as_float(value) < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not _in_float32_range(value) or _as_float(value) < 0:
+        raise ValueError(f"{name} must be a number in [0, {MAX_SCALAR:.5g}], got {value!r}")
 
 
 def check_positive(name: str, value: Any) -> None:
-    if not _is_number(value) or not math.isfinite(_as_float(value)) or _as_float(value) <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not _in_float32_range(value) or _as_float(value) <= 0:
+        raise ValueError(f"{name} must be a number in (0, {MAX_SCALAR:.5g}], got {value!r}")
 
 
 def check_in_range(
@@ -72,8 +80,10 @@ def check_in_range(
 
 
 def check_finite(name: str, value: Any) -> None:
-    if not _is_number(value) or not math.isfinite(_as_float(value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not _in_float32_range(value):
+        raise ValueError(
+            f"{name} must be a finite number of magnitude <= {MAX_SCALAR:.5g}, got {value!r}"
+        )
 
 
 def check_beta(name: str, value: Any) -> None:
@@ -251,7 +261,7 @@ class DanluOptimizer(Optimizer):
                 if wanted != p.dtype:
                     self.state[p][key] = value.to(device=p.device, dtype=wanted, copy=True)
 
-    def _state_tensor(self, p: Tensor, key: str, factory: Callable[[], Tensor]) -> Tensor:
+    def _state_tensor(self, p: Tensor, key: str, factory: Callable[..., Tensor]) -> Tensor:
         """Return ``state[p][key]``, creating it on first use."""
         state = self.state[p]
         if key not in state:

@@ -139,6 +139,7 @@ class AdaFactor(DanluOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
+        check_bool("relative_step", relative_step)  # before lr=None overrides it
         if lr is None:
             lr, relative_step = 1.0, True
         defaults = {

@@ -10,12 +10,12 @@ from torch import Tensor
 
 from danlu.functional.adamw import adamw
 from danlu.optim._base import (
+    MAX_SCALAR,
     DanluOptimizer,
     GroupTensors,
     ParamsT,
     check_beta,
     check_bool,
-    check_choice,
     check_foreach,
     check_int_at_least,
     check_non_negative,
@@ -96,10 +96,17 @@ class AdamW(DanluOptimizer):
             raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
         check_beta(f"{where}betas[0]", betas[0])
         check_beta(f"{where}betas[1]", betas[1])
+        # The first step's size lr/(1 − β1) is handed to torch as a float32 (beyond its range
+        # torch raises in the middle of a step); later steps are smaller.
+        if float(group["lr"]) / (1 - betas[0]) > MAX_SCALAR:
+            raise ValueError(
+                f"{where}lr / (1 - betas[0]) must be at most {MAX_SCALAR:.5g}, got "
+                f"lr={group['lr']!r}, betas[0]={betas[0]!r}"
+            )
         check_non_negative(f"{where}eps", group["eps"])
         check_non_negative(f"{where}weight_decay", group["weight_decay"])
         check_int_at_least(f"{where}grad_accum_steps", group["grad_accum_steps"], 1)
-        check_choice(f"{where}eps_inside_sqrt", group["eps_inside_sqrt"], (False, True))
+        check_bool(f"{where}eps_inside_sqrt", group["eps_inside_sqrt"])
         check_bool(f"{where}maximize", group["maximize"])
         check_foreach(group["foreach"])
 

@@ -163,6 +163,10 @@ class UpdateEvery(OptimizerWrapper):
 
     The lr is zeroed only during the inner ``step()`` and restored afterwards, so schedulers see
     and set the real lr.
+
+    The parameters stay put between updates only if lr = 0 stops the inner optimizer: not so
+    for a momentum applied after the lr (``danlu.Amos(momentum>0)``, ``danlu.AdaFactor(beta1>0,
+    momentum_mode="scaled")``), which keeps moving them on the zero-lr micro-steps.
     """
 
     def __init__(self, optimizer: Optimizer, steps: int) -> None:

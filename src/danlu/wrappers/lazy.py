@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from danlu.distributed import any_over_shards, is_dtensor, local
-from danlu.optim._base import check_choice
+from danlu.optim._base import check_bool
 from danlu.wrappers._base import OptimizerWrapper, iter_params
 
 __all__ = ["Lazy"]
@@ -63,7 +63,7 @@ class Lazy(OptimizerWrapper):
         lazy_moments: bool = False,
     ) -> None:
         super().__init__(optimizer)
-        check_choice("lazy_moments", lazy_moments, (False, True))
+        check_bool("lazy_moments", lazy_moments)
         owned = {id(p) for _, p in iter_params(self)}
         if params is None:
             chosen = [p for group, p in iter_params(self) if group.get("kind") == "embedding"]
