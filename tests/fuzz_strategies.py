@@ -174,6 +174,7 @@ SPECS: dict[str, dict[str, Arg]] = {
         "eps_inside_sqrt": BOOL,
         "maximize": BOOL,
         "foreach": FOREACH,
+        "fused": FUSED,
     },
     "adafactor": {
         "lr": Arg(st.one_of(st.none(), LR.valid), LR.invalid.filter(lambda v: v is not None)),
@@ -191,6 +192,7 @@ SPECS: dict[str, dict[str, Arg]] = {
         "momentum_mode": choice(MOMENTUM_MODES),
         "maximize": BOOL,
         "foreach": FOREACH,
+        "fused": FUSED,
     },
     "amos": {
         "lr": LR,
@@ -208,6 +210,7 @@ SPECS: dict[str, dict[str, Arg]] = {
         "eps": scale(1.0, zero=False),
         "maximize": BOOL,
         "foreach": FOREACH,
+        "fused": FUSED,
     },
 }
 

@@ -178,3 +178,21 @@ def test_update_every_with_amos_momentum_moves_on_zero_lr_steps():
     p.grad = torch.ones(3)
     opt.step()  # lr = 0 here
     assert not torch.equal(p.detach(), before)
+
+
+def test_fp16_adafactor_momentum_saturates_instead_of_overflowing():
+    # Finding (after the kernels merge): fp16 parameters keep AdaFactor's momentum in fp16; with
+    # an explicit β2 ≈ 1 the first v̂ is (1 − β2)·g² ≈ 5e-16, the unit update g/√v̂ ≈ 6.7e7
+    # overflowed fp16 to inf, and lerp(m, inf, 0.5) gave NaN. Now the cast saturates at 65504:
+    # m = 0.5·65504 = 32752 (SPEC §5(a) with the update rounded to the largest fp16 value).
+    for foreach in (False, True):
+        p = torch.nn.Parameter(torch.tensor(1.541, dtype=torch.float16))
+        opt = danlu.AdaFactor(
+            [p], lr=1e-3, beta1=0.5, beta2=1 - 2**-52, eps1=0.0, clip_threshold=None,
+            multiply_by_parameter_scale=False, foreach=foreach,
+        )  # fmt: skip
+        p.grad = torch.tensor(1.541, dtype=torch.float16)
+        opt.step()
+        assert opt.state[p]["exp_avg"].item() == 32752.0
+        assert torch.isfinite(p).all()
+        assert p.item() == pytest.approx(1.541 - 1e-3 * 32752, abs=0.05)

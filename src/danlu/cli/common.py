@@ -175,6 +175,7 @@ class PeakMemory:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak: int | None = None
+        self._base: int | None = None
         self._stop = threading.Event()
 
     def __enter__(self) -> PeakMemory:
@@ -200,7 +201,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+            self.peak = torch.cuda.max_memory_allocated(self.device) - (self._base or 0)
             return
         if self._base is None:
             return

@@ -241,7 +241,7 @@ class _RichProgress:
         self.progress.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
     def handle(self, title: str, total: int) -> ProgressHandle:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from danlu.distributed import any_dtensor, local, reduce_partial_sums
 from danlu.functional._utils import group_by_device_and_dtype, select_path
+from danlu.functional.precision import saturating_cast
 
 __all__ = [
     "FACTORED_DIMS",
@@ -185,7 +186,7 @@ def _implementation(path: str) -> Callable[..., None]:
 
 
 def _cast_like(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:
-    return [t.to(other.dtype) for t, other in zip(tensors, like, strict=True)]
+    return [saturating_cast(t, other.dtype) for t, other in zip(tensors, like, strict=True)]
 
 
 def _axes(param: Tensor, row: Tensor | None, factored_dims: str, min_dim: int) -> tuple[int, int]:
@@ -347,13 +348,13 @@ def _finish_update(
         assert exp_avg is not None
         if clip_denom is not None:
             update.div_(clip_denom)
-        exp_avg.lerp_(update.to(exp_avg.dtype), 1 - beta1)
+        exp_avg.lerp_(saturating_cast(update, exp_avg.dtype), 1 - beta1)
         source = exp_avg
     elif clip_denom is not None:
         coef = clip_denom.reciprocal_().mul_(factor)
     if beta1 > 0 and momentum_mode == "scaled":
         assert exp_avg is not None
-        exp_avg.lerp_(update.mul_(coef).to(exp_avg.dtype), 1 - beta1)
+        exp_avg.lerp_(saturating_cast(update.mul_(coef), exp_avg.dtype), 1 - beta1)
         source, coef = exp_avg, 1.0
     if weight_decay != 0:
         param.mul_(1 - step_size * weight_decay)

@@ -21,8 +21,9 @@ def finite_mask(tensors: Sequence[Tensor]) -> Tensor:
     """A bool tensor with one entry per tensor: whether all its entries are finite.
 
     One reduction per tensor (the minimum and maximum on CPU, the max-abs norm elsewhere:
-    NaN or Inf exactly when an entry is, and they cannot overflow), computed on the tensors' device without synchronising with the
-    host. Empty tensors count as finite. The result lives on the first tensor's device.
+    NaN or Inf exactly when an entry is, and they cannot overflow), computed on the tensors'
+    device without synchronising with the host. Empty tensors count as finite. The result
+    lives on the first tensor's device.
 
     A DTensor (FSDP2) is finite when every rank's slice is: its flag is agreed over the ranks
     that hold it (``danlu.distributed.agree``), so they all take the same action.

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["needs_upcast", "stochastic_round_", "upcast_step"]
+__all__ = ["needs_upcast", "saturating_cast", "stochastic_round_", "upcast_step"]
 
 
 def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -34,6 +34,16 @@ def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator | Non
     finite = torch.isfinite(src)
     dst.copy_(torch.where(finite, rounded.view(torch.float32), src).view_as(dst))
     return dst
+
+
+def saturating_cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)``, except that finite values beyond fp16's range saturate at ±65504
+    instead of overflowing to ±inf (which a later opposite value turns into NaN in a moving
+    average); ±inf and NaN from the math itself are kept."""
+    if dtype != torch.float16 or tensor.dtype == torch.float16:
+        return tensor.to(dtype)
+    limit = torch.finfo(torch.float16).max
+    return torch.where(torch.isfinite(tensor), tensor.clamp(-limit, limit), tensor).to(dtype)
 
 
 def needs_upcast(
@@ -64,12 +74,7 @@ def upcast_step(
         state_hi = [state[i].to(compute) for state in states]
         fn([p_hi], [g.to(compute)], *[[s] for s in state_hi], **kwargs)
         for state, s_hi in zip(states, state_hi, strict=True):
-            if state[i].dtype == torch.float16 and s_hi.dtype != torch.float16:
-                # saturate at ±65504 instead of overflowing to ±inf (which a later opposite
-                # gradient turns into NaN); ±inf and NaN from the math itself are kept
-                limit = torch.finfo(torch.float16).max
-                s_hi = torch.where(torch.isfinite(s_hi), s_hi.clamp(-limit, limit), s_hi)
-            state[i].copy_(s_hi)
+            state[i].copy_(saturating_cast(s_hi, state[i].dtype))
         if p_hi is p:
             continue
         if stochastic_rounding and p.dtype == torch.bfloat16:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -115,7 +116,7 @@ def compare_optimizers(
                 batches=batches(),
                 loss_fn=loss_fn,
                 steps=steps,
-                evaluate=lambda model=model: evaluate(model),
+                evaluate=partial(evaluate, model),
                 eval_every=max(steps // 10, 1),
                 progress_title=f"{task} · {name}",
             )

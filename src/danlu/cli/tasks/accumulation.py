@@ -5,6 +5,8 @@ next to exact accumulation."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -24,8 +26,8 @@ from danlu.cli.tasks import digits
 NAME = "accumulation"
 DESCRIPTION = "digits MLP: k = 4 micro-batches of 16 vs batches of 64; training loss per update"
 K, MICRO = 4, 16
-TIGER = {"lr": 2e-3, "weight_decay": 0.01, "beta": 0.945}
-ADAMW = {"lr": 3e-3, "weight_decay": 0.01, "betas": (0.9, 0.999)}
+TIGER: dict[str, Any] = {"lr": 2e-3, "weight_decay": 0.01, "beta": 0.945}
+ADAMW: dict[str, Any] = {"lr": 3e-3, "weight_decay": 0.01, "betas": (0.9, 0.999)}
 VARIANTS = {
     "tiger batch 64": "Tiger, k = 1, batches of 64",
     "tiger 4×16 hidden": "Tiger, grad_accum_steps = 4, micro-batches of 16",

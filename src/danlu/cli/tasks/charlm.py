@@ -59,6 +59,8 @@ class Block(nn.Module):
 class CharLM(nn.Module):
     """A pre-norm GPT: byte embeddings + learned positions, causal self-attention blocks."""
 
+    mask: torch.Tensor
+
     def __init__(self, dim: int, layers: int, heads: int, context: int) -> None:
         super().__init__()
         self.embed = nn.Embedding(256, dim)

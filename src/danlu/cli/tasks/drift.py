@@ -92,7 +92,9 @@ def make(variant: str, model: nn.Module) -> torch.optim.Optimizer:
 
 def rare_ratios(model: nn.Module) -> torch.Tensor:
     """|θ|·λ of each rare row's largest entry (1 = at the limit ∓1/λ)."""
-    return model.embed.weight.detach()[COMMON:].abs().amax(dim=1).cpu() * LAMBDA
+    embed = model.get_submodule("embed")
+    assert isinstance(embed, nn.Embedding)
+    return embed.weight.detach()[COMMON:].abs().amax(dim=1).cpu() * LAMBDA
 
 
 def run(ctx: Context) -> TaskResult:
