@@ -7,6 +7,7 @@ import danlu
 from danlu.functional.adax import _single_tensor_adax, adax_new_sample_weight
 from danlu.functional.amos import _single_tensor_amos, amos_slot_shape
 from danlu.functional.lion import _single_tensor_lion
+from danlu.functional.precision import upcast_step
 from danlu.functional.tiger import _single_tensor_tiger
 from danlu.kernels.chunked import adax_chunked, lion_chunked, tiger_chunked
 from danlu.kernels.compiled import adax_compiled, amos_compiled, lion_compiled, tiger_compiled
@@ -81,6 +82,53 @@ def test_tiger_chunked_is_bit_identical(kind, k, maximize, wd):
     run_tiger(tiger_chunked, p2, m2, grads, kind=kind, k=k, maximize=maximize, wd=wd, chunk=CHUNK)
     for a, b in zip(p1 + m1, p2 + m2, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kw", LION_KW[:2])
+def test_lion_chunked_low_precision_state_is_bit_identical_to_upcast(kw, state_dtype):
+    # the upcast path (fp32 copies of the whole state, precision.upcast_step) is the reference
+    params, exp_avgs, grads = tensors(SHAPES)
+    exp_avgs = [m.to(state_dtype) for m in exp_avgs]
+    grads[1] = [g * 1e5 for g in grads[1]]  # beyond fp16's range: the stores saturate
+    p1, m1, p2, m2 = clone(params), clone(exp_avgs), clone(params), clone(exp_avgs)
+    for g in grads:
+        upcast_step(_single_tensor_lion, p1, g, [m1], stochastic_rounding=False, **kw)
+        lion_chunked(p2, g, m2, chunk=CHUNK, **kw)
+    for a, b in zip(p1 + m1, p2 + m2, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert all(m.dtype == state_dtype and torch.isfinite(m).all() for m in m2)
+
+
+@pytest.mark.parametrize("kind,k,maximize,wd", TIGER_CASES[::2])
+def test_tiger_chunked_bf16_state_is_bit_identical_to_upcast(kind, k, maximize, wd):
+    shapes = [s for s in SHAPES if kind != "embedding" or len(s) > 0]
+    params, exp_avgs, grads = tensors(shapes)
+    exp_avgs = [m.bfloat16() for m in exp_avgs]
+    p1, m1, p2, m2 = clone(params), clone(exp_avgs), clone(params), clone(exp_avgs)
+
+    def upcast(ps, gs, ms, **kw):
+        upcast_step(_single_tensor_tiger, ps, gs, [ms], stochastic_rounding=False, **kw)
+
+    run_tiger(upcast, p1, m1, grads, kind=kind, k=k, maximize=maximize, wd=wd)
+    run_tiger(tiger_chunked, p2, m2, grads, kind=kind, k=k, maximize=maximize, wd=wd, chunk=CHUNK)
+    for a, b in zip(p1 + m1, p2 + m2, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_bf16_state_runs_the_chunked_path_on_cpu(monkeypatch):
+    import danlu.kernels.chunked as chunked
+
+    calls = []
+    original = chunked.lion_chunked
+    monkeypatch.setattr(
+        chunked, "lion_chunked", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = danlu.Lion([p], lr=1e-3, state_dtype=torch.bfloat16)
+    p.grad = torch.randn(1000)
+    opt.step()
+    assert calls and opt.state[p]["exp_avg"].dtype == torch.bfloat16
 
 
 def test_embedding_slices_hold_whole_rows():

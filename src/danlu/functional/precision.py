@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["needs_upcast", "saturating_cast", "stochastic_round_", "upcast_step"]
+__all__ = [
+    "chunkable_mixed_state",
+    "needs_upcast",
+    "saturating_cast",
+    "stochastic_round_",
+    "store_state_",
+    "upcast_step",
+]
 
 
 def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -44,6 +51,20 @@ def saturating_cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
         return tensor.to(dtype)
     limit = torch.finfo(torch.float16).max
     return torch.where(torch.isfinite(tensor), tensor.clamp(-limit, limit), tensor).to(dtype)
+
+
+def chunkable_mixed_state(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
+    """Whether the chunked CPU paths can run a low-precision state directly: fp32/fp64
+    parameters with gradients of the same dtype (the state is upcast slice by slice)."""
+    return all(
+        p.dtype in (torch.float32, torch.float64) and g.dtype == p.dtype
+        for p, g in zip(params, grads, strict=True)
+    )
+
+
+def store_state_(dst: Tensor, src: Tensor) -> None:
+    """Write upcast state back into its own dtype (fp16 saturating, see saturating_cast)."""
+    dst.copy_(saturating_cast(src, dst.dtype) if dst.dtype == torch.float16 else src)
 
 
 def needs_upcast(
@@ -74,7 +95,7 @@ def upcast_step(
         state_hi = [state[i].to(compute) for state in states]
         fn([p_hi], [g.to(compute)], *[[s] for s in state_hi], **kwargs)
         for state, s_hi in zip(states, state_hi, strict=True):
-            state[i].copy_(saturating_cast(s_hi, state[i].dtype))
+            store_state_(state[i], s_hi)
         if p_hi is p:
             continue
         if stochastic_rounding and p.dtype == torch.bfloat16:

@@ -9,8 +9,13 @@ results are bit-identical to it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from danlu.functional.precision import store_state_, upcast_step
 
 __all__ = ["CHUNK", "adax_chunked", "lion_chunked", "tiger_chunked"]
 
@@ -39,6 +44,16 @@ def _all_contiguous(*tensors: Tensor) -> bool:
     return all(t.is_contiguous() for t in tensors)
 
 
+def _small(fn: Callable[..., None], param: Tensor, grad: Tensor, *states: Tensor, **kwargs: Any):
+    """One tensor through the single-tensor math (upcast when a state has another dtype)."""
+    if any(state.dtype != param.dtype for state in states):
+        upcast_step(
+            fn, [param], [grad], [[state] for state in states], stochastic_rounding=False, **kwargs
+        )
+    else:
+        fn([param], [grad], *[[state] for state in states], **kwargs)
+
+
 def lion_chunked(
     params: list[Tensor],
     grads: list[Tensor],
@@ -56,10 +71,11 @@ def lion_chunked(
 
     for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
         if param.numel() <= chunk or not _all_contiguous(param, grad, exp_avg):
-            _single_tensor_lion(
-                [param],
-                [grad],
-                [exp_avg],
+            _small(
+                _single_tensor_lion,
+                param,
+                grad,
+                exp_avg,
                 lr=lr,
                 beta1=beta1,
                 beta2=beta2,
@@ -69,17 +85,21 @@ def lion_chunked(
             continue
         update_buf = scratch_buffer(param, chunk, slot=0)
         neg_buf = scratch_buffer(grad, chunk, slot=1) if maximize else None
+        state_buf = scratch_buffer(param, chunk, slot=2) if exp_avg.dtype != param.dtype else None
         for p, g, m in zip(
             _slices(param, chunk), _slices(grad, chunk), _slices(exp_avg, chunk), strict=True
         ):
             n = p.numel()
             if neg_buf is not None:
                 g = torch.neg(g, out=neg_buf[:n])
-            update = torch.lerp(m, g, 1 - beta1, out=update_buf[:n]).sign_()
+            work = m if state_buf is None else state_buf[:n].copy_(m)
+            update = torch.lerp(work, g, 1 - beta1, out=update_buf[:n]).sign_()
             if weight_decay != 0:
                 p.mul_(1 - lr * weight_decay)
             p.sub_(update.mul_(lr))
-            m.lerp_(g, 1 - beta2)
+            work.lerp_(g, 1 - beta2)
+            if state_buf is not None:
+                store_state_(m, work)
 
 
 def tiger_chunked(
@@ -107,10 +127,11 @@ def tiger_chunked(
 
     for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
         if param.numel() <= chunk or not _all_contiguous(param, grad, exp_avg):
-            _single_tensor_tiger(
-                [param],
-                [grad],
-                [exp_avg],
+            _small(
+                _single_tensor_tiger,
+                param,
+                grad,
+                exp_avg,
                 lr=lr,
                 beta=beta,
                 weight_decay=weight_decay,
@@ -131,21 +152,25 @@ def tiger_chunked(
         size = max(width, chunk - chunk % width) if width else chunk
         update_buf = scratch_buffer(param, size, slot=0)
         neg_buf = scratch_buffer(grad, size, slot=1) if maximize else None
+        state_buf = scratch_buffer(param, size, slot=2) if exp_avg.dtype != param.dtype else None
         for index, (p, g, m) in enumerate(
             zip(_slices(param, size), _slices(grad, size), _slices(exp_avg, size), strict=True)
         ):
             n = p.numel()
             if neg_buf is not None:
                 g = torch.neg(g, out=neg_buf[:n])
+            work = m if state_buf is None else state_buf[:n].copy_(m)
             if grad_accum_steps == 1:
-                m.lerp_(g, 1 - beta)
+                work.lerp_(g, 1 - beta)
             else:
                 if first_micro_step:
-                    m.mul_(beta)
-                m.add_(g, alpha=(1 - beta) / grad_accum_steps)
+                    work.mul_(beta)
+                work.add_(g, alpha=(1 - beta) / grad_accum_steps)
+            if state_buf is not None:
+                store_state_(m, work)
             if step_size is None:
                 continue
-            update = torch.sign(m, out=update_buf[:n])
+            update = torch.sign(work, out=update_buf[:n])
             if weight_decay != 0:
                 update.add_(p, alpha=weight_decay)
             if width:
