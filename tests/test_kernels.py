@@ -214,6 +214,27 @@ def test_fused_true_on_cpu_runs_the_compiled_path(name, monkeypatch):
     assert calls == [name]
 
 
+def test_adafactor_fused_true_on_cpu_runs_the_single_tensor_loop(monkeypatch):
+    # no compiled AdaFactor: on CPU the loop measured faster than the foreach math
+    import sys
+
+    functional = sys.modules["danlu.functional.adafactor"]  # the package re-exports a function
+
+    calls = []
+    original = functional._single_tensor_adafactor
+    monkeypatch.setattr(
+        functional,
+        "_single_tensor_adafactor",
+        lambda *a, **k: calls.append(1) or original(*a, **k),
+    )
+    monkeypatch.setattr(functional, "_multi_tensor_adafactor", None)  # fails if called
+    param = torch.nn.Parameter(torch.ones(4, 3))
+    opt = danlu.AdaFactor([param], lr=1e-2, fused=True)
+    param.grad = torch.ones(4, 3)
+    opt.step()
+    assert calls == [1]
+
+
 def test_foreach_and_fused_both_true_is_rejected():
     with pytest.raises(ValueError, match="fused"):
         danlu.Lion([torch.nn.Parameter(torch.ones(2))], foreach=True, fused=True)

@@ -132,7 +132,8 @@ def adafactor(
     ``beta1 > 0``). Statistics must be float32 (or float64); the momentum may be any float dtype.
     ``foreach``/``fused`` choose the implementation (see ``functional._utils.select_path``):
     the Triton kernels on CUDA, the foreach path, or the single-tensor loop (there is no
-    separate CPU kernel: ``fused=True`` without Triton runs the foreach path).
+    separate kernel without Triton: ``fused=True`` then runs the foreach path, or on CPU the
+    single-tensor loop, the faster one there).
     DTensor (FSDP2) tensors take the single-tensor ops on their local slices, with every mean
     and norm over the whole tensor (state placed as ``danlu.distributed.new_state`` does).
     """
@@ -147,7 +148,8 @@ def adafactor(
     if any_dtensor(params):
         fn: Any = _dtensor_adafactor
     else:
-        fn = _implementation(select_path(foreach, fused, params))
+        on_cpu = all(p.device.type == "cpu" for p in params)
+        fn = _implementation(select_path(foreach, fused, params), on_cpu)
     fn(
         list(params),
         list(grads),
@@ -175,14 +177,16 @@ def adafactor(
     )
 
 
-def _implementation(path: str) -> Callable[..., None]:
+def _implementation(path: str, on_cpu: bool) -> Callable[..., None]:
     if path == "triton":
         from danlu.kernels.triton_adafactor import adafactor_triton
 
         return adafactor_triton
-    if path in ("foreach", "compiled"):
+    if path == "foreach" or (path == "compiled" and not on_cpu):
         return _multi_tensor_adafactor
-    return _single_tensor_adafactor  # "single" and "chunked" (one g²-sized buffer per tensor)
+    # "single", "chunked" and, on CPU, "compiled": the loop holds one g²-sized buffer per
+    # tensor and measured faster than the foreach math there (benchmarks/RESULTS.md)
+    return _single_tensor_adafactor
 
 
 def _cast_like(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:
