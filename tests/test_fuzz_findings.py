@@ -196,3 +196,17 @@ def test_fp16_adafactor_momentum_saturates_instead_of_overflowing():
         assert opt.state[p]["exp_avg"].item() == 32752.0
         assert torch.isfinite(p).all()
         assert p.item() == pytest.approx(1.541 - 1e-3 * 32752, abs=0.05)
+
+
+def test_finite_mask_is_exact_when_a_sum_of_finite_values_overflows():
+    # the CPU check sums each tensor first; 3e38 + 3e38 overflows float32 although both are
+    # finite, so such a tensor must be re-checked exactly
+    from danlu.functional import finite_mask
+
+    big = torch.full((4,), 3e38)
+    nan = torch.tensor([1.0, float("nan")])
+    inf = torch.tensor([float("inf"), -float("inf")])  # the sum is NaN
+    half = torch.full((3,), 6e4, dtype=torch.float16)  # sums beyond fp16's range
+    assert finite_mask([big, nan, inf, half, torch.ones(0)]).tolist() == [
+        True, False, False, True, True,
+    ]  # fmt: skip
