@@ -96,7 +96,10 @@ def lion_chunked(
             update = torch.lerp(work, g, 1 - beta1, out=update_buf[:n]).sign_()
             if weight_decay != 0:
                 p.mul_(1 - lr * weight_decay)
-            p.sub_(update.mul_(lr))
+            if isinstance(lr, Tensor):
+                p.sub_(update.mul_(lr))
+            else:  # one op instead of two; u ∈ {−1, 0, 1} makes −lr·u exact: same bits
+                p.add_(update, alpha=-lr)
             work.lerp_(g, 1 - beta2)
             if state_buf is not None:
                 store_state_(m, work)
