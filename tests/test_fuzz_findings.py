@@ -210,3 +210,17 @@ def test_finite_mask_is_exact_when_a_sum_of_finite_values_overflows():
     assert finite_mask([big, nan, inf, half, torch.ones(0)]).tolist() == [
         True, False, False, True, True,
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_adafactor_eps1_below_the_smallest_normal_number(foreach):
+    # Found in review: the floor applied only for ε1 == 0, but ε1 = 1e-46 is lost in fp32
+    # (g² + ε1 = 0 for g = 0) and gave NaN all the same. By hand (SPEC §5(a), t = 1, β̂ = 0):
+    # v = g² = [1, 0], u = [1, 0], RMS(u) = 0.707 (no clipping), RMS(θ) = √2.5, so
+    # θ0 = 1 − 0.01·√2.5 and θ1 stays 2.
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = danlu.AdaFactor([p], lr=1e-2, eps1=1e-46, foreach=foreach)
+    p.grad = torch.tensor([1.0, 0.0])
+    opt.step()
+    expected = torch.tensor([1.0 - 0.01 * 2.5**0.5, 2.0])
+    torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)

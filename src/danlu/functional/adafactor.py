@@ -206,6 +206,31 @@ def _axes(param: Tensor, row: Tensor | None, factored_dims: str, min_dim: int) -
     return axes
 
 
+def inverse_sqrt_factors(
+    rows: list[Tensor], cols: list[Tensor], normalisers: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """(R/mean(R))^(-1/2) and C^(-1/2) for each factored tensor, given mean(R) over the second
+    axis (``normalisers``, clamped in place). g·both = g/√(R·C/mean(R)): no full-size v̂.
+
+    The clamps at the smallest normal number keep a zero row or column (ε1 = 0, or R/mean(R)
+    underflowing next to large gradients) at a finite factor: its gradients are 0, so is its
+    update."""
+    tiny = torch.finfo(rows[0].dtype).tiny
+    torch._foreach_clamp_min_(normalisers, tiny)
+    row_factors = list(torch._foreach_div(rows, normalisers))
+    torch._foreach_clamp_min_(row_factors, tiny)
+    torch._foreach_rsqrt_(row_factors)
+    col_factors = list(torch._foreach_clamp_min(cols, tiny))
+    torch._foreach_rsqrt_(col_factors)
+    return row_factors, col_factors
+
+
+def _eps1_may_vanish(eps1: float, dtype: torch.dtype) -> bool:
+    """Whether v̂ = g² + ε1 can be 0 (ε1 = 0, or below the statistics' smallest normal number
+    and lost in the sum): then v̂^(-1/2) is floored so that a zero gradient gives 0, not 0·∞."""
+    return eps1 < torch.finfo(dtype).tiny
+
+
 def _apply(param: Tensor, source: Tensor, coef: float | Tensor) -> None:
     """θ ← θ − coef·source with coef a number or a 0-d tensor (kept on the device)."""
     if isinstance(coef, Tensor):
@@ -297,16 +322,13 @@ def _adafactor_tensor(
         # mean(g² + ε1) = mean(g²) + ε1
         row.lerp_(buffer.mean(dim=largest, keepdim=True).add_(eps1), 1 - beta2_t)
         col.lerp_(buffer.mean(dim=second, keepdim=True).add_(eps1), 1 - beta2_t)
-        # g / √(R·C/mean(R)) = g · (R/mean(R))^(-1/2) · C^(-1/2): no full-size v̂.
-        # The clamps keep a zero row or column (ε1 = 0, or R/mean(R) underflowing next to
-        # large gradients) at a finite factor: its gradients are 0, so is its update.
-        tiny = torch.finfo(row.dtype).tiny
-        row_factor = row.div(row.mean(dim=second, keepdim=True).clamp_min_(tiny))
-        row_factor.clamp_min_(tiny).rsqrt_()
-        update = torch.mul(g, row_factor, out=buffer).mul_(col.clamp_min(tiny).rsqrt())
+        [row_factor], [col_factor] = inverse_sqrt_factors(
+            [row], [col], [row.mean(dim=second, keepdim=True)]
+        )
+        update = torch.mul(g, row_factor, out=buffer).mul_(col_factor)
     else:
         full.lerp_(buffer.add_(eps1), 1 - beta2_t)
-        if eps1 == 0:  # v̂ = 0 where every gradient was 0: a 0 update, not 0·∞
+        if _eps1_may_vanish(eps1, full.dtype):
             update = torch.clamp_min(full, torch.finfo(full.dtype).tiny, out=buffer).rsqrt_()
         else:
             update = torch.rsqrt(full, out=buffer)
@@ -439,21 +461,28 @@ def _dtensor_adafactor(
         row_sums, [params[i] for i, _, _ in factored], [second for _, _, second in factored]
     )
     row_factors: list[Tensor | None] = [None] * n
-    for (i, _, second), total in zip(factored, normalisers, strict=True):
-        row = rows[i]
-        assert row is not None
-        tiny = torch.finfo(row.dtype).tiny  # a zero row or column keeps a finite factor
-        total = total.div_(params[i].shape[second]).clamp_min_(tiny)
-        row_factors[i] = row.div(total).clamp_min_(tiny).rsqrt_()
+    col_factors: list[Tensor | None] = [None] * n
+    if factored:
+        f_row_factors, f_col_factors = inverse_sqrt_factors(
+            [cast(Tensor, rows[i]) for i, _, _ in factored],
+            [cast(Tensor, cols[i]) for i, _, _ in factored],
+            [
+                total.div_(params[i].shape[second])
+                for (i, _, second), total in zip(factored, normalisers, strict=True)
+            ],
+        )
+        for (i, _, _), r, c in zip(factored, f_row_factors, f_col_factors, strict=True):
+            row_factors[i], col_factors[i] = r, c
 
     def unit_update(i: int) -> Tensor:
         g = gradient(i)
-        full, row_factor, col = fulls[i], row_factors[i], cols[i]
+        full, row_factor, col_factor = fulls[i], row_factors[i], col_factors[i]
         if full is not None:
-            tiny = torch.finfo(full.dtype).tiny if eps1 == 0 else 0.0
-            return torch.clamp_min(full, tiny).rsqrt_().mul_(g)
-        assert row_factor is not None and col is not None
-        return g.mul(row_factor).mul_(col.clamp_min(torch.finfo(col.dtype).tiny).rsqrt())
+            if _eps1_may_vanish(eps1, full.dtype):
+                full = full.clamp_min(torch.finfo(full.dtype).tiny)
+            return torch.rsqrt(full).mul_(g)
+        assert row_factor is not None and col_factor is not None
+        return g.mul(row_factor).mul_(col_factor)
 
     # 3. the RMS of each update (clipping) and of each parameter (parameter scale)
     partials = []
@@ -543,15 +572,8 @@ def _multi_tensor_adafactor(
             normalisers = [
                 r.mean(dim=a[1], keepdim=True) for r, a in zip(f_rows, axes, strict=True)
             ]
-            # As in the single-tensor path: a zero row or column keeps a finite factor.
-            tiny = torch.finfo(f_rows[0].dtype).tiny
-            torch._foreach_clamp_min_(normalisers, tiny)
-            row_factors = list(torch._foreach_div(f_rows, normalisers))
-            torch._foreach_clamp_min_(row_factors, tiny)
-            torch._foreach_rsqrt_(row_factors)
+            row_factors, col_factors = inverse_sqrt_factors(f_rows, f_cols, normalisers)
             f_updates = list(torch._foreach_mul([gs[i] for i in factored], row_factors))
-            col_factors = torch._foreach_clamp_min(f_cols, tiny)
-            torch._foreach_rsqrt_(col_factors)
             torch._foreach_mul_(f_updates, col_factors)
             for i, u in zip(factored, f_updates, strict=True):
                 updates[i] = u
@@ -561,7 +583,7 @@ def _multi_tensor_adafactor(
             squares = list(torch._foreach_mul(u_grads, u_grads))
             torch._foreach_add_(squares, eps1)
             torch._foreach_lerp_(u_fulls, squares, 1 - beta2_t)
-            if eps1 == 0:  # v̂ = 0 where every gradient was 0: a 0 update, not 0·∞
+            if _eps1_may_vanish(eps1, u_fulls[0].dtype):
                 tiny = torch.finfo(u_fulls[0].dtype).tiny
                 u_updates = list(torch._foreach_clamp_min(u_fulls, tiny))
                 torch._foreach_rsqrt_(u_updates)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from danlu.functional.adafactor import inverse_sqrt_factors
 from danlu.kernels._triton import (
     BLOCK,
     compute_dtype,
@@ -468,14 +469,7 @@ def _factors(
     torch._foreach_lerp_(rows, row_means, 1 - settings.beta2_t)
     torch._foreach_lerp_(cols, col_means, 1 - settings.beta2_t)
     normalisers = [r.mean(dim=a[1], keepdim=True) for r, a in zip(rows, axes, strict=True)]
-    # a zero row or column keeps a finite factor (its gradients, so its update, are 0)
-    tiny = torch.finfo(rows[0].dtype).tiny
-    torch._foreach_clamp_min_(normalisers, tiny)
-    row_factors = torch._foreach_div(rows, normalisers)
-    torch._foreach_clamp_min_(row_factors, tiny)
-    torch._foreach_rsqrt_(row_factors)
-    col_factors = torch._foreach_clamp_min(cols, tiny)
-    torch._foreach_rsqrt_(col_factors)
+    row_factors, col_factors = inverse_sqrt_factors(rows, cols, normalisers)
     packed = [t.reshape(-1) for t in (*row_factors, *col_factors)]
     offsets = [0]
     for t in packed:
