@@ -247,21 +247,24 @@ def _single_tensor_tiger(
     maximize: bool,
 ) -> None:
     for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
-        if maximize:
-            grad = -grad
-        if grad_accum_steps == 1:
-            exp_avg.lerp_(grad, 1 - beta)
-        else:
-            if first_micro_step:
-                exp_avg.mul_(beta)
-            exp_avg.add_(grad, alpha=(1 - beta) / grad_accum_steps)
-        if not last_micro_step:
-            continue
-        step_size = tiger_step_size(param, lr=lr, kind=kind, rms_floor=rms_floor)
-        update = torch.sign(exp_avg)
-        if weight_decay != 0:
-            update.add_(param, alpha=weight_decay)
-        param.sub_(update.mul_(step_size))
+        # η reads θ only, which the momentum update leaves alone: computed first
+        step_size = (
+            tiger_step_size(param, lr=lr, kind=kind, rms_floor=rms_floor)
+            if last_micro_step
+            else 0.0
+        )
+        _tiger_with_step_size(
+            [param],
+            [grad],
+            [exp_avg],
+            step_size=step_size,
+            beta=beta,
+            weight_decay=weight_decay,
+            grad_accum_steps=grad_accum_steps,
+            first_micro_step=first_micro_step,
+            last_micro_step=last_micro_step,
+            maximize=maximize,
+        )
 
 
 def _multi_tensor_tiger(
