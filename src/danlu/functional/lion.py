@@ -16,7 +16,7 @@ from torch import Tensor
 
 from danlu.distributed import any_dtensor, local
 from danlu.functional._utils import group_by_device_and_dtype, select_path
-from danlu.functional.precision import chunkable_mixed_state, needs_upcast, upcast_step
+from danlu.functional.precision import needs_upcast_copies, upcast_step
 
 __all__ = ["lion"]
 
@@ -63,8 +63,7 @@ def lion(
             stochastic_rounding=stochastic_rounding,
         )
         return
-    mixed = needs_upcast(params, [exp_avgs], stochastic_rounding)
-    if mixed and not (path == "chunked" and chunkable_mixed_state(params, grads)):
+    if needs_upcast_copies(path, params, grads, [exp_avgs], stochastic_rounding):
         upcast_step(
             _single_tensor_lion,
             params,

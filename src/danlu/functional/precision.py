@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "chunkable_mixed_state",
     "needs_upcast",
+    "needs_upcast_copies",
     "saturating_cast",
     "stochastic_round_",
     "store_state_",
@@ -53,10 +53,19 @@ def saturating_cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(torch.isfinite(tensor), tensor.clamp(-limit, limit), tensor).to(dtype)
 
 
-def chunkable_mixed_state(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
-    """Whether the chunked CPU paths can run a low-precision state directly: fp32/fp64
-    parameters with gradients of the same dtype (the state is upcast slice by slice)."""
-    return all(
+def needs_upcast_copies(
+    path: str,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[Sequence[Tensor]],
+    stochastic_rounding: bool,
+) -> bool:
+    """Whether a step on ``path`` must run on whole-tensor upcast copies (``upcast_step``):
+    :func:`needs_upcast`, except where the chunked CPU loop upcasts a low-precision state
+    slice by slice itself (fp32/fp64 parameters with gradients of the same dtype)."""
+    if not needs_upcast(params, states, stochastic_rounding):
+        return False
+    return path != "chunked" or not all(
         p.dtype in (torch.float32, torch.float64) and g.dtype == p.dtype
         for p, g in zip(params, grads, strict=True)
     )

@@ -28,7 +28,7 @@ from torch import Tensor
 from danlu.distributed import any_dtensor, is_dtensor, local, sharded_sums
 from danlu.functional._utils import group_by_device_and_dtype, select_path
 from danlu.functional.nonfinite import shrink_
-from danlu.functional.precision import chunkable_mixed_state, needs_upcast, upcast_step
+from danlu.functional.precision import needs_upcast, needs_upcast_copies, upcast_step
 
 __all__ = ["KINDS", "tiger", "tiger_step_size"]
 
@@ -181,8 +181,7 @@ def tiger(
         exp_avgs = [exp_avgs[i] for i in keep]
         if not params:
             return
-    mixed = needs_upcast(params, [exp_avgs], stochastic_rounding)
-    if mixed and not (path == "chunked" and chunkable_mixed_state(params, grads)):
+    if needs_upcast_copies(path, params, grads, [exp_avgs], stochastic_rounding):
         upcast_step(
             _single_tensor_tiger,
             params,
