@@ -29,7 +29,7 @@ from torch import Tensor
 
 from danlu.distributed import any_dtensor, local, reduce_partial_sums
 from danlu.functional._utils import group_by_device_and_dtype, select_path
-from danlu.functional.precision import saturating_cast
+from danlu.functional.precision import saturating_cast, stochastically_rounded_params
 
 __all__ = [
     "FACTORED_DIMS",
@@ -121,6 +121,7 @@ def adafactor(
     min_dim_size_to_factor: int = 128,
     momentum_mode: str = "unit",
     maximize: bool = False,
+    stochastic_rounding: bool | None = False,
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> None:
@@ -136,6 +137,10 @@ def adafactor(
     single-tensor loop, the faster one there).
     DTensor (FSDP2) tensors take the single-tensor ops on their local slices, with every mean
     and norm over the whole tensor (state placed as ``danlu.distributed.new_state`` does).
+    ``stochastic_rounding`` (``None``/``True``: bf16 and fp16 parameters; ``False``: none) runs
+    the parameter's part of the update on an fp32 copy and writes it back with stochastic
+    rounding (``functional.precision``; inside the kernel on the Triton path); the statistics
+    and the momentum are kept and rounded as without it.
     """
     if factored_dims not in FACTORED_DIMS:
         raise ValueError(f"factored_dims must be one of {FACTORED_DIMS}, got {factored_dims!r}")
@@ -145,18 +150,13 @@ def adafactor(
         return
     if beta1 > 0 and any(m is None for m in exp_avgs):
         raise ValueError("adafactor: beta1 > 0 needs a momentum tensor in exp_avgs for every param")
-    if any_dtensor(params):
+    path = "dtensor" if any_dtensor(params) else select_path(foreach, fused, params)
+    if path == "dtensor":
         fn: Any = _dtensor_adafactor
     else:
         on_cpu = all(p.device.type == "cpu" for p in params)
-        fn = _implementation(select_path(foreach, fused, params), on_cpu)
-    fn(
-        list(params),
-        list(grads),
-        list(exp_avg_sq_rows),
-        list(exp_avg_sq_cols),
-        list(exp_avg_sqs),
-        list(exp_avgs),
+        fn = _implementation(path, on_cpu)
+    settings: dict[str, Any] = dict(
         beta2_t=adafactor_beta2(step, decay_rate=decay_rate, beta2=beta2),
         step_size=adafactor_step_size(
             step,
@@ -175,6 +175,31 @@ def adafactor(
         momentum_mode=momentum_mode,
         maximize=maximize,
     )
+    if path == "triton":
+        fn(
+            list(params),
+            list(grads),
+            list(exp_avg_sq_rows),
+            list(exp_avg_sq_cols),
+            list(exp_avg_sqs),
+            list(exp_avgs),
+            stochastic_rounding=stochastic_rounding,
+            **settings,
+        )
+        return
+
+    def run(indices: list[int], work: list[Tensor]) -> None:
+        fn(
+            work,
+            [grads[i] for i in indices],
+            [exp_avg_sq_rows[i] for i in indices],
+            [exp_avg_sq_cols[i] for i in indices],
+            [exp_avg_sqs[i] for i in indices],
+            [exp_avgs[i] for i in indices],
+            **settings,
+        )
+
+    stochastically_rounded_params(run, params, stochastic_rounding)
 
 
 def _implementation(path: str, on_cpu: bool) -> Callable[..., None]:

@@ -19,12 +19,14 @@ acts only on updates. ``eps_inside_sqrt`` puts ε under the root, √(v̂ + ε),
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from danlu.distributed import any_dtensor, local
 from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
+from danlu.functional.precision import stochastically_rounded_params
 
 __all__ = ["adamw"]
 
@@ -46,11 +48,15 @@ def adamw(
     first_micro_step: bool = True,
     last_micro_step: bool = True,
     maximize: bool = False,
+    stochastic_rounding: bool | None = False,
     foreach: bool | None = None,
 ) -> None:
     """One AdamW micro-step. ``steps`` holds each parameter's update count (0-d tensors); it
     is incremented on the last micro-step of a window, before the bias correction. DTensor
-    (FSDP2) tensors are updated through their local slices: the update is elementwise."""
+    (FSDP2) tensors are updated through their local slices: the update is elementwise.
+    ``stochastic_rounding`` (``None``/``True``: bf16 and fp16 parameters; ``False``: none) runs
+    the parameter's part of the update on an fp32 copy and writes it back with stochastic
+    rounding (``functional.precision``); the state is kept and rounded as without it."""
     if not params:
         return
     if any_dtensor(params):
@@ -60,12 +66,18 @@ def adamw(
     if isinstance(lr, Tensor):
         lr = float(lr.item())
     fn = _multi_tensor_adamw if resolve_foreach(foreach, params) else _single_tensor_adamw
-    fn(
-        list(params),
-        list(grads),
-        list(exp_avgs),
-        list(exp_avg_sqs),
-        list(steps),
+
+    def run(indices: list[int], work: list[Tensor]) -> None:
+        fn(
+            work,
+            [grads[i] for i in indices],
+            [exp_avgs[i] for i in indices],
+            [exp_avg_sqs[i] for i in indices],
+            [steps[i] for i in indices],
+            **settings,
+        )
+
+    settings: dict[str, Any] = dict(
         lr=lr,
         beta1=beta1,
         beta2=beta2,
@@ -77,6 +89,7 @@ def adamw(
         last_micro_step=last_micro_step,
         maximize=maximize,
     )
+    stochastically_rounded_params(run, params, stochastic_rounding)
 
 
 def _single_tensor_adamw(

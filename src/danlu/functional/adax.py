@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from danlu.distributed import any_dtensor, local
 from danlu.functional._utils import group_by_device_and_dtype, select_path
+from danlu.functional.precision import stochastically_rounded_params
 
 __all__ = ["adax", "adax_beta2_hat", "adax_new_sample_weight"]
 
@@ -63,6 +65,7 @@ def adax(
     eps_inside_sqrt: bool = False,
     weight_decay: float = 0.0,
     maximize: bool = False,
+    stochastic_rounding: bool | None = False,
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> None:
@@ -72,6 +75,9 @@ def adax(
     v̂ (float32 or wider). ``eps_inside_sqrt`` puts ε under the root (the blog) instead of after
     it (the code, the default). ``foreach``/``fused`` choose the implementation (see
     ``functional._utils.select_path``); all of them compute the same update.
+    ``stochastic_rounding`` (``None``/``True``: bf16 and fp16 parameters; ``False``: none) runs
+    the parameter's part of the update on an fp32 copy and writes it back with stochastic
+    rounding (``functional.precision``); the moments are kept and rounded as without it.
     """
     if not params:
         return
@@ -80,20 +86,40 @@ def adax(
         params, grads, exp_avgs, exp_avg_sqs = (
             [local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)
         )
-    fn = _implementation(select_path(foreach, fused, params))
-    fn(
-        list(params),
-        list(grads),
-        list(exp_avgs),
-        list(exp_avg_sqs),
-        new_sample_weight=adax_new_sample_weight(step, beta2),
-        lr=lr,
-        beta1=beta1,
-        eps=eps,
-        eps_inside_sqrt=eps_inside_sqrt,
-        weight_decay=weight_decay,
-        maximize=maximize,
-    )
+    path = select_path(foreach, fused, params)
+    settings: dict[str, Any] = {
+        "new_sample_weight": adax_new_sample_weight(step, beta2),
+        "lr": lr,
+        "beta1": beta1,
+        "eps": eps,
+        "eps_inside_sqrt": eps_inside_sqrt,
+        "weight_decay": weight_decay,
+        "maximize": maximize,
+    }
+    if path == "triton":
+        from danlu.kernels.triton_adax import adax_triton
+
+        adax_triton(
+            list(params),
+            list(grads),
+            list(exp_avgs),
+            list(exp_avg_sqs),
+            stochastic_rounding=stochastic_rounding,
+            **settings,
+        )
+        return
+    fn = _implementation(path)
+
+    def run(indices: list[int], work: list[Tensor]) -> None:
+        fn(
+            work,
+            [grads[i] for i in indices],
+            [exp_avgs[i] for i in indices],
+            [exp_avg_sqs[i] for i in indices],
+            **settings,
+        )
+
+    stochastically_rounded_params(run, params, stochastic_rounding)
 
 
 def _implementation(path: str) -> Callable[..., None]:
@@ -105,13 +131,9 @@ def _implementation(path: str) -> Callable[..., None]:
         from danlu.kernels.chunked import adax_chunked
 
         return adax_chunked
-    if path == "compiled":
-        from danlu.kernels.compiled import adax_compiled
+    from danlu.kernels.compiled import adax_compiled
 
-        return adax_compiled
-    from danlu.kernels.triton_adax import adax_triton
-
-    return adax_triton
+    return adax_compiled
 
 
 def _single_tensor_adax(

@@ -31,7 +31,7 @@ def lion(
     beta2: float,
     weight_decay: float,
     maximize: bool = False,
-    stochastic_rounding: bool = False,
+    stochastic_rounding: bool | None = False,
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> None:
@@ -39,9 +39,10 @@ def lion(
 
     ``foreach``/``fused`` choose the implementation (see ``functional._utils.select_path``);
     all of them compute the same update. Momentum in another dtype than its parameter (e.g.
-    bf16) and ``stochastic_rounding`` of bf16 parameters run the math in fp32: inside the
-    Triton kernel on CUDA, elsewhere on upcast copies (``functional.precision``). DTensor
-    (FSDP2) tensors are updated through their local slices: the update is elementwise.
+    bf16) and ``stochastic_rounding`` of bf16/fp16 parameters (``None``/``True``: on for
+    them) run the math in fp32: inside the Triton kernel on CUDA, elsewhere on upcast copies
+    (``functional.precision``). DTensor (FSDP2) tensors are updated through their local
+    slices: the update is elementwise.
     """
     if not params:
         return

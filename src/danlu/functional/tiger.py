@@ -98,7 +98,7 @@ def tiger(
     nonfinite: str = "shrink",
     center: float = 0.0,
     shrink_ratio: float = 0.99,
-    stochastic_rounding: bool = False,
+    stochastic_rounding: bool | None = False,
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> None:
@@ -110,9 +110,9 @@ def tiger(
     ``nonfinite="shrink"`` sets θ ← (θ − center)·shrink_ratio + center, ``"skip"`` leaves θ;
     the momentum is untouched either way. ``foreach``/``fused`` choose the implementation
     (see ``functional._utils.select_path``); all of them compute the same update. Momentum
-    in another dtype than its parameter (e.g. bf16) and ``stochastic_rounding`` of bf16
-    parameters run the math in fp32: inside the Triton kernel on CUDA, elsewhere on upcast
-    copies (``functional.precision``).
+    in another dtype than its parameter (e.g. bf16) and ``stochastic_rounding`` of bf16/fp16
+    parameters (``None``/``True``: on for them) run the math in fp32: inside the Triton
+    kernel on CUDA, elsewhere on upcast copies (``functional.precision``).
 
     DTensor (FSDP2) tensors take a simple path (:func:`_dtensor_tiger`): the momentum and the
     update run on the local slices, and the RMS factor is computed over the whole tensor (or
@@ -330,7 +330,7 @@ def _dtensor_tiger(
     nonfinite: str,
     center: float,
     shrink_ratio: float,
-    stochastic_rounding: bool,
+    stochastic_rounding: bool | None,
 ) -> None:
     """Tiger on DTensors: η of every tensor from the whole tensor (or whole rows), one
     collective for all of them; the momentum and the update on the local slices."""

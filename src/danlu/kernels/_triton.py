@@ -251,15 +251,30 @@ def round_to(value, DTYPE: tl.constexpr):
 def store_rounded(
     ptr, offs, value, mask, seed_ptr, stream, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr
 ):
-    """Store fp32 ``value`` as ``DTYPE``; with ``STOCHASTIC`` (bf16 only) round up with
-    probability equal to the discarded fraction of the mantissa (unbiased), keeping Inf and
-    NaN. The random stream is Philox keyed by the seed tensor, counter (stream, offset)."""
+    """Store fp32 ``value`` as ``DTYPE``; with ``STOCHASTIC`` (bf16 or fp16) round the
+    magnitude up with probability equal to the discarded fraction of the spacing (unbiased),
+    keeping Inf and NaN; fp16 saturates finite values at ±65504 and rounds subnormals on their
+    grid of 2^-24, as ``functional.precision.stochastic_round_``. The random stream is Philox
+    keyed by the seed tensor, counter (stream, offset)."""
     if STOCHASTIC:
         r = tl.randint(tl.load(seed_ptr), (stream.to(tl.int64) << 40) + offs)
         bits = value.to(tl.int32, bitcast=True)
-        noise = (r & 0xFFFF).to(tl.int32, bitcast=True)
-        # bf16 is the top half of fp32: noise in the discarded half, then truncation
-        rounded = ((bits + noise) & -65536).to(tl.float32, bitcast=True)
+        if tl.bfloat16 == DTYPE:
+            noise = (r & 0xFFFF).to(tl.int32, bitcast=True)
+            # bf16 is the top half of fp32: noise in the discarded half, then truncation
+            rounded = ((bits + noise) & -65536).to(tl.float32, bitcast=True)
+        else:
+            # fp16 keeps 10 of fp32's 23 mantissa bits: noise in the other 13, truncation
+            noise = (r & 0x1FFF).to(tl.int32, bitcast=True)
+            rounded = ((bits + noise) & -8192).to(tl.float32, bitcast=True)
+            # subnormals: |x|·2^24 = n + f exactly, rounded up with probability f
+            scaled = tl.abs(value) * 16777216.0
+            whole = tl.floor(scaled)
+            up = (r & 0xFFFFFF).to(tl.float32) < (scaled - whole) * 16777216.0
+            sub = (whole + up.to(tl.float32)) * 5.9604644775390625e-08
+            sub = tl.where(bits < 0, -sub, sub)
+            rounded = tl.where(tl.abs(value) < 6.103515625e-05, sub, rounded)
+            rounded = tl.minimum(tl.maximum(rounded, -65504.0), 65504.0)
         value = tl.where(tl.abs(value) < float("inf"), rounded, value)
     tl.store(ptr + offs, round_to(value, DTYPE), mask=mask)
 

@@ -31,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from danlu.functional.adafactor import inverse_sqrt_factors
+from danlu.functional.precision import rounds_stochastically
 from danlu.kernels._triton import (
     BLOCK,
     compute_dtype,
@@ -43,8 +44,10 @@ from danlu.kernels._triton import (
     load,
     lr_tensor,
     round_to,
+    seed_tensor,
     segment_sums,
     sqrt_rn,
+    store_rounded,
     triton_dtype,
     typed_pointer,
 )
@@ -243,11 +246,13 @@ def _update_block(
     clip_ptr,
     factor_ptr,
     coef_ptr,
+    seed_ptr,
     FACTORED: tl.constexpr,
     UPDATE_V: tl.constexpr,
     MOMENTUM: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     DECAY: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     ALIGNED: tl.constexpr,
     P_DTYPE: tl.constexpr,
     V_DTYPE: tl.constexpr,
@@ -290,7 +295,7 @@ def _update_block(
     if DECAY:
         p = p * (1 - tl.load(step_ptr).to(COMPUTE) * tl.load(hyper_ptr + 3))
     p = p - coef * source
-    tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
+    store_rounded(p_ptr, offs, p, mask, seed_ptr, tid, P_DTYPE, STOCHASTIC)
 
 
 @triton.jit
@@ -309,11 +314,13 @@ def _adafactor_update_kernel(
     clip_ptr,  # per tensor: max(1, RMS(u)/d)
     factor_ptr,  # per tensor: α_t·max(ε2, RMS(θ)) (or α_t)
     coef_ptr,  # per tensor: factor / clip
+    seed_ptr,  # the Philox seed of stochastic rounding (unused without it)
     FACTORED: tl.constexpr,
     UPDATE_V: tl.constexpr,
     MOMENTUM: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     DECAY: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     ALIGNED: tl.constexpr,
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
@@ -337,14 +344,16 @@ def _adafactor_update_kernel(
     if start + BLOCK <= size:  # a full block: no mask, vector loads
         _update_block(
             p_ptr, g_ptr, v_ptr, m_addrs, offs, None, tid, info_ptr, factors_ptr, hyper_ptr,
-            step_ptr, clip_ptr, factor_ptr, coef_ptr, FACTORED, UPDATE_V, MOMENTUM, MAXIMIZE,
-            DECAY, ALIGNED, P_DTYPE, V_DTYPE, M_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
+            step_ptr, clip_ptr, factor_ptr, coef_ptr, seed_ptr, FACTORED, UPDATE_V, MOMENTUM,
+            MAXIMIZE, DECAY, STOCHASTIC, ALIGNED, P_DTYPE, V_DTYPE, M_DTYPE, COMPUTE, P1, Q1,
+            S1, INDEX,
         )  # fmt: skip
     else:
         _update_block(
             p_ptr, g_ptr, v_ptr, m_addrs, offs, offs < size, tid, info_ptr, factors_ptr,
-            hyper_ptr, step_ptr, clip_ptr, factor_ptr, coef_ptr, FACTORED, UPDATE_V, MOMENTUM,
-            MAXIMIZE, DECAY, ALIGNED, P_DTYPE, V_DTYPE, M_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
+            hyper_ptr, step_ptr, clip_ptr, factor_ptr, coef_ptr, seed_ptr, FACTORED, UPDATE_V,
+            MOMENTUM, MAXIMIZE, DECAY, STOCHASTIC, ALIGNED, P_DTYPE, V_DTYPE, M_DTYPE, COMPUTE,
+            P1, Q1, S1, INDEX,
         )  # fmt: skip
 
 
@@ -381,9 +390,11 @@ def adafactor_triton(
     min_dim_size_to_factor: int,
     momentum_mode: str,
     maximize: bool,
+    stochastic_rounding: bool | None = False,
 ) -> None:
     """AdaFactor on contiguous tensors (same arguments as
-    ``functional.adafactor._single_tensor_adafactor``)."""
+    ``functional.adafactor._single_tensor_adafactor``); ``stochastic_rounding`` rounds bf16/fp16
+    parameters stochastically (``functional.precision.rounds_stochastically``)."""
     from danlu.functional.adafactor import _axes
 
     settings = _Settings(
@@ -397,6 +408,7 @@ def adafactor_triton(
         weight_decay=weight_decay,
         momentum=_MOMENTUM[momentum_mode] if beta1 > 0 else 0,
         maximize=maximize,
+        stochastic_rounding=stochastic_rounding,
     )
     # Tensors are grouped by device and dtypes (the kernels' pointer types), and factored ones
     # also by layout: which of P, Q, S are 1 (so a matrix needs one division per element)
@@ -439,6 +451,7 @@ class _Settings:
     weight_decay: float
     momentum: int
     maximize: bool
+    stochastic_rounding: bool | None
 
 
 def _factors(
@@ -578,6 +591,7 @@ def _launch(
     else:
         factor = step.expand(n).contiguous()
     coef = clip_denoms.reciprocal().mul_(factor)
+    stochastic = rounds_stochastically(settings.stochastic_rounding, params[0].dtype)
     _adafactor_update_kernel[(tables.num_programs,)](
         *tables.addresses,
         tables.sizes,
@@ -590,10 +604,12 @@ def _launch(
         clip_denoms,
         factor,
         coef,
+        seed_tensor(device) if stochastic else step,
         UPDATE_V=not factored and not reduce_first,
         MOMENTUM=settings.momentum,
         MAXIMIZE=settings.maximize,
         DECAY=settings.weight_decay != 0,
+        STOCHASTIC=stochastic,
         M_DTYPE=triton_dtype(momenta[0].dtype),
         **common,
     )

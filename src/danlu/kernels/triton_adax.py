@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from danlu.functional.precision import rounds_stochastically
 from danlu.kernels._triton import (
     BLOCK,
     compute_dtype,
@@ -25,7 +26,9 @@ from danlu.kernels._triton import (
     lerp,
     lr_tensor,
     round_to,
+    seed_tensor,
     sqrt_rn,
+    store_rounded,
     triton_dtype,
     typed_pointer,
 )
@@ -43,9 +46,12 @@ def _adax_block(
     mask,
     lr,
     hyper_ptr,
+    seed_ptr,
+    tid,
     MAXIMIZE: tl.constexpr,
     EPS_INSIDE_SQRT: tl.constexpr,
     DECAY: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     P_DTYPE: tl.constexpr,
     M_DTYPE: tl.constexpr,
     V_DTYPE: tl.constexpr,
@@ -72,7 +78,7 @@ def _adax_block(
     if DECAY:
         p = p * (1 - lr * tl.load(hyper_ptr + 3))
     p = p - div_rn(lr * m.to(COMPUTE), denom)
-    tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
+    store_rounded(p_ptr, offs, p, mask, seed_ptr, tid, P_DTYPE, STOCHASTIC)
 
 
 @triton.jit
@@ -86,9 +92,11 @@ def _adax_kernel(
     block_index,
     lr_ptr,
     hyper_ptr,  # 1 − β1, 1 − β̂_t, ε, λ in the compute dtype
+    seed_ptr,
     MAXIMIZE: tl.constexpr,
     EPS_INSIDE_SQRT: tl.constexpr,
     DECAY: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     ALIGNED: tl.constexpr,
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
@@ -109,13 +117,13 @@ def _adax_kernel(
     lr = tl.load(lr_ptr).to(COMPUTE)
     if start + BLOCK <= size:  # a full block: no mask, vector loads
         _adax_block(
-            p_ptr, g_ptr, m_ptr, v_ptr, offs, None, lr, hyper_ptr,
-            MAXIMIZE, EPS_INSIDE_SQRT, DECAY, P_DTYPE, M_DTYPE, V_DTYPE, COMPUTE,
+            p_ptr, g_ptr, m_ptr, v_ptr, offs, None, lr, hyper_ptr, seed_ptr, tid,
+            MAXIMIZE, EPS_INSIDE_SQRT, DECAY, STOCHASTIC, P_DTYPE, M_DTYPE, V_DTYPE, COMPUTE,
         )  # fmt: skip
     else:
         _adax_block(
-            p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < size, lr, hyper_ptr,
-            MAXIMIZE, EPS_INSIDE_SQRT, DECAY, P_DTYPE, M_DTYPE, V_DTYPE, COMPUTE,
+            p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < size, lr, hyper_ptr, seed_ptr, tid,
+            MAXIMIZE, EPS_INSIDE_SQRT, DECAY, STOCHASTIC, P_DTYPE, M_DTYPE, V_DTYPE, COMPUTE,
         )  # fmt: skip
 
 
@@ -132,9 +140,11 @@ def adax_triton(
     eps_inside_sqrt: bool,
     weight_decay: float,
     maximize: bool,
+    stochastic_rounding: bool | None = False,
 ) -> None:
     """AdaX on contiguous tensors (same arguments as ``functional.adax._single_tensor_adax``):
-    one launch per (device, dtypes) group."""
+    one launch per (device, dtypes) group. ``stochastic_rounding`` rounds bf16/fp16 parameters
+    stochastically (``functional.precision.rounds_stochastically``)."""
     for (ps, gs, ms, vs), _ in group_by_dtypes([params, grads, exp_avgs, exp_avg_sqs]):
         contiguous_or_raise([*ps, *gs, *ms, *vs], "AdaX")
         tables = launch_tables([ps, gs, ms, vs])
@@ -142,20 +152,24 @@ def adax_triton(
             continue
         device = ps[0].device
         compute = compute_dtype(ps[0].dtype, vs[0].dtype)
+        stochastic = rounds_stochastically(stochastic_rounding, ps[0].dtype)
+        lr_t = lr_tensor(lr, compute, device)
         _adax_kernel[(tables.num_programs,)](
             *tables.addresses,
             tables.sizes,
             tables.block_tensor,
             tables.block_index,
-            lr_tensor(lr, compute, device),
+            lr_t,
             device_scalars(
                 [1 - beta1, new_sample_weight, eps, weight_decay, torch.finfo(compute).tiny],
                 compute,
                 device,
             ),
+            seed_tensor(device) if stochastic else lr_t,  # the seed is unused without SR
             MAXIMIZE=maximize,
             EPS_INSIDE_SQRT=eps_inside_sqrt,
             DECAY=weight_decay != 0,
+            STOCHASTIC=stochastic,
             ALIGNED=tables.aligned,
             P_DTYPE=triton_dtype(ps[0].dtype),
             G_DTYPE=triton_dtype(gs[0].dtype),

@@ -10,11 +10,11 @@ device memory, so a scheduler changes it without recompiling or synchronising.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from danlu.functional.precision import rounds_stochastically
 from danlu.kernels._triton import (
     BLOCK,
     compute_dtype,
@@ -115,10 +115,10 @@ def lion_triton(
     beta2: float,
     weight_decay: float,
     maximize: bool,
-    stochastic_rounding: bool = False,
+    stochastic_rounding: bool | None = False,
 ) -> None:
     """Lion on contiguous tensors: one launch per (device, dtypes) group. ``exp_avgs`` may
-    have any float dtype; ``stochastic_rounding`` rounds bf16 parameters stochastically."""
+    have any float dtype; ``stochastic_rounding`` rounds bf16/fp16 parameters stochastically."""
     for (ps, gs, ms), _ in group_by_dtypes([params, grads, exp_avgs]):
         contiguous_or_raise([*ps, *gs, *ms], "Lion")
         tables = launch_tables([ps, gs, ms])
@@ -126,7 +126,7 @@ def lion_triton(
             continue
         device, dtype = ps[0].device, ps[0].dtype
         compute = compute_dtype(dtype)
-        stochastic = stochastic_rounding and dtype == torch.bfloat16
+        stochastic = rounds_stochastically(stochastic_rounding, dtype)
         lr_t = lr_tensor(lr, compute, device)
         _lion_kernel[(tables.num_programs,)](
             *tables.addresses,

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from danlu.functional.precision import rounds_stochastically
 from danlu.kernels._triton import (
     BLOCK,
     compute_dtype,
@@ -175,14 +176,14 @@ def tiger_triton(
     nonfinite: str | None = None,
     center: float = 0.0,
     shrink_ratio: float = 1.0,
-    stochastic_rounding: bool = False,
+    stochastic_rounding: bool | None = False,
 ) -> None:
     """One Tiger micro-step on contiguous tensors of one kind.
 
     ``finite`` (a bool tensor, one entry per tensor, on the tensors' device) with
     ``nonfinite="shrink"`` or ``"skip"`` applies the non-finite policy on the device.
     ``exp_avgs`` may have any float dtype (rounded to nearest); ``stochastic_rounding``
-    rounds bf16 parameters stochastically.
+    rounds bf16/fp16 parameters stochastically.
     """
     mode = _MODES[nonfinite if finite is not None else None]
     for (ps, gs, ms), indices in group_by_dtypes([params, grads, exp_avgs]):
@@ -198,7 +199,7 @@ def tiger_triton(
         ok = lr_t  # an unused placeholder pointer unless a non-finite policy applies
         if mode and finite is not None:
             ok = finite[int_table(indices, torch.int64, finite.device)].to(device, torch.int8)
-        stochastic = stochastic_rounding and dtype == torch.bfloat16 and last_micro_step
+        stochastic = rounds_stochastically(stochastic_rounding, dtype) and last_micro_step
         common = {
             "K1": grad_accum_steps == 1,
             "FIRST": first_micro_step,

@@ -15,6 +15,7 @@ from danlu.functional.adafactor import (
     adafactor,
     adafactor_factored_axes,
 )
+from danlu.functional.precision import check_stochastic_rounding
 from danlu.optim._base import (
     DanluOptimizer,
     GroupTensors,
@@ -107,6 +108,12 @@ class AdaFactor(DanluOptimizer):
         factored_dims: ``"two_largest"`` or ``"last_two"``.
         min_dim_size_to_factor: threshold (integer ≥ 0) for ``"two_largest"``.
         momentum_mode: ``"unit"`` (bert4keras) or ``"scaled"`` (transformers).
+        stochastic_rounding: how bf16/fp16 parameters are written. ``None`` (default) or
+            ``True``: the parameter's update runs in fp32 and the result is rounded
+            stochastically (unbiased), so updates below the dtype's spacing are not lost
+            (pytorch#120376); the noise comes from torch's global RNG of the parameter's
+            device, reproducible under ``torch.manual_seed``. ``False``: round to nearest.
+            fp32/fp64 parameters are never affected; the state keeps its dtype.
         maximize: ascend instead of descend (the user's gradients are not modified).
         foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
         fused: ``True`` runs the Triton kernels on CUDA (the statistics stay torch ops, the
@@ -135,6 +142,7 @@ class AdaFactor(DanluOptimizer):
         factored_dims: str = "two_largest",
         min_dim_size_to_factor: int = 128,
         momentum_mode: str = "unit",
+        stochastic_rounding: bool | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -156,6 +164,7 @@ class AdaFactor(DanluOptimizer):
             "factored_dims": factored_dims,
             "min_dim_size_to_factor": min_dim_size_to_factor,
             "momentum_mode": momentum_mode,
+            "stochastic_rounding": stochastic_rounding,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -186,6 +195,7 @@ class AdaFactor(DanluOptimizer):
         check_int_at_least(f"{where}min_dim_size_to_factor", group["min_dim_size_to_factor"], 0)
         check_choice(f"{where}momentum_mode", group["momentum_mode"], MOMENTUM_MODES)
         check_bool(f"{where}maximize", group["maximize"])
+        check_stochastic_rounding(group.get("stochastic_rounding"), where=where)
         check_implementation(group, where=where)
 
     def _axes(self, p: Tensor, group: dict[str, Any]) -> tuple[int, int] | None:
@@ -268,6 +278,7 @@ class AdaFactor(DanluOptimizer):
                 min_dim_size_to_factor=group["min_dim_size_to_factor"],
                 momentum_mode=group["momentum_mode"],
                 maximize=group["maximize"],
+                stochastic_rounding=group.get("stochastic_rounding"),
                 foreach=group["foreach"],
                 fused=group.get("fused"),  # absent from state dicts saved before it existed
             )

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from danlu.functional.adamw import adamw
+from danlu.functional.precision import check_stochastic_rounding
 from danlu.optim._base import (
     MAX_SCALAR,
     DanluOptimizer,
@@ -54,6 +55,12 @@ class AdamW(DanluOptimizer):
         weight_decay: decoupled decay λ (≥ 0), applied as θ·(1 − ηλ) on updates only.
         grad_accum_steps: micro-steps per update (integer ≥ 1).
         eps_inside_sqrt: use √(v̂ + ε) as in the blog post instead of torch's √v̂ + ε.
+        stochastic_rounding: how bf16/fp16 parameters are written. ``None`` (default) or
+            ``True``: the parameter's update runs in fp32 and the result is rounded
+            stochastically (unbiased), so updates below the dtype's spacing are not lost
+            (pytorch#120376); the noise comes from torch's global RNG of the parameter's
+            device, reproducible under ``torch.manual_seed``. ``False``: round to nearest.
+            fp32/fp64 parameters are never affected; the state keeps its dtype.
         maximize: ascend instead of descend (the user's gradients are not modified).
         foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
 
@@ -74,6 +81,7 @@ class AdamW(DanluOptimizer):
         *,
         grad_accum_steps: int = 1,
         eps_inside_sqrt: bool = False,
+        stochastic_rounding: bool | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
@@ -84,6 +92,7 @@ class AdamW(DanluOptimizer):
             "weight_decay": weight_decay,
             "grad_accum_steps": grad_accum_steps,
             "eps_inside_sqrt": eps_inside_sqrt,
+            "stochastic_rounding": stochastic_rounding,
             "maximize": maximize,
             "foreach": foreach,
         }
@@ -108,6 +117,7 @@ class AdamW(DanluOptimizer):
         check_int_at_least(f"{where}grad_accum_steps", group["grad_accum_steps"], 1)
         check_bool(f"{where}eps_inside_sqrt", group["eps_inside_sqrt"])
         check_bool(f"{where}maximize", group["maximize"])
+        check_stochastic_rounding(group.get("stochastic_rounding"), where=where)
         check_foreach(group["foreach"])
 
     def _step(self, gathered: list[GroupTensors]) -> None:
@@ -150,6 +160,7 @@ class AdamW(DanluOptimizer):
                 first_micro_step=first,
                 last_micro_step=last,
                 maximize=group["maximize"],
+                stochastic_rounding=group.get("stochastic_rounding"),
                 foreach=group["foreach"],
             )
         if k > 1:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from danlu.functional._utils import statistics_dtype
 from danlu.functional.adax import adax
+from danlu.functional.precision import check_stochastic_rounding
 from danlu.optim._base import (
     DanluOptimizer,
     GroupTensors,
@@ -60,6 +61,12 @@ class AdaX(DanluOptimizer):
         eps: ε ≥ 0 in the denominator.
         weight_decay: decoupled decay λ ≥ 0, multiplied by the lr.
         eps_inside_sqrt: ε under the square root (the blog) instead of after it (the code).
+        stochastic_rounding: how bf16/fp16 parameters are written. ``None`` (default) or
+            ``True``: the parameter's update runs in fp32 and the result is rounded
+            stochastically (unbiased), so updates below the dtype's spacing are not lost
+            (pytorch#120376); the noise comes from torch's global RNG of the parameter's
+            device, reproducible under ``torch.manual_seed``. ``False``: round to nearest.
+            fp32/fp64 parameters are never affected; the state keeps its dtype.
         maximize: ascend instead of descend (the user's gradients are not modified).
         foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
         fused: ``True`` runs the fused kernel (Triton on CUDA; on CPU the math compiled with
@@ -80,6 +87,7 @@ class AdaX(DanluOptimizer):
         weight_decay: float = 0.0,
         *,
         eps_inside_sqrt: bool = False,
+        stochastic_rounding: bool | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -90,6 +98,7 @@ class AdaX(DanluOptimizer):
             "eps": eps,
             "weight_decay": weight_decay,
             "eps_inside_sqrt": eps_inside_sqrt,
+            "stochastic_rounding": stochastic_rounding,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -107,6 +116,7 @@ class AdaX(DanluOptimizer):
         check_non_negative(f"{where}weight_decay", group["weight_decay"])
         check_bool(f"{where}eps_inside_sqrt", group["eps_inside_sqrt"])
         check_bool(f"{where}maximize", group["maximize"])
+        check_stochastic_rounding(group.get("stochastic_rounding"), where=where)
         check_implementation(group, where=where)
 
     def _step(self, gathered: list[GroupTensors]) -> None:
@@ -139,6 +149,7 @@ class AdaX(DanluOptimizer):
                     eps_inside_sqrt=group["eps_inside_sqrt"],
                     weight_decay=group["weight_decay"],
                     maximize=group["maximize"],
+                    stochastic_rounding=group.get("stochastic_rounding"),
                     foreach=group["foreach"],
                     fused=group.get("fused"),  # absent from state dicts saved before it existed
                 )

@@ -10,6 +10,7 @@ from torch import Tensor
 from danlu.distributed import new_state
 from danlu.functional._utils import statistics_dtype
 from danlu.functional.amos import AMOS_EPS, SLOT_RULES, amos, amos_default_eta, amos_slot_shape
+from danlu.functional.precision import check_stochastic_rounding
 from danlu.functional.tiger import KINDS
 from danlu.optim._base import (
     DanluOptimizer,
@@ -109,6 +110,12 @@ class Amos(DanluOptimizer):
         finetune_rate: f ≥ 0.
         zeta: ζ ≥ 0 for both decay factors c and d.
         eps: floor ε > 0 of v (2⁻¹²⁵).
+        stochastic_rounding: how bf16/fp16 parameters are written. ``None`` (default) or
+            ``True``: the parameter's update runs in fp32 and the result is rounded
+            stochastically (unbiased), so updates below the dtype's spacing are not lost
+            (pytorch#120376); the noise comes from torch's global RNG of the parameter's
+            device, reproducible under ``torch.manual_seed``. ``False``: round to nearest.
+            fp32/fp64 parameters are never affected; the state keeps its dtype.
         maximize: ascend instead of descend (the user's gradients are not modified).
         foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
         fused: ``True`` runs the math compiled with ``torch.compile`` (one fused loop per
@@ -133,6 +140,7 @@ class Amos(DanluOptimizer):
         finetune_rate: float = 1.0,
         zeta: float = 0.25,
         eps: float = AMOS_EPS,
+        stochastic_rounding: bool | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -150,6 +158,7 @@ class Amos(DanluOptimizer):
             "eps": eps,
             "kind": None,
             "center": 0.0,
+            "stochastic_rounding": stochastic_rounding,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -177,6 +186,7 @@ class Amos(DanluOptimizer):
         if isinstance(group["center"], Tensor):
             raise ValueError(f"{where}center must be a finite float, got {group['center']!r}")
         check_bool(f"{where}maximize", group["maximize"])
+        check_stochastic_rounding(group.get("stochastic_rounding"), where=where)
         check_implementation(group, where=where)
 
     def _step(self, gathered: list[GroupTensors]) -> None:
@@ -225,6 +235,7 @@ class Amos(DanluOptimizer):
                 clip_value=group["clip_value"],
                 eps=group["eps"],
                 maximize=group["maximize"],
+                stochastic_rounding=group.get("stochastic_rounding"),
                 foreach=group["foreach"],
                 fused=group.get("fused"),  # absent from state dicts saved before it existed
             )

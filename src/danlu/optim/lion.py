@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from danlu.functional.lion import lion
+from danlu.functional.precision import check_stochastic_rounding
 from danlu.optim._base import (
     DanluOptimizer,
     GroupTensors,
@@ -47,9 +48,12 @@ class Lion(DanluOptimizer):
         state_dtype: dtype of the momentum (default: the parameter's). ``torch.bfloat16``
             halves the state to 2 bytes per parameter; the math runs in fp32 and the
             momentum is rounded to nearest. Kept through ``load_state_dict``.
-        stochastic_rounding: for bf16 parameters, run the update in fp32 and round the new
-            parameter stochastically (unbiased), so updates smaller than bf16's spacing are
-            not lost (pytorch#120376). Draws from torch's global RNG.
+        stochastic_rounding: how bf16/fp16 parameters are written. ``None`` (default) or
+            ``True``: the parameter's update runs in fp32 and the result is rounded
+            stochastically (unbiased), so updates below the dtype's spacing are not lost
+            (pytorch#120376); the noise comes from torch's global RNG of the parameter's
+            device, reproducible under ``torch.manual_seed``. ``False``: round to nearest.
+            fp32/fp64 parameters are never affected; the state keeps its dtype.
         maximize: ascend instead of descend (the user's gradients are not modified).
         foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
         fused: ``True`` runs the fused kernel (Triton on CUDA; on CPU the foreach math
@@ -69,7 +73,7 @@ class Lion(DanluOptimizer):
         weight_decay: float = 0.0,
         *,
         state_dtype: torch.dtype | None = None,
-        stochastic_rounding: bool = False,
+        stochastic_rounding: bool | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -96,7 +100,7 @@ class Lion(DanluOptimizer):
         check_non_negative(f"{where}weight_decay", group["weight_decay"])
         check_bool(f"{where}maximize", group["maximize"])
         check_state_dtype(group["state_dtype"], where=where)
-        check_bool(f"{where}stochastic_rounding", group["stochastic_rounding"])
+        check_stochastic_rounding(group.get("stochastic_rounding"), where=where)
         check_implementation(group, where=where)
 
     def _step(self, gathered: list[GroupTensors]) -> None:
@@ -122,7 +126,8 @@ class Lion(DanluOptimizer):
                 beta2=beta2,
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
-                stochastic_rounding=group["stochastic_rounding"],
+                # absent from state dicts saved before it existed
+                stochastic_rounding=group.get("stochastic_rounding"),
                 foreach=group["foreach"],
                 fused=group.get("fused"),  # absent from state dicts saved before it existed
             )

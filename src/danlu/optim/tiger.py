@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from danlu.functional.nonfinite import finite_mask
+from danlu.functional.precision import check_stochastic_rounding
 from danlu.functional.tiger import KINDS, tiger
 from danlu.optim._base import (
     DanluOptimizer,
@@ -99,9 +100,12 @@ class Tiger(DanluOptimizer):
         state_dtype: dtype of the momentum (default: the parameter's). ``torch.bfloat16``
             halves the state to 2 bytes per parameter; the math runs in fp32 and the
             momentum is rounded to nearest. Kept through ``load_state_dict``.
-        stochastic_rounding: for bf16 parameters, run the update in fp32 and round the new
-            parameter stochastically (unbiased), so updates smaller than bf16's spacing are
-            not lost (pytorch#120376). Draws from torch's global RNG.
+        stochastic_rounding: how bf16/fp16 parameters are written. ``None`` (default) or
+            ``True``: the parameter's update runs in fp32 and the result is rounded
+            stochastically (unbiased), so updates below the dtype's spacing are not lost
+            (pytorch#120376); the noise comes from torch's global RNG of the parameter's
+            device, reproducible under ``torch.manual_seed``. ``False``: round to nearest.
+            fp32/fp64 parameters are never affected; the state keeps its dtype.
         maximize: ascend instead of descend (the user's gradients are not modified).
         foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
         fused: ``True`` runs the fused kernel (Triton on CUDA; on CPU the foreach math
@@ -126,7 +130,7 @@ class Tiger(DanluOptimizer):
         nonfinite_scope: str = "tensor",
         rms_floor: float = 1e-3,
         state_dtype: torch.dtype | None = None,
-        stochastic_rounding: bool = False,
+        stochastic_rounding: bool | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -171,7 +175,7 @@ class Tiger(DanluOptimizer):
             raise ValueError(f"{where}center must be a finite float, got {center!r}")
         check_bool(f"{where}maximize", group["maximize"])
         check_state_dtype(group["state_dtype"], where=where)
-        check_bool(f"{where}stochastic_rounding", group["stochastic_rounding"])
+        check_stochastic_rounding(group.get("stochastic_rounding"), where=where)
         check_implementation(group, where=where)
 
     def _step(self, gathered: list[GroupTensors]) -> None:
@@ -230,7 +234,8 @@ class Tiger(DanluOptimizer):
                 nonfinite="skip" if group["nonfinite"] == "raise" else group["nonfinite"],
                 center=float(group["center"]),
                 shrink_ratio=group["shrink_ratio"],
-                stochastic_rounding=group["stochastic_rounding"],
+                # absent from state dicts saved before it existed
+                stochastic_rounding=group.get("stochastic_rounding"),
                 foreach=group["foreach"],
                 fused=group.get("fused"),  # absent from state dicts saved before it existed
             )
