@@ -56,8 +56,8 @@ def scalar_ptr(dtype):
 
 
 def variants(full):
-    f32, bf16, f64 = tl.float32, tl.bfloat16, tl.float64
-    for p, m, sr in [(f32, f32, False), (bf16, f32, True)] + (
+    f32, bf16, f64, f16 = tl.float32, tl.bfloat16, tl.float64, tl.float16
+    for p, m, sr in [(f32, f32, False), (bf16, f32, True), (f16, f32, True)] + (
         [(f32, bf16, False), (f64, f64, False)] if full else []
     ):
         c = compute(p)
@@ -120,7 +120,7 @@ def variants(full):
                 "BLOCK": 1024,
             },
         )
-    for p, v in [(f32, f32), (bf16, f32)] + ([(f64, f64)] if full else []):
+    for p, v in [(f32, f32), (bf16, f32), (f16, f32)] + ([(f64, f64)] if full else []):
         types = {
             "p_addrs": "*i64",
             "g_addrs": "*i64",
@@ -129,6 +129,7 @@ def variants(full):
             **TABLES,
             "lr_ptr": scalar_ptr(v),
             "hyper_ptr": scalar_ptr(v),
+            "seed_ptr": "*i64",
         }
         yield (
             _adax_kernel,
@@ -137,6 +138,7 @@ def variants(full):
                 "MAXIMIZE": True,
                 "EPS_INSIDE_SQRT": p == bf16,
                 "DECAY": True,
+                "STOCHASTIC": p != f32,
                 "ALIGNED": True,
                 "P_DTYPE": p,
                 "G_DTYPE": p,
@@ -149,7 +151,7 @@ def variants(full):
     layouts = [(True, (True, True, True), tl.int32), (False, (True, True, True), tl.int32)]
     if full:
         layouts.append((True, (False, False, False), tl.int64))
-    for p, v in [(f32, f32), (bf16, f32)] + ([(f64, f64)] if full else []):
+    for p, v in [(f32, f32), (bf16, f32), (f16, f32)] + ([(f64, f64)] if full else []):
         for factored, (p1, q1, s1), index in layouts:
             s = scalar_ptr(v)
             common = {
@@ -194,6 +196,7 @@ def variants(full):
                 "clip_ptr": s,
                 "factor_ptr": s,
                 "coef_ptr": s,
+                "seed_ptr": "*i64",
             }
             for momentum in (0, 1, 2) if full or (p == f32 and factored) else (1,):
                 yield (
@@ -204,6 +207,7 @@ def variants(full):
                         "MOMENTUM": momentum,
                         "MAXIMIZE": True,
                         "DECAY": True,
+                        "STOCHASTIC": p != f32,
                         "M_DTYPE": p,
                         **common,
                     },
