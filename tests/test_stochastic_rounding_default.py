@@ -7,6 +7,7 @@ fp32 run of the same optimizer from the same values (the trajectories). Statisti
 six standard deviations of the rounding noise, derived in each test.
 """
 
+import itertools
 import math
 
 import pytest
@@ -160,7 +161,7 @@ def test_low_precision_params_train_by_default_and_track_fp32(name, dtype):
     # and standard deviation √(Σq(1 − q))/n.
     spacing = _spacing_towards(weight, exact, dtype).flatten()
     stay = torch.ones(n, dtype=torch.float64)
-    for before, after in zip(trace, trace[1:], strict=False):
+    for before, after in itertools.pairwise(trace):
         step = (after - before).double().abs().flatten()
         stay *= 1 - torch.clamp(step / spacing, max=1)
     predicted = 1 - stay.mean().item()
