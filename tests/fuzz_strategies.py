@@ -113,6 +113,8 @@ def integer(low: int, high: int) -> Arg:
 
 BOOL = Arg(st.booleans(), st.sampled_from([0, 1, "yes", None, 1.0]))
 FOREACH = Arg(st.sampled_from([None, False, True]), st.sampled_from([0, 1, "yes"]))
+# stochastic rounding of bf16/fp16 parameters: None (the default, on) or a bool
+ROUNDING = Arg(st.sampled_from([None, False, True]), st.sampled_from([0, 1, "yes", 1.0]))
 # fused=True compiles the foreach math with torch.compile on CPU: seconds per example, tested
 # in tests/test_kernels.py instead. On CUDA it is the Triton kernel.
 FUSED = Arg(
@@ -136,7 +138,7 @@ SPECS: dict[str, dict[str, Arg]] = {
         "betas": pair(BETA, BETA),
         "weight_decay": WEIGHT_DECAY,
         "state_dtype": STATE_DTYPE,
-        "stochastic_rounding": BOOL,
+        "stochastic_rounding": ROUNDING,
         "maximize": BOOL,
         "foreach": FOREACH,
         "fused": FUSED,
@@ -151,7 +153,7 @@ SPECS: dict[str, dict[str, Arg]] = {
         "nonfinite_scope": choice(NONFINITE_SCOPES),
         "rms_floor": scale(1.0),
         "state_dtype": STATE_DTYPE,
-        "stochastic_rounding": BOOL,
+        "stochastic_rounding": ROUNDING,
         "maximize": BOOL,
         "foreach": FOREACH,
         "fused": FUSED,
@@ -163,6 +165,7 @@ SPECS: dict[str, dict[str, Arg]] = {
         "weight_decay": WEIGHT_DECAY,
         "grad_accum_steps": integer(1, 4),
         "eps_inside_sqrt": BOOL,
+        "stochastic_rounding": ROUNDING,
         "maximize": BOOL,
         "foreach": FOREACH,
     },
@@ -172,6 +175,7 @@ SPECS: dict[str, dict[str, Arg]] = {
         "eps": scale(1e30),
         "weight_decay": WEIGHT_DECAY,
         "eps_inside_sqrt": BOOL,
+        "stochastic_rounding": ROUNDING,
         "maximize": BOOL,
         "foreach": FOREACH,
         "fused": FUSED,
@@ -190,6 +194,7 @@ SPECS: dict[str, dict[str, Arg]] = {
         "factored_dims": choice(FACTORED_DIMS),
         "min_dim_size_to_factor": integer(0, 8),
         "momentum_mode": choice(MOMENTUM_MODES),
+        "stochastic_rounding": ROUNDING,
         "maximize": BOOL,
         "foreach": FOREACH,
         "fused": FUSED,
@@ -208,6 +213,7 @@ SPECS: dict[str, dict[str, Arg]] = {
         "finetune_rate": scale(10.0),
         "zeta": scale(10.0),
         "eps": scale(1.0, zero=False),
+        "stochastic_rounding": ROUNDING,
         "maximize": BOOL,
         "foreach": FOREACH,
         "fused": FUSED,

@@ -38,7 +38,7 @@ CASES = {
             ("foreach", "yes"),
             ("fused", 1),
             ("state_dtype", "bfloat16"),
-            ("stochastic_rounding", None),
+            ("stochastic_rounding", "yes"),
             ("maximize", 1),
         ],
         "invalid_group": [("lr", -1.0), ("betas", (0.9, 1.5))],
