@@ -145,6 +145,11 @@ def lm(ns: dict[str, Any], tmp: Path) -> None:
     ns["hidden"] = model.norm(model.embed(loader[0]))
 
 
+def moved(before: list[torch.Tensor], model: nn.Module) -> bool:
+    pairs = zip(before, model.parameters(), strict=True)
+    return any(not torch.equal(a, p.detach()) for a, p in pairs)
+
+
 def train_one_step(ns: dict[str, Any]) -> None:
     """One step with the block's ``model`` and ``opt``; the parameters must move."""
     model, opt = ns["model"], ns["opt"]
@@ -154,8 +159,7 @@ def train_one_step(ns: dict[str, Any]) -> None:
     out.loss.backward()
     opt.step()
     opt.zero_grad()
-    moved = [not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters())]
-    assert any(moved), "the optimizer the block built did not move the model"
+    assert moved(before, model), "the optimizer the block built did not move the model"
 
 
 def tiny_llama() -> nn.Module:
@@ -204,7 +208,7 @@ def train_the_trainer(ns: dict[str, Any]) -> None:
     trainer.train()
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     assert type(inner).__module__.startswith("danlu."), type(inner)
-    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+    assert moved(before, model), "the Trainer did not move the model"
 
 
 def configure_lightning(ns: dict[str, Any]) -> None:
