@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import Tensor
 from torch.optim import Optimizer
@@ -45,7 +46,10 @@ def piecewise_linear(
     the first knot (only possible with ``from_zero=False``) the first value is returned.
     ``{0: 1}`` is the constant 1. ``t`` counts micro-steps in the reference code.
     """
-    knots = _sorted_knots(schedule, from_zero)
+    return _interpolate(_sorted_knots(schedule, from_zero), t)
+
+
+def _interpolate(knots: list[tuple[float, float]], t: float) -> float:
     steps = [k for k, _ in knots]
     if t <= steps[0]:
         return knots[0][1]
@@ -78,8 +82,75 @@ class PiecewiseLinearLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float | Tensor]:
-        factor = piecewise_linear(self.last_epoch, self.schedule, self.from_zero)
+        factor = _interpolate(self._knots, self.last_epoch)
         return [base_lr * factor for base_lr in self.base_lrs]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state, with ``schedule`` as a list of ``[step, multiplier]`` pairs.
+
+        A dict with number keys would not survive ``torch.distributed.checkpoint``, which turns
+        keys into strings (and, loading into a live state dict, keeps both ``20`` and ``'20'``).
+        """
+        state = {k: v for k, v in super().state_dict().items() if k != "_knots"}
+        state["schedule"] = [[step, value] for step, value in self.schedule.items()]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict`; also accepts the older ``schedule`` forms, a
+        dict with number keys or with the string keys a distributed checkpoint makes of them
+        (or both: equal entries merge, different ones raise ValueError). Nothing changes on
+        error."""
+        state = {k: v for k, v in state_dict.items() if k != "_knots"}
+        schedule = _schedule_from_state(state.get("schedule", self.schedule))
+        from_zero = state.get("from_zero", self.from_zero)
+        if not isinstance(from_zero, bool):
+            raise ValueError(f"state_dict: from_zero must be a bool, got {from_zero!r}")
+        knots = _sorted_knots(schedule, from_zero)
+        state["schedule"] = schedule
+        super().load_state_dict(state)
+        self._knots = knots
+
+
+def _step_key(key: Any) -> int | float:
+    """A schedule step from a state dict key: a number, or its string form."""
+    if isinstance(key, str):
+        try:
+            return int(key)
+        except ValueError:
+            try:
+                return float(key)
+            except ValueError:
+                pass
+    elif isinstance(key, int | float) and not isinstance(key, bool):
+        return key
+    raise ValueError(f"state_dict: schedule steps must be numbers, got {key!r}")
+
+
+def _schedule_from_state(saved: Any) -> dict[int | float, float]:
+    """``{step: multiplier}`` from a saved ``schedule``: pairs, or a dict keyed by numbers
+    and/or their strings."""
+    if isinstance(saved, Mapping):
+        items = list(saved.items())
+    elif isinstance(saved, Sequence) and not isinstance(saved, str):
+        items = []
+        for pair in saved:
+            if not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2:
+                raise ValueError(
+                    f"state_dict: schedule must hold [step, multiplier] pairs, got {pair!r}"
+                )
+            items.append((pair[0], pair[1]))
+    else:
+        raise ValueError(f"state_dict: schedule must be a list of pairs, got {saved!r}")
+    schedule: dict[int | float, float] = {}
+    for key, value in items:
+        step = _step_key(key)
+        if step in schedule and schedule[step] != value:
+            raise ValueError(
+                f"state_dict: schedule gives step {step!r} two multipliers, "
+                f"{schedule[step]!r} and {value!r}"
+            )
+        schedule[step] = value
+    return schedule
 
 
 # ----------------------------------------------------------------------------------------------

@@ -103,7 +103,9 @@ class Amos(DanluOptimizer):
         lr: the global learning rate ξ (≥ 0).
         eta: η > 0, ``"auto"`` or ``"output"``.
         beta: decay rate of the squared-gradient EMA, in [0, 1).
-        momentum: μ in [0, 1); 0 keeps no momentum.
+        momentum: μ in [0, 1); 0 keeps no momentum. Not for cycling: ``step()`` refuses a
+            group that ``OneCycleLR``/``CyclicLR`` with ``cycle_momentum=True`` has written
+            (pass ``cycle_momentum=False``; see docs/recipes.md, "Schedulers").
         clip_value: gradient clipping value (> 0) or None.
         slots: ``"per_output"``, ``"scalar"`` or ``"full"``.
         init_b: initial value of b (≥ 0).
@@ -188,6 +190,7 @@ class Amos(DanluOptimizer):
         check_bool(f"{where}maximize", group["maximize"])
         check_stochastic_rounding(group.get("stochastic_rounding"), where=where)
         check_implementation(group, where=where)
+        refuse_cycled_momentum(group, where=where)
 
     def _step(self, gathered: list[GroupTensors]) -> None:
         for work in gathered:
@@ -251,3 +254,24 @@ register(
     state_bytes="≈0 (reduced v, b; no momentum)",
     state_bytes_accum="≈4",
 )
+
+
+# torch's OneCycleLR and CyclicLR (cycle_momentum=True) write these keys into every group.
+CYCLED_MOMENTUM_KEYS = ("max_momentum", "base_momentum")
+
+
+def refuse_cycled_momentum(group: dict[str, Any], *, where: str) -> None:
+    """Raise ValueError if a cyclic lr scheduler is cycling Amos's ``momentum``.
+
+    torch's schedulers find the key ``momentum`` in ``defaults`` and cycle it between 0.85 and
+    0.95 (0.8 and 0.9), which turns on a momentum that Amos keeps off by default, silently.
+    """
+    if any(key in group for key in CYCLED_MOMENTUM_KEYS):
+        raise ValueError(
+            f"{where}momentum is being cycled by a torch OneCycleLR or CyclicLR scheduler "
+            f"(the group holds 'max_momentum' and 'base_momentum', and now momentum="
+            f"{group['momentum']!r}); Amos's momentum is an optional smoothing of the update, "
+            "off by default (0), and cycling it changes the algorithm. Create the scheduler "
+            "with cycle_momentum=False (on a new optimizer: this one's momentum was already "
+            "overwritten)"
+        )
