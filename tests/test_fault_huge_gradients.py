@@ -12,10 +12,10 @@ import os
 import numpy as np
 import pytest
 import torch
-
-import danlu  # noqa: F401  (registers every optimizer)
-from danlu.registry import REGISTRY
 from optimizer_cases import CASES
+
+import danlu
+from danlu.registry import REGISTRY
 
 FP32_MAX = torch.finfo(torch.float32).max
 HUGE = [1e19, 2e19, 1e30, FP32_MAX]
@@ -63,7 +63,7 @@ def _ordinary_grads(params, gen):
 def _all_finite(opt, params) -> None:
     for i, p in enumerate(params):
         assert torch.isfinite(p).all(), f"param {i} not finite: {p}"
-    for p, state in opt.state.items():
+    for state in opt.state.values():
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 assert torch.isfinite(value).all(), f"state {key!r} not finite: {value}"
@@ -73,9 +73,7 @@ def _run_fault(name: str, extra: dict, value: float, layout: str, dtype=torch.fl
     """One step with the huge gradient, then three ordinary ones: no exception, everything
     finite after each, and the parameters move on every ordinary step."""
     gen = torch.Generator().manual_seed(0)
-    params = [
-        torch.nn.Parameter((torch.randn(s, generator=gen) * 0.5).to(dtype)) for s in SHAPES
-    ]
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.5).to(dtype)) for s in SHAPES]
     opt = REGISTRY[name].cls(params, **{**CASES[name]["kwargs"], **extra})
     huge = _huge_grad(SHAPES[0], value, layout, dtype, gen)
     for p, g in zip(params, [huge, *_ordinary_grads(params[1:], gen)], strict=True):
@@ -119,9 +117,7 @@ def test_chunked_slices_of_a_large_tensor(name, monkeypatch):
 
     for fn in ("adax_chunked", "lion_chunked", "tiger_chunked"):
         original = getattr(chunked, fn)
-        monkeypatch.setattr(
-            chunked, fn, lambda *a, _f=original, **k: _f(*a, **{**k, "chunk": 16})
-        )
+        monkeypatch.setattr(chunked, fn, lambda *a, _f=original, **k: _f(*a, **{**k, "chunk": 16}))
     _run_fault(name, {}, FP32_MAX, "entries")
     _run_fault(name, {}, 1e30, "tensor")
 
@@ -231,11 +227,12 @@ def test_adax_triton_kernel_with_huge_gradients(value):
         p, m, v = ([t.clone() for t in ts] for ts in base)
         v = [t.abs() for t in v]
         for step, gs in enumerate(grads, start=1):
-            fn(p, gs, m, v, new_sample_weight=adax_new_sample_weight(step, 1e-4), lr=1e-2,
-               beta1=0.9, eps=1e-4, eps_inside_sqrt=False, weight_decay=0.01, maximize=False)  # fmt: skip
+            weight = adax_new_sample_weight(step, 1e-4)
+            fn(p, gs, m, v, new_sample_weight=weight, lr=1e-2, beta1=0.9, eps=1e-4,
+               eps_inside_sqrt=False, weight_decay=0.01, maximize=False)  # fmt: skip
             assert all(torch.isfinite(t).all() for t in (*p, *m, *v))
-        runs.append((p, m, v))
-    for a, b in zip(*(sum(r, []) for r in runs), strict=True):
+        runs.append([*p, *m, *v])
+    for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 

@@ -513,7 +513,7 @@ def _dtensor_adafactor(
         partials.append(finite_sum_of_squares(update))
         partials.append(finite_sum_of_squares(local(param).to(update.dtype)))
     totals = reduce_partial_sums(partials, [p for p in params for _ in (0, 1)], [None] * (2 * n))
-    stat_dtypes = [(rows[i] if fulls[i] is None else fulls[i]).dtype for i in range(n)]  # type: ignore[union-attr]
+    stat_dtypes = [cast(Tensor, rows[i] if fulls[i] is None else fulls[i]).dtype for i in range(n)]
     totals = [t.sqrt().to(stat_dtypes[j // 2]) for j, t in enumerate(totals)]
     # 4. clipping, momentum, decay and the step
     for i, param in enumerate(params):

@@ -530,8 +530,8 @@ def _launch(
     step = lr_tensor(settings.step_size, compute, device)
     factored = cols is not None
     bounds = [
-        gradient_bound(p.shape, None if axes is None else a, stat_dtype)
-        for p, a in zip(params, axes or [None] * len(params), strict=True)
+        gradient_bound(p.shape, None if axes is None else axes[i], stat_dtype)
+        for i, p in enumerate(params)
     ]
     bound_table = device_scalars(bounds, compute, device)
     if factored:
