@@ -175,7 +175,8 @@ def variants(full):
                 "info_ptr": "*i64",
                 "factors_ptr": s,
                 "hyper_ptr": s,
-                "partials": s,
+                "bound_ptr": s,
+                "partials": "*fp64",
                 "num_programs": "i32",
             }
             yield (
@@ -192,6 +193,7 @@ def variants(full):
                 "info_ptr": "*i64",
                 "factors_ptr": s,
                 "hyper_ptr": s,
+                "bound_ptr": s,
                 "step_ptr": s,
                 "clip_ptr": s,
                 "factor_ptr": s,
@@ -212,7 +214,7 @@ def variants(full):
                         **common,
                     },
                 )
-    for s in ("*fp32", "*fp64") if full else ("*fp32",):
+    for s in ("*fp32", "*fp64"):  # AdaFactor's partial sums are float64
         yield (
             shared._segment_sum_kernel,
             {

@@ -16,6 +16,11 @@ One call is one update of tensors that share the step count ``t`` (1-based)::
 In the ``"scaled"`` momentum order (transformers/fairseq) the EMA is taken over α_t·s·û and
 θ ← θ − α_t·λ·θ − m. Statistics (R, C, v̂) are kept in float32 or wider whatever the
 parameter dtype: ε1 = 1e-30 underflows in fp16, and bf16 is too coarse for the EMA.
+
+Huge finite gradients: each gradient is read saturated at the largest magnitude for which a
+row of its squares sums to a finite number (:func:`gradient_bound`, ``functional.overflow``),
+and RMS(u) and RMS(θ) are computed without overflowing the sum of squares, so that one huge
+gradient cannot turn R, C or v̂ into inf and the parameters into NaN.
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ from torch import Tensor
 
 from danlu.distributed import any_dtensor, local, reduce_partial_sums
 from danlu.functional._utils import group_by_device_and_dtype, select_path
+from danlu.functional.overflow import (
+    finite_norm,
+    finite_norms,
+    finite_sum_of_squares,
+    square_bound,
+)
 from danlu.functional.precision import saturating_cast, stochastically_rounded_params
 
 __all__ = [
@@ -92,6 +103,12 @@ def adafactor_step_size(
     if not multiply_by_parameter_scale:
         rho *= 0.05
     return lr * rho
+
+
+def gradient_bound(shape: Sequence[int], axes: tuple[int, int] | None, dtype: torch.dtype) -> float:
+    """The saturation bound of a gradient: its squares, summed along the largest factored
+    axis (or one by one when unfactored), stay finite in the statistics' ``dtype``."""
+    return square_bound(dtype, 1 if axes is None else shape[axes[0]])
 
 
 def _rms_divisor(tensor: Tensor) -> float:
@@ -339,6 +356,8 @@ def _adafactor_tensor(
     g = grad.to(stats.dtype)
     if maximize:
         g = -g
+    bound = gradient_bound(param.shape, axes, stats.dtype)
+    g = g.clamp_(-bound, bound) if maximize or g.dtype != grad.dtype else g.clamp(-bound, bound)
     # One full-size temporary: g², then reused for the update.
     buffer = torch.square(g)
     if full is None:
@@ -360,10 +379,10 @@ def _adafactor_tensor(
         update.mul_(g)
     clip_denom = None
     if clip_threshold is not None:
-        clip_denom = torch.linalg.vector_norm(update).div_(_rms_divisor(update) * clip_threshold)
+        clip_denom = finite_norm(update).div_(_rms_divisor(update) * clip_threshold)
         clip_denom.clamp_min_(1.0)
     if multiply_by_parameter_scale:
-        scale = torch.linalg.vector_norm(param, dtype=stats.dtype) / _rms_divisor(param)
+        scale = finite_norm(param, dtype=stats.dtype) / _rms_divisor(param)
         factor: float | Tensor = scale.clamp_min_(eps2).mul_(step_size)
     else:
         factor = step_size
@@ -452,7 +471,9 @@ def _dtensor_adafactor(
         stats = rows[i] if fulls[i] is None else fulls[i]
         assert stats is not None  # the shell always passes one layout
         g = local(grads[i]).to(stats.dtype)
-        return -g if maximize else g
+        g = -g if maximize else g
+        bound = gradient_bound(params[i].shape, axes[i], stats.dtype)  # the global shape
+        return g.clamp(-bound, bound)
 
     # 1. the second-moment statistics; mean(g² + ε1) = mean(g²) + ε1
     factored: list[tuple[int, int, int]] = []  # (index, largest axis, second axis)
@@ -509,21 +530,24 @@ def _dtensor_adafactor(
         assert row_factor is not None and col_factor is not None
         return g.mul(row_factor).mul_(col_factor)
 
-    # 3. the RMS of each update (clipping) and of each parameter (parameter scale)
+    # 3. the RMS of each update (clipping) and of each parameter (parameter scale); the sums
+    # of squares in float64, which a huge update cannot overflow
     partials = []
     for i, param in enumerate(params):
         update = unit_update(i)
-        partials.append(update.square().sum())
-        partials.append(local(param).to(update.dtype).square().sum())
+        partials.append(finite_sum_of_squares(update))
+        partials.append(finite_sum_of_squares(local(param).to(update.dtype)))
     totals = reduce_partial_sums(partials, [p for p in params for _ in (0, 1)], [None] * (2 * n))
+    stat_dtypes = [cast(Tensor, rows[i] if fulls[i] is None else fulls[i]).dtype for i in range(n)]
+    totals = [t.sqrt().to(stat_dtypes[j // 2]) for j, t in enumerate(totals)]
     # 4. clipping, momentum, decay and the step
     for i, param in enumerate(params):
         divisor = _rms_divisor(param)
         clip_denom = None
         if clip_threshold is not None:
-            clip_denom = totals[2 * i].sqrt().div_(divisor * clip_threshold).clamp_min_(1.0)
+            clip_denom = totals[2 * i].div_(divisor * clip_threshold).clamp_min_(1.0)
         if multiply_by_parameter_scale:
-            scale = totals[2 * i + 1].sqrt().div_(divisor)
+            scale = totals[2 * i + 1].div_(divisor)
             factor: float | Tensor = scale.clamp_min_(eps2).mul_(step_size)
         else:
             factor = step_size
@@ -571,6 +595,16 @@ def _multi_tensor_adafactor(
         stat_dtype = first_stats.dtype
         gs = [g.to(stat_dtype) for g in device_grads]
         gs = list(torch._foreach_neg(gs)) if maximize else gs
+        gs = [
+            g.clamp(-b, b)
+            for g, b in zip(
+                gs,
+                _gradient_bounds(
+                    device_params, rows, fulls, factored_dims, min_dim_size_to_factor, stat_dtype
+                ),
+                strict=True,
+            )
+        ]
 
         updates: list[Tensor] = list(gs)  # placeholders, replaced below
         factored = [i for i, full in enumerate(fulls) if full is None]
@@ -620,12 +654,12 @@ def _multi_tensor_adafactor(
 
         clip_denoms = None
         if clip_threshold is not None:
-            clip_denoms = list(torch._foreach_norm(updates))
+            clip_denoms = finite_norms(updates)
             torch._foreach_div_(clip_denoms, [_rms_divisor(u) * clip_threshold for u in updates])
             torch._foreach_clamp_min_(clip_denoms, 1.0)
         factors: list[Tensor] | float | Tensor
         if multiply_by_parameter_scale:
-            factors = list(torch._foreach_norm(device_params, 2, dtype=stat_dtype))
+            factors = finite_norms(device_params, dtype=stat_dtype)
             torch._foreach_div_(factors, [_rms_divisor(p) for p in device_params])
             torch._foreach_clamp_min_(factors, eps2)
             torch._foreach_mul_(factors, step_size)
@@ -655,3 +689,22 @@ def _multi_tensor_adafactor(
             torch._foreach_addcmul_(device_params, sources, [coefs] * len(sources), value=-1.0)
         else:
             torch._foreach_add_(device_params, sources, alpha=-coefs)
+
+
+def _gradient_bounds(
+    params: list[Tensor],
+    rows: list[Tensor | None],
+    fulls: list[Tensor | None],
+    factored_dims: str,
+    min_dim_size_to_factor: int,
+    dtype: torch.dtype,
+) -> list[float]:
+    """:func:`gradient_bound` of each tensor of a group."""
+    return [
+        gradient_bound(
+            p.shape,
+            None if full is not None else _axes(p, row, factored_dims, min_dim_size_to_factor),
+            dtype,
+        )
+        for p, row, full in zip(params, rows, fulls, strict=True)
+    ]

@@ -14,6 +14,9 @@ window, every micro-step adds its share, and the parameter moves on the last one
 so m is exactly the EMA of the mean gradient while v uses the mean of the squares in place of
 the square of the mean. Bias correction counts updates n (``steps``), and the decoupled decay
 acts only on updates. ``eps_inside_sqrt`` puts ε under the root, √(v̂ + ε), as in the post.
+
+Gradients are read saturated at the largest magnitude whose (1−β2)·g² stays finite in v's
+dtype (``functional.overflow``): about 1.3e19 in float32, 5.7e3 in float16 at β2 = 0.999.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import Tensor
 
 from danlu.distributed import any_dtensor, local
 from danlu.functional._utils import group_by_device_and_dtype, resolve_foreach
+from danlu.functional.overflow import saturate, saturate_all, square_bound
 from danlu.functional.precision import stochastically_rounded_params
 
 __all__ = ["adamw"]
@@ -116,6 +120,7 @@ def _single_tensor_adamw(
     ):
         if maximize:
             grad = -grad
+        grad = saturate(grad, square_bound(exp_avg_sq.dtype, weight=1 - beta2), owned=maximize)
         if k == 1:
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -171,6 +176,8 @@ def _multi_tensor_adamw(
     ), _ in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps]):
         if maximize:
             device_grads = list(torch._foreach_neg(device_grads))
+        bound = square_bound(device_exp_avg_sqs[0].dtype, weight=1 - beta2)
+        device_grads = saturate_all(device_grads, bound)
         if k == 1:
             torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta1)
             torch._foreach_mul_(device_exp_avg_sqs, beta2)

@@ -15,6 +15,10 @@ which is a weighted average of the g² and cannot overflow. 1 − β̂_t is eval
 β2 / expm1(t·log1p(β2)) in float64, so it is exact at t = 1 (β̂_1 = 0) and underflows
 gracefully to 0 (β̂ = 1) for very large t. Decoupled weight decay (SPEC §0):
 θ ← θ − α(u + λθ) with the old θ.
+
+Gradients are read saturated at the largest magnitude whose square stays finite in v̂'s dtype
+(``functional.overflow``, about 1.3e19 in float32): one huge finite gradient cannot turn v̂
+into inf and the next update into NaN.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import Tensor
 
 from danlu.distributed import any_dtensor, local
 from danlu.functional._utils import group_by_device_and_dtype, select_path
+from danlu.functional.overflow import saturate, saturate_all, square_bound
 from danlu.functional.precision import stochastically_rounded_params
 
 __all__ = ["adax", "adax_beta2_hat", "adax_new_sample_weight"]
@@ -153,8 +158,9 @@ def _single_tensor_adax(
     for param, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
         if maximize:
             grad = -grad
-        exp_avg.lerp_(grad.to(exp_avg.dtype), 1 - beta1)
         g = grad.to(exp_avg_sq.dtype)
+        g = saturate(g, square_bound(g.dtype), owned=maximize or g.dtype != grad.dtype)
+        exp_avg.lerp_(g.to(exp_avg.dtype), 1 - beta1)
         exp_avg_sq.lerp_(g * g, new_sample_weight)
         denom = exp_avg_sq.add(eps).sqrt_() if eps_inside_sqrt else exp_avg_sq.sqrt().add_(eps)
         if eps < torch.finfo(denom.dtype).tiny:  # ε = 0, or lost in fp16 (1e-8 + 0 = 0)
@@ -187,8 +193,8 @@ def _multi_tensor_adax(
         if maximize:
             device_grads = list(torch._foreach_neg(device_grads))
         m_dtype, v_dtype = device_exp_avgs[0].dtype, device_exp_avg_sqs[0].dtype
-        torch._foreach_lerp_(device_exp_avgs, [g.to(m_dtype) for g in device_grads], 1 - beta1)
-        gs = [g.to(v_dtype) for g in device_grads]
+        gs = saturate_all([g.to(v_dtype) for g in device_grads], square_bound(v_dtype))
+        torch._foreach_lerp_(device_exp_avgs, [g.to(m_dtype) for g in gs], 1 - beta1)
         torch._foreach_lerp_(device_exp_avg_sqs, torch._foreach_mul(gs, gs), new_sample_weight)
         if eps_inside_sqrt:
             denoms = torch._foreach_add(device_exp_avg_sqs, eps)

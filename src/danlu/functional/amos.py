@@ -17,6 +17,10 @@ jestimator's ``scale_by_amos`` (google-research/jestimator amos.py), with ξ the
 ``center`` is 0 in jestimator; danlu lets a tensor decay toward another centre (1 for
 norm gains), which is Amos applied to θ − center. v and b have the reduced ("slot") shape
 chosen by the caller (see :func:`amos_slot_shape`), kept in float32 or wider.
+
+Gradients are read saturated (together with the optional ``clip_value``) at the largest
+magnitude for which the sum of squares behind one slot's mean stays finite
+(``functional.overflow``): one huge finite gradient cannot turn v into inf.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import Tensor
 
 from danlu.distributed import any_dtensor, local, reduce_partial_sums
 from danlu.functional._utils import group_by_device_and_dtype, select_path
+from danlu.functional.overflow import square_bound
 from danlu.functional.precision import stochastically_rounded_params
 
 __all__ = ["AMOS_EPS", "SLOT_RULES", "amos", "amos_default_eta", "amos_slot_shape", "fan_in"]
@@ -83,6 +88,17 @@ def _reduced_axes(grad: Tensor, slot: Tensor) -> list[int] | None:
     if slot.dim() == 0:
         return None
     return [i for i, size in enumerate(grad.shape) if slot.shape[i] < size]
+
+
+def _slot_count(grad_shape: Sequence[int], axes: list[int] | None) -> int:
+    """How many entries of the gradient go into one slot's mean square."""
+    return math.prod(grad_shape if axes is None else [grad_shape[a] for a in axes])
+
+
+def _gradient_limit(dtype: torch.dtype, count: int, clip_value: float | None) -> float:
+    """The clamp applied to the gradient: ±clip_value, and never beyond the overflow bound."""
+    bound = square_bound(dtype, count)
+    return bound if clip_value is None else min(clip_value, bound)
 
 
 def _mean_square(g: Tensor, slot: Tensor) -> Tensor:
@@ -211,8 +227,9 @@ def _dtensor_amos(
     tensors are all-reduced together (one collective per step)."""
     partials, axes_list = [], []
     for param, grad, v in zip(params, grads, exp_avg_sqs, strict=True):
-        g = _prepared_gradient(local(grad), local(v).dtype, settings)
         axes = _reduced_axes(param, v)  # from the global shapes (a local slice may have size 1)
+        count = _slot_count(param.shape, axes)
+        g = _prepared_gradient(local(grad), local(v).dtype, count, settings)
         squares = g * g
         if axes is None:
             partials.append(squares.sum())
@@ -232,6 +249,7 @@ def _dtensor_amos(
             None if exp_avg is None else local(exp_avg),
             eta=eta,
             mean_square=partial(_given_mean_square, value=total.div_(max(count, 1))),
+            count=_slot_count(param.shape, axes),
             **settings,
         )
 
@@ -240,15 +258,17 @@ def _given_mean_square(g: Tensor, slot: Tensor, *, value: Tensor) -> Tensor:
     return value
 
 
-def _prepared_gradient(grad: Tensor, dtype: torch.dtype, settings: dict[str, Any]) -> Tensor:
+def _prepared_gradient(
+    grad: Tensor, dtype: torch.dtype, count: int, settings: dict[str, Any]
+) -> Tensor:
     """The gradient as the update sees it: in the statistics' dtype, negated for
-    ``maximize``, clipped to ±``clip_value``."""
+    ``maximize``, clipped to ±``clip_value`` and saturated where ``count`` of its squares
+    could overflow."""
     g = grad.to(dtype)
     if settings["maximize"]:
         g = -g
-    if settings["clip_value"] is not None:
-        g = g.clamp(-settings["clip_value"], settings["clip_value"])
-    return g
+    limit = _gradient_limit(dtype, count, settings["clip_value"])
+    return g.clamp(-limit, limit)
 
 
 def _amos_tensor(
@@ -270,14 +290,18 @@ def _amos_tensor(
     clip_value: float | None,
     eps: float,
     maximize: bool,
+    count: int | None = None,
 ) -> None:
-    """One tensor's update; ``mean_square(g, v)`` is the mean of g² over v's reduced axes."""
+    """One tensor's update; ``mean_square(g, v)`` is the mean of g² over v's reduced axes,
+    ``count`` entries of g per slot (by default from the shapes of ``grad`` and ``v``)."""
     fr = finetune_rate
     g = grad.to(v.dtype)
     if maximize:
         g = -g
-    if clip_value is not None:
-        g = g.clamp(-clip_value, clip_value)
+    if count is None:
+        count = _slot_count(grad.shape, _reduced_axes(grad, v))
+    limit = _gradient_limit(v.dtype, count, clip_value)
+    g = g.clamp(-limit, limit)
     # Slot-shaped factors (v, b and everything below have the slot's shape).
     g2 = mean_square(g, v)
     v.lerp_(g2, 1 - beta)
@@ -327,9 +351,11 @@ def _multi_tensor_amos(
         gs = [g.to(v_dtype) for g in device_grads]
         if maximize:
             gs = list(torch._foreach_neg(gs))
-        if clip_value is not None:
-            gs = list(torch._foreach_clamp_min(gs, -clip_value))
-            torch._foreach_clamp_max_(gs, clip_value)
+        limits = [
+            _gradient_limit(v_dtype, _slot_count(g.shape, _reduced_axes(g, v)), clip_value)
+            for g, v in zip(gs, vs, strict=True)
+        ]
+        gs = [g.clamp(-limit, limit) for g, limit in zip(gs, limits, strict=True)]
         g2s = [_mean_square(g, v) for g, v in zip(gs, vs, strict=True)]
         torch._foreach_lerp_(vs, g2s, 1 - beta)
         rcpl_v_hats = list(torch._foreach_clamp_min(vs, eps))

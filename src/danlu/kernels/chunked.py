@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from danlu.functional.overflow import square_bound
 from danlu.functional.precision import store_state_, upcast_step
 
 __all__ = ["CHUNK", "adax_chunked", "lion_chunked", "tiger_chunked"]
@@ -202,8 +203,8 @@ def adax_chunked(
     maximize: bool,
     chunk: int = CHUNK,
 ) -> None:
-    """AdaX (SPEC §6), bit-identical to ``functional.adax._single_tensor_adax``: g², the
-    denominator and m/denom live in slice-sized scratch buffers."""
+    """AdaX (SPEC §6), bit-identical to ``functional.adax._single_tensor_adax``: the saturated
+    gradient, g², the denominator and m/denom live in slice-sized scratch buffers."""
     from danlu.functional.adax import _single_tensor_adax
 
     for param, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
@@ -223,6 +224,8 @@ def adax_chunked(
             )
             continue
         neg_buf = scratch_buffer(grad, chunk, slot=1) if maximize else None
+        bound = square_bound(exp_avg_sq.dtype)
+        clamp_buf = scratch_buffer(exp_avg_sq, chunk, slot=5)
         square_buf = scratch_buffer(exp_avg_sq, chunk, slot=2)
         denom_buf = scratch_buffer(exp_avg_sq, chunk, slot=3)
         # m / denom has the promoted dtype (fp32 for bf16 m and fp32 v̂), as in the eager path
@@ -242,8 +245,8 @@ def adax_chunked(
             n = p.numel()
             if neg_buf is not None:
                 g = torch.neg(g, out=neg_buf[:n])
-            m.lerp_(g.to(m.dtype), 1 - beta1)
-            gv = g.to(v.dtype)
+            gv = torch.clamp(g.to(v.dtype), -bound, bound, out=clamp_buf[:n])
+            m.lerp_(gv.to(m.dtype), 1 - beta1)
             v.lerp_(torch.mul(gv, gv, out=square_buf[:n]), new_sample_weight)
             if eps_inside_sqrt:
                 denom = torch.add(v, eps, out=denom_buf[:n]).sqrt_()

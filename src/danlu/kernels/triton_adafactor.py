@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from danlu.functional.adafactor import inverse_sqrt_factors
+from danlu.functional.adafactor import gradient_bound, inverse_sqrt_factors
 from danlu.functional.precision import rounds_stochastically
 from danlu.kernels._triton import (
     BLOCK,
@@ -141,6 +141,13 @@ def _unit_update(
 
 
 @triton.jit
+def _saturated(g, bound_ptr, tid):
+    """g clamped to ± the tensor's bound (its squares along a row stay finite); NaN kept."""
+    bound = tl.load(bound_ptr + tid).to(g.dtype)
+    return tl.where(g > bound, bound, tl.where(g < -bound, -bound, g))
+
+
+@triton.jit
 def _reduce_block(
     p_ptr,
     g_ptr,
@@ -151,6 +158,7 @@ def _reduce_block(
     info_ptr,
     factors_ptr,
     hyper_ptr,
+    bound_ptr,
     FACTORED: tl.constexpr,
     UPDATE_V: tl.constexpr,
     CLIP: tl.constexpr,
@@ -162,18 +170,20 @@ def _reduce_block(
     S1: tl.constexpr,
     INDEX: tl.constexpr,
 ):
-    """(Σu², Σθ²) over one block; an unfactored v̂ is updated on the way."""
+    """(Σu², Σθ²) over one block, in float64 (a huge u cannot overflow them); an unfactored v̂
+    is updated on the way."""
     u_sum = 0.0
     p_sum = 0.0
     if CLIP or UPDATE_V:
-        g = load(g_ptr + offs, mask, 0.0).to(COMPUTE)
+        g = _saturated(load(g_ptr + offs, mask, 0.0).to(COMPUTE), bound_ptr, tid)
         u = _unit_update(
             g, v_ptr, offs, mask, tid, info_ptr, factors_ptr, hyper_ptr,
             FACTORED, UPDATE_V, V_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
         )  # fmt: skip
+        u = u.to(tl.float64)
         u_sum = tl.sum(u * u if mask is None else tl.where(mask, u * u, 0.0), axis=0)
     if SCALE:
-        p = load(p_ptr + offs, mask, 0.0).to(COMPUTE)
+        p = load(p_ptr + offs, mask, 0.0).to(tl.float64)
         p_sum = tl.sum(p * p, axis=0)
     return u_sum, p_sum
 
@@ -189,7 +199,8 @@ def _adafactor_reduce_kernel(
     info_ptr,
     factors_ptr,
     hyper_ptr,  # 1 − β̂_t, ε1, 1 − β1, λ, the smallest normal number
-    partials,  # (2, programs): Σu², Σθ² per block
+    bound_ptr,  # per tensor: the gradient's saturation bound
+    partials,  # (2, programs): Σu², Σθ² per block, float64
     num_programs,
     FACTORED: tl.constexpr,
     UPDATE_V: tl.constexpr,
@@ -216,13 +227,13 @@ def _adafactor_reduce_kernel(
     v_ptr = typed_pointer(v_addrs, tid, V_DTYPE, ALIGNED)
     if start + BLOCK <= size:  # a full block: no mask, vector loads
         u_sum, p_sum = _reduce_block(
-            p_ptr, g_ptr, v_ptr, offs, None, tid, info_ptr, factors_ptr, hyper_ptr,
+            p_ptr, g_ptr, v_ptr, offs, None, tid, info_ptr, factors_ptr, hyper_ptr, bound_ptr,
             FACTORED, UPDATE_V, CLIP, SCALE, V_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
         )  # fmt: skip
     else:
         u_sum, p_sum = _reduce_block(
             p_ptr, g_ptr, v_ptr, offs, offs < size, tid, info_ptr, factors_ptr, hyper_ptr,
-            FACTORED, UPDATE_V, CLIP, SCALE, V_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
+            bound_ptr, FACTORED, UPDATE_V, CLIP, SCALE, V_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
         )  # fmt: skip
     if CLIP or UPDATE_V:
         tl.store(partials + pid, u_sum)
@@ -242,6 +253,7 @@ def _update_block(
     info_ptr,
     factors_ptr,
     hyper_ptr,
+    bound_ptr,
     step_ptr,
     clip_ptr,
     factor_ptr,
@@ -266,6 +278,7 @@ def _update_block(
     g = load(g_ptr + offs, mask, 0.0).to(COMPUTE)
     if MAXIMIZE:
         g = -g
+    g = _saturated(g, bound_ptr, tid)
     u = _unit_update(
         g, v_ptr, offs, mask, tid, info_ptr, factors_ptr, hyper_ptr,
         FACTORED, UPDATE_V, V_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
@@ -310,6 +323,7 @@ def _adafactor_update_kernel(
     info_ptr,
     factors_ptr,
     hyper_ptr,  # 1 − β̂_t, ε1, 1 − β1, λ, the smallest normal number
+    bound_ptr,  # per tensor: the gradient's saturation bound
     step_ptr,  # α_t, for the decay
     clip_ptr,  # per tensor: max(1, RMS(u)/d)
     factor_ptr,  # per tensor: α_t·max(ε2, RMS(θ)) (or α_t)
@@ -344,16 +358,16 @@ def _adafactor_update_kernel(
     if start + BLOCK <= size:  # a full block: no mask, vector loads
         _update_block(
             p_ptr, g_ptr, v_ptr, m_addrs, offs, None, tid, info_ptr, factors_ptr, hyper_ptr,
-            step_ptr, clip_ptr, factor_ptr, coef_ptr, seed_ptr, FACTORED, UPDATE_V, MOMENTUM,
-            MAXIMIZE, DECAY, STOCHASTIC, ALIGNED, P_DTYPE, V_DTYPE, M_DTYPE, COMPUTE, P1, Q1,
-            S1, INDEX,
+            bound_ptr, step_ptr, clip_ptr, factor_ptr, coef_ptr, seed_ptr, FACTORED, UPDATE_V,
+            MOMENTUM, MAXIMIZE, DECAY, STOCHASTIC, ALIGNED, P_DTYPE, V_DTYPE, M_DTYPE, COMPUTE,
+            P1, Q1, S1, INDEX,
         )  # fmt: skip
     else:
         _update_block(
             p_ptr, g_ptr, v_ptr, m_addrs, offs, offs < size, tid, info_ptr, factors_ptr,
-            hyper_ptr, step_ptr, clip_ptr, factor_ptr, coef_ptr, seed_ptr, FACTORED, UPDATE_V,
-            MOMENTUM, MAXIMIZE, DECAY, STOCHASTIC, ALIGNED, P_DTYPE, V_DTYPE, M_DTYPE, COMPUTE,
-            P1, Q1, S1, INDEX,
+            hyper_ptr, bound_ptr, step_ptr, clip_ptr, factor_ptr, coef_ptr, seed_ptr, FACTORED,
+            UPDATE_V, MOMENTUM, MAXIMIZE, DECAY, STOCHASTIC, ALIGNED, P_DTYPE, V_DTYPE, M_DTYPE,
+            COMPUTE, P1, Q1, S1, INDEX,
         )  # fmt: skip
 
 
@@ -459,11 +473,18 @@ def _factors(
     rows: list[Tensor],
     cols: list[Tensor],
     axes: list[tuple[int, int]],
+    bounds: list[float],
     settings: _Settings,
 ) -> tuple[Tensor, list[int], list[int]]:
     """Update R and C with torch ops; return the packed row factors (R/mean(R))^(-1/2) and
     column factors C^(-1/2), with each one's offset in the workspace."""
     dtype = rows[0].dtype
+    # the gradients saturated like the kernels read them (one tensor's copy at a time would
+    # do, but the norms below read each twice)
+    grads = [
+        g.to(dtype).clamp_(-b, b) if g.dtype != dtype else g.clamp(-b, b)
+        for g, b in zip(grads, bounds, strict=True)
+    ]
     # mean(g²) over an axis as ‖g‖²/n: one read of g, no g² temporary
     row_means = [
         torch.linalg.vector_norm(g, dim=a[0], keepdim=True, dtype=dtype)
@@ -520,9 +541,14 @@ def _launch(
     )
     step = lr_tensor(settings.step_size, compute, device)
     factored = cols is not None
+    bounds = [
+        gradient_bound(p.shape, None if axes is None else axes[i], stat_dtype)
+        for i, p in enumerate(params)
+    ]
+    bound_table = device_scalars(bounds, compute, device)
     if factored:
         assert axes is not None and cols is not None
-        factors, row_offsets, col_offsets = _factors(grads, stats, cols, axes, settings)
+        factors, row_offsets, col_offsets = _factors(grads, stats, cols, axes, bounds, settings)
         layouts = [_layout(p.shape, *a) for p, a in zip(params, axes, strict=True)]
         info = int_table(
             [
@@ -559,7 +585,7 @@ def _launch(
     reduce_first = clip or settings.scale
     sums = None
     if reduce_first:
-        partials = torch.empty(2, tables.num_programs, dtype=compute, device=device)
+        partials = torch.empty(2, tables.num_programs, dtype=torch.float64, device=device)
         _adafactor_reduce_kernel[(tables.num_programs,)](
             *tables.addresses[:3],
             tables.sizes,
@@ -568,6 +594,7 @@ def _launch(
             info,
             factors,
             hyper,
+            bound_table,
             partials,
             tables.num_programs,
             UPDATE_V=not factored,
@@ -575,18 +602,20 @@ def _launch(
             SCALE=settings.scale,
             **common,
         )
-        sums = segment_sums(partials, tables)
+        # the roots in float64, then in the compute dtype (inf only where RMS(u) itself
+        # exceeds its range: that tensor's update is then 0, not NaN)
+        sums = segment_sums(partials, tables).sqrt_().to(compute)
     roots = [math.sqrt(max(p.numel(), 1)) for p in params]
     if clip:
         assert sums is not None
         divisors = [r * cast(float, settings.clip_threshold) for r in roots]
-        clip_denoms = sums[0].sqrt_().div_(device_scalars(divisors, compute, device))
+        clip_denoms = sums[0].div_(device_scalars(divisors, compute, device))
         clip_denoms.clamp_min_(1.0)
     else:
         clip_denoms = device_scalars([1.0] * n, compute, device)
     if settings.scale:
         assert sums is not None
-        scales = sums[1].sqrt_().div_(device_scalars(roots, compute, device))
+        scales = sums[1].div_(device_scalars(roots, compute, device))
         factor = scales.clamp_min_(settings.eps2).mul_(step)
     else:
         factor = step.expand(n).contiguous()
@@ -600,6 +629,7 @@ def _launch(
         info,
         factors,
         hyper,
+        bound_table,
         step,
         clip_denoms,
         factor,

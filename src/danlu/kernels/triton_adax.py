@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from danlu.functional.overflow import square_bound
 from danlu.functional.precision import rounds_stochastically
 from danlu.kernels._triton import (
     BLOCK,
@@ -61,12 +62,15 @@ def _adax_block(
     if MAXIMIZE:
         g = -g
     eps = tl.load(hyper_ptr + 2)
+    # the gradient saturated where its square would overflow v̂'s dtype (NaN stays NaN)
+    gv = round_to(g, V_DTYPE).to(COMPUTE)
+    bound = tl.load(hyper_ptr + 5)
+    gv = tl.where(gv > bound, bound, tl.where(gv < -bound, -bound, gv))
     # m ← lerp(m, g, 1 − β1) in m's dtype; the update reads the stored (rounded) m
     m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-    m = round_to(lerp(m, round_to(g, M_DTYPE).to(COMPUTE), tl.load(hyper_ptr)), M_DTYPE)
+    m = round_to(lerp(m, round_to(gv, M_DTYPE).to(COMPUTE), tl.load(hyper_ptr)), M_DTYPE)
     tl.store(m_ptr + offs, m, mask=mask)
     # v̂ ← lerp(v̂, g², 1 − β̂_t)
-    gv = round_to(g, V_DTYPE).to(COMPUTE)
     v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
     v = lerp(v, gv * gv, tl.load(hyper_ptr + 1))
     tl.store(v_ptr + offs, round_to(v, V_DTYPE), mask=mask)
@@ -91,7 +95,7 @@ def _adax_kernel(
     block_tensor,
     block_index,
     lr_ptr,
-    hyper_ptr,  # 1 − β1, 1 − β̂_t, ε, λ in the compute dtype
+    hyper_ptr,  # 1 − β1, 1 − β̂_t, ε, λ, the smallest normal number, the gradient bound
     seed_ptr,
     MAXIMIZE: tl.constexpr,
     EPS_INSIDE_SQRT: tl.constexpr,
@@ -161,7 +165,14 @@ def adax_triton(
             tables.block_index,
             lr_t,
             device_scalars(
-                [1 - beta1, new_sample_weight, eps, weight_decay, torch.finfo(compute).tiny],
+                [
+                    1 - beta1,
+                    new_sample_weight,
+                    eps,
+                    weight_decay,
+                    torch.finfo(compute).tiny,
+                    square_bound(vs[0].dtype),
+                ],
                 compute,
                 device,
             ),

@@ -1,0 +1,98 @@
+"""Second-moment statistics that stay finite for every finite gradient.
+
+The square of a float32 gradient beyond about 1.8e19 is not representable: g² overflows to
+inf, the statistic (v, v̂, AdaFactor's row and column means, Amos's mean square) stays inf,
+and the next update is inf/inf = NaN. A gradient that large is finite, so a non-finite check
+cannot catch it. The optimizers with second moments therefore read each gradient saturated at
+a bound (:func:`square_bound`) below which every square, and every sum of squares that goes
+into a mean, stays finite with room to spare (half the dtype's largest value). Gradients
+within the bound, i.e. every gradient that training can meaningfully produce, are read
+unchanged, bit for bit; a larger one acts as a gradient of the bound's size with its sign, so
+the first moment and the second moment see the same number and their ratio keeps its
+designed range (e.g. Adam's first step is exactly lr·sign(g)).
+
+:func:`finite_norm` is the 2-norm for quantities that are formed from the statistics and can
+legitimately exceed √max (AdaFactor's unit update in a row next to a huge one): the plain
+norm, recomputed with a max-abs scale where the sum of squares overflowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "finite_norm",
+    "finite_norms",
+    "finite_sum_of_squares",
+    "saturate",
+    "saturate_all",
+    "square_bound",
+]
+
+
+def square_bound(dtype: torch.dtype, count: int = 1, weight: float = 1.0) -> float:
+    """The largest |g| for which ``count`` values ``weight``·g² sum to at most half of
+    ``dtype``'s largest finite value (and g² itself stays below half of float32's, the
+    precision that fp16 and bf16 math runs in)."""
+    finfo_max = torch.finfo(dtype).max
+    opmath_max = torch.finfo(torch.promote_types(dtype, torch.float32)).max
+    bound = math.sqrt(finfo_max / (2.0 * max(count, 1) * max(weight, 1e-300)))
+    return min(bound, math.sqrt(opmath_max / 2.0))
+
+
+def saturate(grad: Tensor, bound: float, *, owned: bool = False) -> Tensor:
+    """``grad`` clamped to ±``bound`` (in place when ``owned``: a copy the caller made).
+    NaN is kept; ±inf becomes ±bound."""
+    return grad.clamp_(-bound, bound) if owned else grad.clamp(-bound, bound)
+
+
+def saturate_all(grads: Sequence[Tensor], bounds: float | Sequence[float]) -> list[Tensor]:
+    """:func:`saturate` for a list (new tensors), one bound for all or one per tensor."""
+    if isinstance(bounds, int | float):
+        clamped = list(torch._foreach_clamp_min(list(grads), -bounds))
+        torch._foreach_clamp_max_(clamped, bounds)
+        return clamped
+    return [g.clamp(-b, b) for g, b in zip(grads, bounds, strict=True)]
+
+
+def _scaled_norm(x: Tensor) -> Tensor:
+    """‖x‖ as s·‖x/s‖ with s = max|x|: no overflow in the sum of squares."""
+    scale = torch.linalg.vector_norm(x, float("inf"))
+    if not bool(scale > 0) or not bool(torch.isfinite(scale)):
+        return torch.linalg.vector_norm(x)
+    return torch.linalg.vector_norm(x / scale).mul_(scale)
+
+
+def finite_norm(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``torch.linalg.vector_norm(x, dtype=dtype)``, except that a norm that overflowed
+    while ``x`` is finite is recomputed with a scale (it is inf only when the norm itself
+    exceeds the dtype's range). The check reads one flag on the host."""
+    norm = torch.linalg.vector_norm(x, dtype=dtype)
+    if bool(torch.isfinite(norm)):
+        return norm
+    return _scaled_norm(x if dtype is None else x.to(dtype)).to(norm.dtype)
+
+
+def finite_norms(xs: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
+    """``torch._foreach_norm(xs, 2, dtype=dtype)`` with :func:`finite_norm`'s repair; one host
+    read for the whole list."""
+    norms = list(torch._foreach_norm(list(xs), 2, dtype=dtype))
+    if not norms or bool(torch.isfinite(torch.stack(norms)).all()):
+        return norms
+    for i, (x, norm) in enumerate(zip(xs, norms, strict=True)):
+        if not bool(torch.isfinite(norm)):
+            norms[i] = _scaled_norm(x if dtype is None else x.to(dtype)).to(norm.dtype)
+    return norms
+
+
+def finite_sum_of_squares(x: Tensor) -> Tensor:
+    """Σx² as a float64 0-d tensor: the sum in ``x``'s dtype when it is finite (the same bits
+    as before, widened), otherwise ‖x‖² from :func:`finite_norm` in float64."""
+    total = x.square().sum()
+    if bool(torch.isfinite(total)):
+        return total.to(torch.float64)
+    return finite_norm(x).to(torch.float64).square()
