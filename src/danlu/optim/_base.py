@@ -240,10 +240,12 @@ class DanluOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # As torch.optim: groups pickled before a setting existed get its default.
+        # As torch.optim: groups pickled before a setting existed get its default (not
+        # "differentiable", which torch's __setstate__ adds to the defaults).
         for group in self.param_groups:
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key not in self._foreign_group_keys:
+                    group.setdefault(key, value)
 
     def _state_dtype(self, group: dict[str, Any], key: str, param: Tensor) -> torch.dtype:
         """The dtype that ``state[param][key]`` is kept in."""

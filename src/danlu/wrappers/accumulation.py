@@ -17,6 +17,11 @@ from danlu.wrappers._base import OptimizerWrapper, iter_params
 __all__ = ["GradientAccumulation", "UpdateEvery", "accumulation_betas"]
 
 
+def _is_count(value: Any) -> bool:
+    """An integer >= 0 (not a bool), as the wrappers' records hold them."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class GradientAccumulation(OptimizerWrapper):
     """Apply one inner step with the mean of ``steps`` micro-batch gradients (SPEC §11).
 
@@ -68,7 +73,7 @@ class GradientAccumulation(OptimizerWrapper):
         super().__init__(optimizer)
         check_int_at_least("steps", steps, 1)
         check_sync_module("module", module)
-        self.steps = steps
+        self.steps = int(steps)
         self.module = module
         self.micro_step = 0
         self.updated = False
@@ -129,13 +134,44 @@ class GradientAccumulation(OptimizerWrapper):
 
     def _check_wrapper_state(self, record: dict[str, Any]) -> None:
         micro = record.get("micro_step")
-        if not isinstance(micro, int) or micro < 0:
+        if not _is_count(micro):
             raise ValueError(f"state_dict: bad GradientAccumulation micro_step {micro!r}")
         if micro > 0 and record.get("steps") != self.steps:
             raise ValueError(
                 f"state_dict was saved mid-window with steps={record.get('steps')!r}; "
                 f"this wrapper has steps={self.steps}"
             )
+        if micro >= self.steps:
+            raise ValueError(
+                f"state_dict: GradientAccumulation micro_step {micro!r} is not in "
+                f"[0, {self.steps})"
+            )
+        sums = record.get("sums", {})
+        if not isinstance(sums, dict):
+            raise ValueError(f"state_dict: GradientAccumulation sums must be a dict, got {sums!r}")
+        params = [p for _, p in iter_params(self)]
+        for key, saved in sums.items():
+            i = int(key) if isinstance(key, str) and key.isdigit() else key  # after a DCP trip
+            if not _is_count(i) or i >= len(params):
+                raise ValueError(
+                    f"state_dict: GradientAccumulation sums has a gradient for parameter {i!r}; "
+                    f"the optimizer has {len(params)} parameters"
+                )
+            p = params[i]
+            if (
+                not isinstance(saved, Tensor)
+                or not saved.is_floating_point()
+                or saved.shape != p.shape
+            ):
+                found = (
+                    f"a {saved.dtype} tensor of shape {tuple(saved.shape)}"
+                    if isinstance(saved, Tensor)
+                    else repr(saved)
+                )
+                raise ValueError(
+                    f"state_dict: GradientAccumulation's running sum for parameter {i} must be "
+                    f"a floating tensor of shape {tuple(p.shape)}, got {found}"
+                )
 
     def _load_wrapper_state(self, record: dict[str, Any]) -> None:
         self.micro_step = record["micro_step"]
@@ -172,7 +208,7 @@ class UpdateEvery(OptimizerWrapper):
     def __init__(self, optimizer: Optimizer, steps: int) -> None:
         super().__init__(optimizer)
         check_int_at_least("steps", steps, 1)
-        self.steps = steps
+        self.steps = int(steps)
         self.micro_step = 0
 
     @torch.no_grad()
@@ -198,7 +234,7 @@ class UpdateEvery(OptimizerWrapper):
 
     def _check_wrapper_state(self, record: dict[str, Any]) -> None:
         micro = record.get("micro_step")
-        if not isinstance(micro, int) or not 0 <= micro < self.steps:
+        if not _is_count(micro) or micro >= self.steps:
             raise ValueError(
                 f"state_dict: UpdateEvery micro_step {micro!r} is not in [0, {self.steps})"
             )

@@ -143,8 +143,17 @@ class NonFiniteGuard(OptimizerWrapper):
 
     def _check_wrapper_state(self, record: dict[str, Any]) -> None:
         for key in ("steps", "skipped_steps", "skipped_tensors"):
-            if not isinstance(record.get(key), int):
-                raise ValueError(f"state_dict: NonFiniteGuard record lacks an integer {key!r}")
+            value = record.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(
+                    f"state_dict: NonFiniteGuard record lacks an integer {key!r} >= 0, "
+                    f"got {value!r}"
+                )
+        names = record.get("last_nonfinite", [])
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            raise ValueError(
+                f"state_dict: NonFiniteGuard last_nonfinite must be a list of names, got {names!r}"
+            )
 
     def _load_wrapper_state(self, record: dict[str, Any]) -> None:
         self.steps = record["steps"]
