@@ -29,7 +29,9 @@ def make(name, params, **overrides):
 
 def new_params(seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in SHAPES]
+    return [
+        nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in SHAPES
+    ]
 
 
 def named(params):
@@ -159,7 +161,7 @@ def test_unsupported_parameter_dtypes_are_refused_naming_the_parameter(name, dty
     bad = torch.zeros(3, 2).to(dtype)
     with pytest.raises(ValueError, match=r"'odd\.weight'.*" + str(dtype).split(".")[1]):
         make(name, [("good.weight", nn.Parameter(torch.ones(2))), ("odd.weight", bad)])
-    params, opt = trained(name)
+    _, opt = trained(name)
     groups = len(opt.param_groups)
     with pytest.raises(ValueError, match=str(dtype).split(".")[1]):
         opt.add_param_group({"params": [bad]})
@@ -581,7 +583,7 @@ def test_every_wrapper_load_error_changes_nothing(kind, corruption):
 
 @pytest.mark.parametrize("kind", sorted(WRAPPERS))
 def test_wrapper_hooks_fire_and_repr_prints(kind):
-    params, opt = wrapped(kind, seed=0)
+    _, opt = wrapped(kind, seed=0)
     calls = []
     opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("step_pre"))
     opt.register_step_post_hook(lambda o, args, kwargs: calls.append("step_post"))

@@ -230,7 +230,12 @@ class DanluOptimizer(Optimizer):
     #: danlu's math equals; a loaded group with another value is refused (a feature danlu
     #: lacks), the supported value is ignored. Keys not listed here are kept and ignored.
     _foreign_group_keys: Mapping[str, Any] = MappingProxyType(
-        {"amsgrad": False, "differentiable": False, "decoupled_weight_decay": True, "nesterov": False}
+        {
+            "amsgrad": False,
+            "differentiable": False,
+            "decoupled_weight_decay": True,
+            "nesterov": False,
+        }
     )
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
@@ -378,9 +383,7 @@ class DanluOptimizer(Optimizer):
     def _loaded(self, state_dict: Any) -> tuple[list[dict[str, Any]], defaultdict[Any, Any]]:
         """The param groups and state ``state_dict`` loads to; raises before anything changes."""
         where = f"{self._display_name}.load_state_dict: "
-        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(
-            state_dict
-        ):
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"{where}state_dict must be a dict with 'state' and 'param_groups'")
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
         if not isinstance(saved_groups, Sequence) or not all(

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, overload
+from typing import Any, TypeGuard, overload
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,7 @@ from danlu.wrappers._base import OptimizerWrapper, iter_params
 __all__ = ["GradientAccumulation", "UpdateEvery", "accumulation_betas"]
 
 
-def _is_count(value: Any) -> bool:
+def _is_count(value: Any) -> TypeGuard[int]:
     """An integer >= 0 (not a bool), as the wrappers' records hold them."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -143,8 +143,7 @@ class GradientAccumulation(OptimizerWrapper):
             )
         if micro >= self.steps:
             raise ValueError(
-                f"state_dict: GradientAccumulation micro_step {micro!r} is not in "
-                f"[0, {self.steps})"
+                f"state_dict: GradientAccumulation micro_step {micro!r} is not in [0, {self.steps})"
             )
         sums = record.get("sums", {})
         if not isinstance(sums, dict):
