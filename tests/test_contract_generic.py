@@ -595,3 +595,39 @@ def test_wrapper_hooks_fire_and_repr_prints(kind):
     opt.load_state_dict(opt.state_dict())
     assert calls == ["step_pre", "step_post", "sd_pre", "sd_post", "load_pre", "load_post"]
     assert repr(opt)
+
+
+def _bad_gradient(params):
+    if params[-1].grad is None:  # step_in_backward freed it: a gradient set by hand
+        params[-1].grad = torch.zeros_like(params[-1])
+    params[-1].grad.data = torch.zeros(params[-1].shape[0] + 1)
+
+
+def _bad_lr(opt):
+    for group in opt.param_groups:
+        group["lr"] = float("nan")
+
+
+@pytest.mark.parametrize("kind", sorted(WRAPPERS))
+@pytest.mark.parametrize("fault", ["gradient unlike its parameter", "NaN lr"])
+def test_every_wrapper_step_that_raises_changes_nothing(kind, fault):
+    params, opt = wrapped(kind, seed=0)
+    opt.zero_grad()
+    loss = sum((p * g).sum() for p, g in zip(params, grads_for(9), strict=True))
+    loss.backward()
+    if fault == "NaN lr":
+        _bad_lr(opt)
+        if kind in ("GradientAccumulation", "nested"):
+            opt.step()  # mid-window: the inner step (which raises) comes on the next call
+    else:
+        _bad_gradient(params)
+    if kind == "step_in_backward" and fault == "NaN lr":
+        # the parameters were stepped inside backward; a hand-set gradient reaches step()
+        params[0].grad = torch.ones_like(params[0])
+    before = wrapper_snapshot(opt, params)
+    lrs = [group["lr"] for group in opt.param_groups]
+    with pytest.raises(ValueError, match="lr" if fault == "NaN lr" else "'layer2.weight'"):
+        opt.step()
+    for group, lr in zip(opt.param_groups, lrs, strict=True):
+        assert group["lr"] is lr
+    assert_identical(before, wrapper_snapshot(opt, params))

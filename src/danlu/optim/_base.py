@@ -315,12 +315,17 @@ class DanluOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step(self._checked_step_inputs())
+        return loss
+
+    def _checked_step_inputs(self) -> list[GroupTensors]:
+        """Phase 1 of a step, shared by the shell's checks: settings checked, tensors gathered
+        and checked. Writes nothing; wrappers that step several optimizers call it on each
+        before stepping any."""
         for index, group in enumerate(self.param_groups):
             normalize_group(group)
             self._check_group(group, where=f"param_groups[{index}]: ")
-        gathered = [self._gather(index, group) for index, group in enumerate(self.param_groups)]
-        self._step(gathered)
-        return loss
+        return [self._gather(index, group) for index, group in enumerate(self.param_groups)]
 
     def _step(self, gathered: list[GroupTensors]) -> None:
         raise NotImplementedError

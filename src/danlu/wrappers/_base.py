@@ -84,6 +84,36 @@ def all_or_nothing(opt: Optimizer) -> Iterator[None]:
         raise
 
 
+def check_gradients(opt: Optimizer, who: str) -> None:
+    """Raise ValueError, naming the parameter, for a gradient whose dtype, shape or device is
+    not its parameter's (before a wrapper writes anything)."""
+    for index, (group, p) in enumerate(iter_params(opt)):
+        grad = p.grad
+        if grad is None or (grad.dtype, grad.shape, grad.device) == (p.dtype, p.shape, p.device):
+            continue
+        names = group.get("param_names")
+        position = next(i for i, q in enumerate(group["params"]) if q is p)
+        name = names[position] if names is not None and position < len(names) else None
+        label = repr(name) if name else f"parameter {index}"
+        raise ValueError(
+            f"{who}: the gradient of {label} (shape {tuple(p.shape)}) has dtype {grad.dtype}, "
+            f"shape {tuple(grad.shape)} on {grad.device}; it must have the parameter's "
+            f"({p.dtype}, {tuple(p.shape)} on {p.device})"
+        )
+
+
+def check_before_step(opt: Optimizer, who: str) -> None:
+    """Run every check of the coming step of ``opt`` (gradients, and the first phase of each
+    danlu optimizer inside it) without writing anything: for wrappers that change something
+    before the inner step (divide the gradients, zero the lr) or step several optimizers."""
+    from danlu.optim._base import DanluOptimizer
+
+    check_gradients(opt, who)
+    for inner in _optimizers_within(opt):
+        if isinstance(inner, DanluOptimizer):
+            inner._checked_step_inputs()
+
+
 def run_state_dict_hooks(opt: Optimizer, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """``build()`` between ``opt``'s state_dict pre- and post-hooks, as torch.optim does."""
     for pre_hook in opt._optimizer_state_dict_pre_hooks.values():

@@ -12,7 +12,12 @@ from torch.optim import Optimizer
 
 from danlu.distributed import check_sync_module, set_gradient_sync
 from danlu.optim._base import check_beta, check_int_at_least
-from danlu.wrappers._base import OptimizerWrapper, iter_params
+from danlu.wrappers._base import (
+    OptimizerWrapper,
+    check_before_step,
+    check_gradients,
+    iter_params,
+)
 
 __all__ = ["GradientAccumulation", "UpdateEvery", "accumulation_betas"]
 
@@ -97,6 +102,7 @@ class GradientAccumulation(OptimizerWrapper):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = self._call_closure(closure)
+        check_gradients(self, "danlu.GradientAccumulation")
         params = [p for _, p in iter_params(self)]
         for p in params:
             running = self._sums.get(p)
@@ -110,13 +116,17 @@ class GradientAccumulation(OptimizerWrapper):
             self.updated = False
             self._set_sync()
             return loss
+        # Everything the inner step checks, before the gradients are divided: a failed step
+        # leaves the window as it was, bit for bit.
+        check_before_step(self.optimizer, "danlu.GradientAccumulation")
         grads = [p.grad for p in params if p.grad is not None]
         for g in grads:
             g.div_(self.steps)
         try:
             self.optimizer.step()
         except BaseException:
-            # Leave the window as it was, so the step can be retried (exact for k a power of 2).
+            # A later failure (a non-finite gradient under nonfinite="raise"): leave the window
+            # as it was, so the step can be retried (exact for k a power of 2).
             for g in grads:
                 g.mul_(self.steps)
             self._sums = {p: p.grad for p in params if p.grad is not None}
@@ -216,6 +226,7 @@ class UpdateEvery(OptimizerWrapper):
         if self.micro_step + 1 >= self.steps:
             self.optimizer.step()
         else:
+            check_before_step(self.optimizer, "danlu.UpdateEvery")  # the real lr, too
             saved = [group["lr"] for group in self.param_groups]
             for group in self.param_groups:
                 lr = group["lr"]

@@ -103,10 +103,11 @@ class NonFiniteGuard(OptimizerWrapper):
                 + ", ".join(names)
                 + " (mode='raise'; nothing was modified)"
             )
-        self.steps += 1
-        self.last_nonfinite = names
         if not bad:
             self.optimizer.step()
+            # counted after the inner step, so a step that raises leaves the counters as well
+            self.steps += 1
+            self.last_nonfinite = names
             return loss
         if len(bad) < len(entries):
             hidden = [(p, p.grad) for _, _, p in bad]
@@ -120,6 +121,8 @@ class NonFiniteGuard(OptimizerWrapper):
         if self.mode == "shrink":
             for _, group, p in bad:
                 shrink_([p], center=float(group.get("center", 0.0)), ratio=self.shrink_ratio)
+        self.steps += 1
+        self.last_nonfinite = names
         self.skipped_steps += 1
         self.skipped_tensors += len(bad)
         return loss

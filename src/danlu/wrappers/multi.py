@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from danlu.wrappers._base import (
+    check_before_step,
     check_optimizer,
     init_optimizer_hooks,
     iter_params,
@@ -121,6 +122,8 @@ class MultiOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Check every part before stepping any, so that one part's error leaves the others too.
+        check_before_step(self, "danlu.MultiOptimizer")
         for opt in self.optimizers.values():
             opt.step()
         return loss
