@@ -37,6 +37,16 @@ def test_k1_equals_torch_adamw(foreach, weight_decay):
     c = danlu.AdamW([nn.Parameter(q.detach().clone()) for q in theirs], foreach=foreach, **kw)
     c.load_state_dict(b.state_dict())
     assert c.state[c.param_groups[0]["params"][0]]["exp_avg"].shape == shapes[0]
+    # and it steps as torch's continues
+    mine = c.param_groups[0]["params"]
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(mine, theirs, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        c.step()
+        b.step()
+    for p, q in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9)
 
 
 def test_same_defaults_as_torch():

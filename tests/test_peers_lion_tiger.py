@@ -55,6 +55,15 @@ def test_lion_state_dict_interchanges_with_lion_pytorch():
     ours = danlu.Lion([p], lr=1e-3)
     ours.load_state_dict(theirs.state_dict())
     assert torch.equal(ours.state[p]["exp_avg"], theirs.state[p]["exp_avg"])
+    # and it steps: one more step of each from the same point agrees
+    q = nn.Parameter(p.detach().clone())
+    twin = lion_pytorch.Lion([q], lr=1e-3)
+    twin.load_state_dict(theirs.state_dict())
+    p.grad = torch.randn(4, 4)
+    q.grad = p.grad.clone()
+    ours.step()
+    twin.step()
+    torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
 def test_tiger_differs_from_pytorch_optimizer_by_the_rms_factor():

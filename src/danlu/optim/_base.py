@@ -9,9 +9,14 @@ state exactly as they were.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import copy
+import math
+import numbers
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -38,9 +43,47 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tens
 
 
 def _is_number(value: Any) -> bool:
+    """A real number: int, float, numpy scalar or a real one-element tensor (not bool, not on
+    the meta device, whose value cannot be read)."""
     if isinstance(value, Tensor):
-        return value.numel() == 1 and not value.is_complex()
-    return isinstance(value, int | float) and not isinstance(value, bool)
+        return (
+            value.numel() == 1
+            and not value.is_complex()
+            and value.dtype != torch.bool
+            and not value.is_meta
+        )
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_numpy_scalar(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and getattr(value, "shape", None) == ()
+
+
+def normalize_hyper_parameter(value: Any) -> Any:
+    """``value`` as the shells store it: a numpy scalar becomes the Python number it holds (so
+    state dicts stay loadable with ``weights_only=True``), a one-element tensor of any shape
+    a 0-d view of it (torch.optim accepts ``torch.tensor([1e-3])``; the view shares its
+    storage, so ``lr.fill_()`` by a scheduler still reaches it), tuples and lists element-wise.
+    Anything else is returned unchanged (the checks then judge it)."""
+    if _is_numpy_scalar(value):
+        return value.item()
+    if isinstance(value, Tensor):
+        return value.reshape(()) if value.dim() != 0 and value.numel() == 1 else value
+    if isinstance(value, tuple | list):
+        items = [normalize_hyper_parameter(v) for v in value]
+        if any(a is not b for a, b in zip(items, value, strict=True)):
+            return type(value)(items)
+    return value
+
+
+def normalize_group(group: dict[str, Any]) -> None:
+    """Apply :func:`normalize_hyper_parameter` to every setting of ``group``, in place."""
+    for key, value in group.items():
+        if key in ("params", "param_names"):
+            continue
+        normalized = normalize_hyper_parameter(value)
+        if normalized is not value:
+            group[key] = normalized
 
 
 def _as_float(value: Any) -> float:
@@ -91,7 +134,7 @@ def check_beta(name: str, value: Any) -> None:
 
 
 def check_int_at_least(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
@@ -150,6 +193,19 @@ class GroupTensors:
     names: list[str] = field(default_factory=list)
 
 
+#: Parameter dtypes the shells update (integer, bool, complex and 8-bit float tensors cannot
+#: take a step: torch raises in the middle of one).
+SUPPORTED_PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def param_label(index: int, group: dict[str, Any], position: int, p: Tensor) -> str:
+    """How error messages name a parameter: its name when the group has ``param_names``."""
+    names = group.get("param_names")
+    name = names[position] if names is not None and position < len(names) else None
+    label = f"{name!r}" if name else f"param_groups[{index}]['params'][{position}]"
+    return f"{label} (shape {tuple(p.shape)})"
+
+
 class DanluOptimizer(Optimizer):
     """Base class: argument checks, two-phase steps and error messages that name parameters.
 
@@ -164,10 +220,37 @@ class DanluOptimizer(Optimizer):
     #: State keys kept in float32 (float64 for float64 params) whatever the parameter dtype
     #: (e.g. AdaFactor's statistics: 1e-30 underflows in bf16).
     _float32_state_keys: tuple[str, ...] = ()
+    #: State keys shaped like their parameter (checked on load).
+    _param_shaped_keys: tuple[str, ...] = ()
+    #: State keys that count steps: 0-d tensors kept on the CPU (read without a device sync).
+    _counter_keys: tuple[str, ...] = ("step",)
+    #: The dtype counters are created in (exact up to 2**24 in float32, 2**53 in float64).
+    _counter_dtype = torch.float32
+    #: Param-group keys of other libraries' optimizers that danlu does not have, with the value
+    #: danlu's math equals; a loaded group with another value is refused (a feature danlu
+    #: lacks), the supported value is ignored. Keys not listed here are kept and ignored.
+    _foreign_group_keys: Mapping[str, Any] = MappingProxyType(
+        {
+            "amsgrad": False,
+            "differentiable": False,
+            "decoupled_weight_decay": True,
+            "nesterov": False,
+        }
+    )
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        normalize_group(defaults)
         self._check_group(defaults, where="")
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # As torch.optim: groups pickled before a setting existed get its default (not
+        # "differentiable", which torch's __setstate__ adds to the defaults).
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key not in self._foreign_group_keys:
+                    group.setdefault(key, value)
 
     def _state_dtype(self, group: dict[str, Any], key: str, param: Tensor) -> torch.dtype:
         """The dtype that ``state[param][key]`` is kept in."""
@@ -177,25 +260,53 @@ class DanluOptimizer(Optimizer):
             return group["state_dtype"]
         return param.dtype
 
+    def _expected_state_shape(
+        self, p: Tensor, group: dict[str, Any], key: str
+    ) -> tuple[int, ...] | None:
+        """The shape ``state[p][key]`` must have; None for a key this optimizer does not use.
+        Subclasses with reduced state (AdaFactor's factors, Amos's slots) override it."""
+        if key in self._param_shaped_keys:
+            return tuple(p.shape)
+        return None
+
+    def _check_loaded_state(
+        self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
+    ) -> None:
+        """Raise ValueError if ``state`` (one parameter's, about to be loaded) cannot be
+        stepped with ``group``'s settings. Shapes and dtypes are already checked."""
+
     # -- group checks ---------------------------------------------------------------------------
     def _check_group(self, group: dict[str, Any], *, where: str) -> None:
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        settings = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+        normalize_group(settings)
+        merged = {**self.defaults, **settings}
         index = len(self.param_groups)
         self._check_group(merged, where=f"param_groups[{index}]: ")
         params = param_group["params"]
         candidates = [params] if isinstance(params, Tensor) else list(params)
         for i, p in enumerate(candidates):
-            tensor = p[1] if isinstance(p, tuple) else p
-            if isinstance(tensor, Tensor) and tensor.is_complex():
-                raise ValueError(
-                    f"{self._display_name} does not support complex parameters "
-                    f"(param_groups[{index}] parameter {i} has dtype {tensor.dtype}); "
-                    "optimise torch.view_as_real(p) instead"
-                )
-        super().add_param_group(param_group)
+            name, tensor = p if isinstance(p, tuple) else (None, p)
+            if isinstance(tensor, Tensor):
+                label = f"{name!r}" if name else f"parameter {i}"
+                self._check_param_dtype(tensor, f"param_groups[{index}] {label}")
+        if isinstance(params, set):
+            candidates = params  # type: ignore[assignment]  # torch's TypeError names it
+        super().add_param_group({**param_group, **settings, "params": candidates})
+
+    def _check_param_dtype(self, p: Tensor, label: str) -> None:
+        if p.is_complex():
+            raise ValueError(
+                f"{self._display_name} does not support complex parameters "
+                f"({label} has dtype {p.dtype}); optimise torch.view_as_real(p) instead"
+            )
+        if p.dtype not in SUPPORTED_PARAM_DTYPES:
+            raise ValueError(
+                f"{self._display_name} updates float16, bfloat16, float32 and float64 "
+                f"parameters; {label} has dtype {p.dtype}"
+            )
 
     # -- stepping -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -204,62 +315,185 @@ class DanluOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
-            self._check_group(group, where=f"param_groups[{index}]: ")
-        gathered = [self._gather(index, group) for index, group in enumerate(self.param_groups)]
-        self._step(gathered)
+        self._step(self._checked_step_inputs())
         return loss
+
+    def _checked_step_inputs(self) -> list[GroupTensors]:
+        """Phase 1 of a step, shared by the shell's checks: settings checked, tensors gathered
+        and checked. Writes nothing; wrappers that step several optimizers call it on each
+        before stepping any."""
+        for index, group in enumerate(self.param_groups):
+            normalize_group(group)
+            self._check_group(group, where=f"param_groups[{index}]: ")
+        return [self._gather(index, group) for index, group in enumerate(self.param_groups)]
 
     def _step(self, gathered: list[GroupTensors]) -> None:
         raise NotImplementedError
 
     def _gather(self, index: int, group: dict[str, Any]) -> GroupTensors:
+        """The parameters of ``group`` with a gradient; raises (naming the parameter) for one
+        that cannot be stepped, before anything is written."""
         out = GroupTensors(group)
-        names = group.get("param_names")
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            name = names[i] if names is not None and i < len(names) else None
-            label = f"{name!r}" if name else f"param_groups[{index}]['params'][{i}]"
-            label += f" (shape {tuple(p.shape)})"
-            if p.grad.is_sparse:
+            label = param_label(index, group, i, p)
+            if grad.is_sparse:
                 raise RuntimeError(
                     f"{self._display_name} does not support sparse gradients ({label}); "
                     "use a dense embedding (nn.Embedding(sparse=False)) or danlu.Lazy"
                 )
-            if p.is_complex():
+            self._check_param_dtype(p, label)
+            if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
                 raise ValueError(
-                    f"{self._display_name} does not support complex parameters ({label})"
+                    f"{self._display_name}: the gradient of {label} has dtype {grad.dtype}, "
+                    f"shape {tuple(grad.shape)} on {grad.device}; it must have the "
+                    f"parameter's ({p.dtype}, {tuple(p.shape)} on {p.device})"
                 )
             if is_dtensor(p):
                 check_placements(p, label)
             out.params.append(p)
-            out.grads.append(p.grad)
+            out.grads.append(grad)
             out.names.append(label)
         return out
 
+    # -- checkpoints ----------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, but each state tensor keeps the dtype it is stored in.
+        """As torch's, checked first and all-or-nothing: nothing changes unless all of
+        ``state_dict`` can be loaded.
 
-        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter dtype
-        (ao#3314): fp32 statistics of bf16 parameters would lose precision and bf16 momentum
-        would double in size. Such entries are re-read from the saved values in their own dtype.
+        * Settings missing from a saved group (a checkpoint of another library's optimizer,
+          or of an older danlu) keep this optimizer's current value for that group; the loaded
+          settings pass the constructor's checks. Other libraries' keys are kept and ignored,
+          unless they ask for a feature danlu lacks (``amsgrad=True``): ValueError.
+        * Every state tensor must fit its parameter (shape, floating dtype): a resized
+          embedding fails here, naming the parameter, not in the middle of the next step.
+        * Each state tensor keeps the dtype it is stored in (torch casts floating state to
+          the parameter's dtype, ao#3314: fp32 statistics of bf16 parameters would lose
+          precision); step counters stay exact 0-d CPU tensors (torch casts them to float32
+          for ``fused`` groups, where counting stops at 2**24), and a counter saved as a
+          Python number (older torch checkpoints) becomes one.
         """
-        super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        by_saved_id = dict(zip(saved_ids, params, strict=False))
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        for saved_id, saved_state in state_dict["state"].items():
-            p = by_saved_id.get(saved_id)
-            if p is None:
+        state_dict = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups, state = self._loaded(state_dict)
+        self.__setstate__({"state": state, "param_groups": groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _loaded(self, state_dict: Any) -> tuple[list[dict[str, Any]], defaultdict[Any, Any]]:
+        """The param groups and state ``state_dict`` loads to; raises before anything changes."""
+        where = f"{self._display_name}.load_state_dict: "
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(f"{where}state_dict must be a dict with 'state' and 'param_groups'")
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_groups, Sequence) or not all(
+            isinstance(g, Mapping) and "params" in g for g in saved_groups
+        ):
+            raise ValueError(f"{where}'param_groups' must be a list of dicts with 'params'")
+        if not isinstance(saved_state, Mapping):
+            raise ValueError(f"{where}'state' must be a dict")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{where}loaded state dict has a different number of parameter groups "
+                f"({len(saved_groups)}, this optimizer has {len(self.param_groups)})"
+            )
+        groups: list[dict[str, Any]] = []
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            label = f"{where}param_groups[{index}]: "
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"{label}loaded state dict contains a parameter group that doesn't match "
+                    f"the size of optimizer's group ({len(saved['params'])} parameters, this "
+                    f"group has {len(group['params'])})"
+                )
+            settings = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
+            for key, supported in self._foreign_group_keys.items():
+                if key in settings and key not in self.defaults and settings[key] != supported:
+                    raise ValueError(
+                        f"{label}{key}={settings[key]!r} (a setting of another optimizer) is "
+                        f"not supported by {self._display_name}, whose update is the one with "
+                        f"{key}={supported!r}"
+                    )
+            new = {**group, **settings, "params": group["params"]}
+            normalize_group(new)
+            self._check_group(new, where=label)
+            groups.append(new)
+        saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
+        positions = [
+            (index, i, p) for index, g in enumerate(groups) for i, p in enumerate(g["params"])
+        ]
+        by_saved_id = dict(zip(saved_ids, positions, strict=True))
+        state: defaultdict[Any, Any] = defaultdict(dict)
+        for saved_id, entry in saved_state.items():
+            if saved_id not in by_saved_id:
+                state[saved_id] = entry  # kept as is, as torch does
                 continue
-            for key, value in saved_state.items():
-                if key == "step" or not (isinstance(value, Tensor) and value.is_floating_point()):
-                    continue
-                wanted = self._state_dtype(group_of[id(p)], key, p)
-                if wanted != p.dtype:
-                    self.state[p][key] = value.to(device=p.device, dtype=wanted, copy=True)
+            index, i, p = by_saved_id[saved_id]
+            label = f"{where}state of {param_label(index, groups[index], i, p)}"
+            state[p] = self._loaded_param_state(p, groups[index], entry, label)
+        return groups, state
+
+    def _loaded_param_state(
+        self, p: Tensor, group: dict[str, Any], entry: Any, label: str
+    ) -> dict[str, Any]:
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{label} must be a dict, got {type(entry).__name__}")
+        out: dict[str, Any] = {}
+        for key, value in entry.items():
+            if key in self._counter_keys:
+                out[key] = self._loaded_counter(value, f"{label}: {key!r}")
+                continue
+            if not isinstance(value, Tensor):
+                out[key] = copy.deepcopy(value)
+                continue
+            expected = self._expected_state_shape(p, group, key)
+            if expected is None:
+                # a key this optimizer does not use (another library's): carried along, cast
+                # as torch casts it, except that a 0-d counter keeps its dtype
+                keep = value.dim() == 0 or not value.is_floating_point()
+                cast = value.dtype if keep else p.dtype
+                out[key] = value.to(device=p.device, dtype=cast, copy=True)
+                continue
+            if not value.is_floating_point():
+                raise ValueError(
+                    f"{label}: {key!r} has dtype {value.dtype}; it must be a floating tensor"
+                )
+            if tuple(value.shape) != expected:
+                raise ValueError(
+                    f"{label}: {key!r} has shape {tuple(value.shape)}, expected {expected} "
+                    "(was the parameter resized, or the checkpoint saved for another model?)"
+                )
+            out[key] = value.to(device=p.device, dtype=self._state_dtype(group, key, p), copy=True)
+        self._check_loaded_state(p, group, out, label)
+        return out
+
+    def _loaded_counter(self, value: Any, label: str) -> Tensor:
+        """A step counter as a 0-d CPU tensor in a dtype that holds it exactly: the saved
+        floating dtype when it is at least as wide as ``_counter_dtype``, else that."""
+        if isinstance(value, Tensor):
+            if not _is_number(value):
+                raise ValueError(f"{label} must be a real number, got {value!r}")
+            counter = value.detach().reshape(())
+            dtype = self._counter_dtype
+            if counter.is_floating_point():
+                dtype = torch.promote_types(counter.dtype, dtype)
+            number = float(counter.item())
+        elif _is_number(value) and not isinstance(value, Tensor):
+            number, dtype = float(value), self._counter_dtype
+        else:
+            raise ValueError(f"{label} must be a number or a 0-d tensor, got {value!r}")
+        if not (math.isfinite(number) and number >= 0):
+            raise ValueError(f"{label} must be a finite number >= 0, got {number!r}")
+        if float(torch.tensor(number, dtype=dtype)) != number:
+            dtype = torch.float64  # e.g. an int64 count beyond float32's 2**24
+        if isinstance(value, Tensor) and value.dtype == dtype and value.device.type == "cpu":
+            return value.detach().reshape(()).clone()
+        return torch.tensor(number, dtype=dtype)
 
     def _state_tensor(self, p: Tensor, key: str, factory: Callable[..., Tensor]) -> Tensor:
         """Return ``state[p][key]``, creating it on first use."""

@@ -124,6 +124,28 @@ class AdaFactor(DanluOptimizer):
 
     _display_name = "danlu.AdaFactor"
     _float32_state_keys = _STATISTICS
+    _param_shaped_keys = ("exp_avg", "exp_avg_sq")
+
+    def _expected_state_shape(
+        self, p: Tensor, group: dict[str, Any], key: str
+    ) -> tuple[int, ...] | None:
+        axes = self._axes(p, group)
+        if key in ("exp_avg_sq_row", "exp_avg_sq_col") and axes is not None:
+            shape = list(p.shape)
+            shape[axes[0] if key == "exp_avg_sq_row" else axes[1]] = 1
+            return tuple(shape)
+        return super()._expected_state_shape(p, group, key)
+
+    def _check_loaded_state(
+        self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
+    ) -> None:
+        factored = self._axes(p, group) is not None
+        keys = ("exp_avg_sq_row", "exp_avg_sq_col") if factored else ("exp_avg_sq",)
+        if any(key in state for key in _STATISTICS) and not all(key in state for key in keys):
+            raise ValueError(
+                f"{label}: the statistics were saved {'without' if factored else 'with'} "
+                "factoring, but this group's factored_dims/min_dim_size_to_factor say otherwise"
+            )
 
     def __init__(
         self,

@@ -70,6 +70,7 @@ class AdamW(DanluOptimizer):
     """
 
     _display_name = "danlu.AdamW"
+    _param_shaped_keys = ("exp_avg", "exp_avg_sq")
 
     def __init__(
         self,

@@ -77,6 +77,7 @@ class AdaX(DanluOptimizer):
 
     _display_name = "danlu.AdaX"
     _float32_state_keys = ("exp_avg_sq",)
+    _param_shaped_keys = ("exp_avg", "exp_avg_sq")
 
     def __init__(
         self,

@@ -127,6 +127,14 @@ class Amos(DanluOptimizer):
 
     _display_name = "danlu.Amos"
     _float32_state_keys = ("exp_avg_sq", "b")
+    _param_shaped_keys = ("exp_avg",)
+
+    def _expected_state_shape(
+        self, p: Tensor, group: dict[str, Any], key: str
+    ) -> tuple[int, ...] | None:
+        if key in ("exp_avg_sq", "b"):
+            return amos_slot_shape(p.shape, group["slots"])
+        return super()._expected_state_shape(p, group, key)
 
     def __init__(
         self,

@@ -63,6 +63,7 @@ class Lion(DanluOptimizer):
     """
 
     _state_dtype_keys = ("exp_avg",)
+    _param_shaped_keys = ("exp_avg",)
     _display_name = "danlu.Lion"
 
     def __init__(

@@ -115,6 +115,8 @@ class Tiger(DanluOptimizer):
     """
 
     _state_dtype_keys = ("exp_avg",)
+    _param_shaped_keys = ("exp_avg",)
+    _counter_dtype = torch.float64  # the accumulation window is read from it
     _display_name = "danlu.Tiger"
 
     def __init__(

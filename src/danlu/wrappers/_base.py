@@ -13,14 +13,15 @@ resume bit-for-bit.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["WRAPPERS_KEY", "OptimizerWrapper", "iter_params", "unwrap"]
+__all__ = ["WRAPPERS_KEY", "OptimizerWrapper", "all_or_nothing", "iter_params", "unwrap"]
 
 WRAPPERS_KEY = "danlu_wrappers"
 
@@ -50,6 +51,94 @@ def unwrap(opt: Optimizer) -> Iterator[Optimizer]:
         if not isinstance(opt, OptimizerWrapper):
             return
         opt = opt.optimizer
+
+
+def _optimizers_within(opt: Optimizer) -> Iterator[Optimizer]:
+    """``opt`` and every optimizer it holds: the wrapped one, a MultiOptimizer's inner ones."""
+    yield opt
+    if isinstance(opt, OptimizerWrapper):
+        yield from _optimizers_within(opt.optimizer)
+    inner = vars(opt).get("optimizers")
+    if isinstance(inner, Mapping):
+        for child in inner.values():
+            if isinstance(child, Optimizer):
+                yield from _optimizers_within(child)
+
+
+@contextmanager
+def all_or_nothing(opt: Optimizer) -> Iterator[None]:
+    """Put ``opt``, every optimizer inside it and its parameters' ``.grad`` back as they were if
+    the block raises. Loads replace an optimizer's ``state`` and ``param_groups`` (and a
+    wrapper's counters) by new objects, never change them in place, so keeping the old
+    attributes is enough."""
+    saved = [(o, dict(vars(o))) for o in _optimizers_within(opt)]
+    grads = [(p, p.grad) for _, p in iter_params(opt)]
+    try:
+        yield
+    except BaseException:
+        for o, attributes in saved:
+            vars(o).clear()
+            vars(o).update(attributes)
+        for p, grad in grads:
+            p.grad = grad
+        raise
+
+
+def check_gradients(opt: Optimizer, who: str) -> None:
+    """Raise ValueError, naming the parameter, for a gradient whose dtype, shape or device is
+    not its parameter's (before a wrapper writes anything)."""
+    for index, (group, p) in enumerate(iter_params(opt)):
+        grad = p.grad
+        if grad is None or (grad.dtype, grad.shape, grad.device) == (p.dtype, p.shape, p.device):
+            continue
+        names = group.get("param_names")
+        position = next(i for i, q in enumerate(group["params"]) if q is p)
+        name = names[position] if names is not None and position < len(names) else None
+        label = repr(name) if name else f"parameter {index}"
+        raise ValueError(
+            f"{who}: the gradient of {label} (shape {tuple(p.shape)}) has dtype {grad.dtype}, "
+            f"shape {tuple(grad.shape)} on {grad.device}; it must have the parameter's "
+            f"({p.dtype}, {tuple(p.shape)} on {p.device})"
+        )
+
+
+def check_before_step(opt: Optimizer, who: str) -> None:
+    """Run every check of the coming step of ``opt`` (gradients, and the first phase of each
+    danlu optimizer inside it) without writing anything: for wrappers that change something
+    before the inner step (divide the gradients, zero the lr) or step several optimizers."""
+    from danlu.optim._base import DanluOptimizer
+
+    check_gradients(opt, who)
+    for inner in _optimizers_within(opt):
+        if isinstance(inner, DanluOptimizer):
+            inner._checked_step_inputs()
+
+
+def run_state_dict_hooks(opt: Optimizer, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``build()`` between ``opt``'s state_dict pre- and post-hooks, as torch.optim does."""
+    for pre_hook in opt._optimizer_state_dict_pre_hooks.values():
+        pre_hook(opt)
+    out = build()
+    for post_hook in opt._optimizer_state_dict_post_hooks.values():
+        result = post_hook(opt, out)
+        if result is not None:
+            out = result
+    return out
+
+
+def load_with_hooks(
+    opt: Optimizer, state_dict: dict[str, Any], load: Callable[[dict[str, Any]], None]
+) -> None:
+    """``load(state_dict)`` all-or-nothing, between ``opt``'s load_state_dict hooks."""
+    state_dict = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
+    for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    with all_or_nothing(opt):
+        load(state_dict)
+    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
+        post_hook(opt)
 
 
 def check_optimizer(name: str, value: Any) -> None:
@@ -120,13 +209,25 @@ class OptimizerWrapper(Optimizer):
         """Restore what ``_wrapper_state`` returned (after the inner optimizer was loaded)."""
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return run_state_dict_hooks(self, self._state_dict)
+
+    def _state_dict(self) -> dict[str, Any]:
         out = dict(self.optimizer.state_dict())
         record = {"type": type(self).__name__, **self._wrapper_state()}
         out[WRAPPERS_KEY] = [*out.get(WRAPPERS_KEY, []), record]
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        records = list(state_dict.get(WRAPPERS_KEY, []))
+        """Load a ``state_dict()`` of the same wrappers around the same optimizer; all or
+        nothing: if any part (a wrapper's record, the inner optimizer's state) cannot be
+        loaded, ValueError and everything stays as it was."""
+        load_with_hooks(self, state_dict, self._load)
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        records = state_dict.get(WRAPPERS_KEY, [])
+        records = list(records) if isinstance(records, list | tuple) else []
         name = type(self).__name__
         if not records or not isinstance(records[-1], dict) or records[-1].get("type") != name:
             found = records[-1].get("type") if records and isinstance(records[-1], dict) else None

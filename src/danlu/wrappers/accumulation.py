@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, overload
+from typing import Any, TypeGuard, overload
 
 import torch
 from torch import Tensor, nn
@@ -12,9 +12,19 @@ from torch.optim import Optimizer
 
 from danlu.distributed import check_sync_module, set_gradient_sync
 from danlu.optim._base import check_beta, check_int_at_least
-from danlu.wrappers._base import OptimizerWrapper, iter_params
+from danlu.wrappers._base import (
+    OptimizerWrapper,
+    check_before_step,
+    check_gradients,
+    iter_params,
+)
 
 __all__ = ["GradientAccumulation", "UpdateEvery", "accumulation_betas"]
+
+
+def _is_count(value: Any) -> TypeGuard[int]:
+    """An integer >= 0 (not a bool), as the wrappers' records hold them."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class GradientAccumulation(OptimizerWrapper):
@@ -68,7 +78,7 @@ class GradientAccumulation(OptimizerWrapper):
         super().__init__(optimizer)
         check_int_at_least("steps", steps, 1)
         check_sync_module("module", module)
-        self.steps = steps
+        self.steps = int(steps)
         self.module = module
         self.micro_step = 0
         self.updated = False
@@ -92,6 +102,7 @@ class GradientAccumulation(OptimizerWrapper):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = self._call_closure(closure)
+        check_gradients(self, "danlu.GradientAccumulation")
         params = [p for _, p in iter_params(self)]
         for p in params:
             running = self._sums.get(p)
@@ -105,13 +116,17 @@ class GradientAccumulation(OptimizerWrapper):
             self.updated = False
             self._set_sync()
             return loss
+        # Everything the inner step checks, before the gradients are divided: a failed step
+        # leaves the window as it was, bit for bit.
+        check_before_step(self.optimizer, "danlu.GradientAccumulation")
         grads = [p.grad for p in params if p.grad is not None]
         for g in grads:
             g.div_(self.steps)
         try:
             self.optimizer.step()
         except BaseException:
-            # Leave the window as it was, so the step can be retried (exact for k a power of 2).
+            # A later failure (a non-finite gradient under nonfinite="raise"): leave the window
+            # as it was, so the step can be retried (exact for k a power of 2).
             for g in grads:
                 g.mul_(self.steps)
             self._sums = {p: p.grad for p in params if p.grad is not None}
@@ -129,13 +144,43 @@ class GradientAccumulation(OptimizerWrapper):
 
     def _check_wrapper_state(self, record: dict[str, Any]) -> None:
         micro = record.get("micro_step")
-        if not isinstance(micro, int) or micro < 0:
+        if not _is_count(micro):
             raise ValueError(f"state_dict: bad GradientAccumulation micro_step {micro!r}")
         if micro > 0 and record.get("steps") != self.steps:
             raise ValueError(
                 f"state_dict was saved mid-window with steps={record.get('steps')!r}; "
                 f"this wrapper has steps={self.steps}"
             )
+        if micro >= self.steps:
+            raise ValueError(
+                f"state_dict: GradientAccumulation micro_step {micro!r} is not in [0, {self.steps})"
+            )
+        sums = record.get("sums", {})
+        if not isinstance(sums, dict):
+            raise ValueError(f"state_dict: GradientAccumulation sums must be a dict, got {sums!r}")
+        params = [p for _, p in iter_params(self)]
+        for key, saved in sums.items():
+            i = int(key) if isinstance(key, str) and key.isdigit() else key  # after a DCP trip
+            if not _is_count(i) or i >= len(params):
+                raise ValueError(
+                    f"state_dict: GradientAccumulation sums has a gradient for parameter {i!r}; "
+                    f"the optimizer has {len(params)} parameters"
+                )
+            p = params[i]
+            if (
+                not isinstance(saved, Tensor)
+                or not saved.is_floating_point()
+                or saved.shape != p.shape
+            ):
+                found = (
+                    f"a {saved.dtype} tensor of shape {tuple(saved.shape)}"
+                    if isinstance(saved, Tensor)
+                    else repr(saved)
+                )
+                raise ValueError(
+                    f"state_dict: GradientAccumulation's running sum for parameter {i} must be "
+                    f"a floating tensor of shape {tuple(p.shape)}, got {found}"
+                )
 
     def _load_wrapper_state(self, record: dict[str, Any]) -> None:
         self.micro_step = record["micro_step"]
@@ -172,7 +217,7 @@ class UpdateEvery(OptimizerWrapper):
     def __init__(self, optimizer: Optimizer, steps: int) -> None:
         super().__init__(optimizer)
         check_int_at_least("steps", steps, 1)
-        self.steps = steps
+        self.steps = int(steps)
         self.micro_step = 0
 
     @torch.no_grad()
@@ -181,6 +226,7 @@ class UpdateEvery(OptimizerWrapper):
         if self.micro_step + 1 >= self.steps:
             self.optimizer.step()
         else:
+            check_before_step(self.optimizer, "danlu.UpdateEvery")  # the real lr, too
             saved = [group["lr"] for group in self.param_groups]
             for group in self.param_groups:
                 lr = group["lr"]
@@ -198,7 +244,7 @@ class UpdateEvery(OptimizerWrapper):
 
     def _check_wrapper_state(self, record: dict[str, Any]) -> None:
         micro = record.get("micro_step")
-        if not isinstance(micro, int) or not 0 <= micro < self.steps:
+        if not _is_count(micro) or micro >= self.steps:
             raise ValueError(
                 f"state_dict: UpdateEvery micro_step {micro!r} is not in [0, {self.steps})"
             )

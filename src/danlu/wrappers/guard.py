@@ -103,10 +103,11 @@ class NonFiniteGuard(OptimizerWrapper):
                 + ", ".join(names)
                 + " (mode='raise'; nothing was modified)"
             )
-        self.steps += 1
-        self.last_nonfinite = names
         if not bad:
             self.optimizer.step()
+            # counted after the inner step, so a step that raises leaves the counters as well
+            self.steps += 1
+            self.last_nonfinite = names
             return loss
         if len(bad) < len(entries):
             hidden = [(p, p.grad) for _, _, p in bad]
@@ -120,6 +121,8 @@ class NonFiniteGuard(OptimizerWrapper):
         if self.mode == "shrink":
             for _, group, p in bad:
                 shrink_([p], center=float(group.get("center", 0.0)), ratio=self.shrink_ratio)
+        self.steps += 1
+        self.last_nonfinite = names
         self.skipped_steps += 1
         self.skipped_tensors += len(bad)
         return loss
@@ -143,8 +146,17 @@ class NonFiniteGuard(OptimizerWrapper):
 
     def _check_wrapper_state(self, record: dict[str, Any]) -> None:
         for key in ("steps", "skipped_steps", "skipped_tensors"):
-            if not isinstance(record.get(key), int):
-                raise ValueError(f"state_dict: NonFiniteGuard record lacks an integer {key!r}")
+            value = record.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(
+                    f"state_dict: NonFiniteGuard record lacks an integer {key!r} >= 0, "
+                    f"got {value!r}"
+                )
+        names = record.get("last_nonfinite", [])
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            raise ValueError(
+                f"state_dict: NonFiniteGuard last_nonfinite must be a list of names, got {names!r}"
+            )
 
     def _load_wrapper_state(self, record: dict[str, Any]) -> None:
         self.steps = record["steps"]

@@ -10,7 +10,14 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from danlu.wrappers._base import check_optimizer, init_optimizer_hooks, iter_params
+from danlu.wrappers._base import (
+    check_before_step,
+    check_optimizer,
+    init_optimizer_hooks,
+    iter_params,
+    load_with_hooks,
+    run_state_dict_hooks,
+)
 
 __all__ = ["MultiOptimizer"]
 
@@ -115,6 +122,8 @@ class MultiOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Check every part before stepping any, so that one part's error leaves the others too.
+        check_before_step(self, "danlu.MultiOptimizer")
         for opt in self.optimizers.values():
             opt.step()
         return loss
@@ -153,9 +162,19 @@ class MultiOptimizer(Optimizer):
         self.optimizers[optimizer].add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()}}
+        return run_state_dict_hooks(
+            self,
+            lambda: {
+                "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()}
+            },
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load every inner optimizer's part; all or nothing: if one part cannot be loaded, the
+        error propagates and every inner optimizer stays as it was."""
+        load_with_hooks(self, state_dict, self._load)
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("optimizers") if isinstance(state_dict, Mapping) else None
         if not isinstance(saved, Mapping) or set(saved) != set(self.optimizers):
             found = sorted(saved) if isinstance(saved, Mapping) else None
