@@ -132,9 +132,8 @@ class AdamW(WindowedOptimizer):
         if "micro_step" in state:
             return int(state["micro_step"])
         # no record (grad_accum_steps=1, or a torch.optim.AdamW checkpoint): step updates
-        k = next(
-            g["grad_accum_steps"] for g in self.param_groups if any(q is p for q in g["params"])
-        )
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        k = group.get("grad_accum_steps", self.defaults["grad_accum_steps"])
         return int(state["step"]) * k if "step" in state else 0
 
     def _step_group(self, work: GroupTensors, t: int) -> None:
