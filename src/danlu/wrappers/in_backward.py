@@ -84,7 +84,7 @@ class StepInBackward(OptimizerWrapper):
     * Schedulers work on ``param_groups`` as usual: the new lr applies from the next backward.
     * ``state_dict``/``load_state_dict`` are the inner optimizer's.
     * A ``NonFiniteGuard(scope="tensor")`` inside works per parameter; its counters then count
-      per-parameter steps.
+      per-parameter steps (plus the ``step()`` of each iteration with ``grad_accum_steps``).
     * ``remove()`` (or leaving a ``with`` block) removes the hooks; the inner optimizer then
       works as an ordinary one again.
 
