@@ -12,7 +12,6 @@ from danlu.functional.adamw import adamw
 from danlu.functional.precision import check_stochastic_rounding
 from danlu.optim._base import (
     MAX_SCALAR,
-    DanluOptimizer,
     GroupTensors,
     ParamsT,
     check_beta,
@@ -21,12 +20,13 @@ from danlu.optim._base import (
     check_int_at_least,
     check_non_negative,
 )
+from danlu.optim._window import WindowedOptimizer
 from danlu.registry import register
 
 __all__ = ["AdamW"]
 
 
-class AdamW(DanluOptimizer):
+class AdamW(WindowedOptimizer):
     r"""AdamW (Loshchilov & Hutter 2019), with gradient accumulation hidden in the moments as in
     SPEC.md §3(a) (kexue 8634).
 
@@ -43,9 +43,17 @@ class AdamW(DanluOptimizer):
 
     m is exactly the momentum of the mean gradient; v uses the mean of the squares instead of
     the square of the mean (the blog's approximation). Bias correction counts updates
-    (``state["step"]``); ``state["micro_step"]`` counts micro-steps. No gradient buffer is kept:
-    8 bytes of state per fp32 parameter, against 12 for exact accumulation
-    (``danlu.GradientAccumulation``). Step an lr scheduler once per update.
+    (``state["step"]``). No gradient buffer is kept: 8 bytes of state per fp32 parameter,
+    against 12 for exact accumulation (``danlu.GradientAccumulation``). Step an lr scheduler
+    once per update.
+
+    The windows are counted by the optimizer's ``step()`` calls (``micro_step``, saved in
+    ``state_dict``), the same for every parameter: a parameter without a gradient on a
+    micro-step adds nothing (a zero gradient), still moves at the end of the window if it had a
+    gradient in it, and neither decays nor moves in a window where it had none (its update
+    count does not advance). Parameters added with ``add_param_group`` join the current window.
+    ``state["micro_step"]`` records the counter after the parameter's last micro-step with a
+    gradient.
 
     Args:
         params: parameters, named parameters or param groups.
@@ -122,24 +130,35 @@ class AdamW(DanluOptimizer):
         check_foreach(group["foreach"])
 
     def _step(self, gathered: list[GroupTensors]) -> None:
+        t = self._counter()
+        self._carry_into_window(gathered, t)
         for work in gathered:
-            self._step_group(work)
+            self._step_group(work, t)
+        self._advance(t)
 
-    def _step_group(self, work: GroupTensors) -> None:
+    def _last_seen(self, p: Tensor) -> int:
+        if p not in self.state:
+            return 0
+        state = self.state[p]
+        if "micro_step" in state:
+            return int(state["micro_step"])
+        # no record (grad_accum_steps=1, or a torch.optim.AdamW checkpoint): step updates
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        k = group.get("grad_accum_steps", self.defaults["grad_accum_steps"])
+        return int(state["step"]) * k if "step" in state else 0
+
+    def _step_group(self, work: GroupTensors, t: int) -> None:
         group = work.group
         k = group["grad_accum_steps"]
+        start = t - t % k
+        last = (t + 1) % k == 0
         partitions: dict[tuple[bool, bool], tuple[list[Tensor], ...]] = {}
         for p, g in zip(work.params, work.grads, strict=True):
+            first = k == 1 or self._last_seen(p) <= start
             zeros = partial(torch.zeros_like, p, memory_format=torch.preserve_format)
             exp_avg = self._state_tensor(p, "exp_avg", zeros)
             exp_avg_sq = self._state_tensor(p, "exp_avg_sq", zeros)
             step = self._state_tensor(p, "step", lambda: torch.tensor(0.0, dtype=torch.float32))
-            if k == 1:
-                first = last = True
-            else:
-                # A Python int: load_state_dict would cast a tensor to the parameter's dtype.
-                t = self.state[p].get("micro_step", 0)
-                first, last = t % k == 0, (t + 1) % k == 0
             bucket = partitions.setdefault((first, last), ([], [], [], [], []))
             for lst, tensor in zip(bucket, (p, g, exp_avg, exp_avg_sq, step), strict=True):
                 lst.append(tensor)
@@ -165,8 +184,9 @@ class AdamW(DanluOptimizer):
                 foreach=group["foreach"],
             )
         if k > 1:
+            # A Python int: load_state_dict would cast a tensor to the parameter's dtype.
             for p in work.params:
-                self.state[p]["micro_step"] = self.state[p].get("micro_step", 0) + 1
+                self.state[p]["micro_step"] = t + 1
 
 
 register(

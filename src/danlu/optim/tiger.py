@@ -13,7 +13,6 @@ from danlu.functional.nonfinite import finite_mask
 from danlu.functional.precision import check_stochastic_rounding
 from danlu.functional.tiger import KINDS, tiger
 from danlu.optim._base import (
-    DanluOptimizer,
     GroupTensors,
     ParamsT,
     check_beta,
@@ -25,6 +24,7 @@ from danlu.optim._base import (
     check_non_negative,
     check_state_dtype,
 )
+from danlu.optim._window import WindowedOptimizer
 from danlu.registry import register
 
 __all__ = ["NONFINITE_MODES", "NONFINITE_SCOPES", "Tiger"]
@@ -38,7 +38,7 @@ def default_kind(param: Tensor) -> str:
     return "elementwise" if param.dim() <= 1 else "matrix"
 
 
-class Tiger(DanluOptimizer):
+class Tiger(WindowedOptimizer):
     r"""Tiger (Tight-fisted Optimizer), SPEC.md §2; kexue 9512; code bojone/tiger.
 
     .. math::
@@ -59,7 +59,11 @@ class Tiger(DanluOptimizer):
     ``step()`` after every micro-batch; the momentum decays by β on the first micro-step of each
     window, adds (1-β)·g/k on every micro-step, and parameters move only on the k-th. This is
     exactly Tiger with k = 1 on the mean of the k micro-batch gradients, with no extra buffer:
-    the state stays one momentum per parameter.
+    the state stays one momentum per parameter. The windows are counted by the optimizer's
+    ``step()`` calls (``micro_step``, saved in ``state_dict``), the same for every parameter:
+    a parameter without a gradient on a micro-step adds nothing (a zero gradient), still moves
+    at the end of the window if it had a gradient in it, and neither decays nor moves in a
+    window where it had none. Parameters added with ``add_param_group`` join the current window.
 
     **Non-finite gradients** (checked with ``isfinite``, so ±Inf too):
     ``"shrink"`` leaves the momentum as it is and sets θ ← (θ − c)·s + c (s = shrink_ratio);
@@ -184,7 +188,9 @@ class Tiger(DanluOptimizer):
         # Phase 1, no writes: split each group into partitions that share a kind and a
         # position in the accumulation window, and find the non-finite gradients (on the
         # device: nothing here synchronises with the host unless nonfinite="raise").
-        partitions = [part for work in gathered for part in self._partitions(work)]
+        t = self._counter()
+        self._carry_into_window(gathered, t)
+        partitions = [part for work in gathered for part in self._partitions(work, t)]
         masks = [finite_mask(part.grads) for part in partitions]
         global_parts = [
             i for i, part in enumerate(partitions) if part.group["nonfinite_scope"] == "global"
@@ -241,28 +247,54 @@ class Tiger(DanluOptimizer):
                 foreach=group["foreach"],
                 fused=group.get("fused"),  # absent from state dicts saved before it existed
             )
-        steps = [
-            # float64: the accumulation window is read from it, exact up to 2**53 micro-steps
-            self._state_tensor(p, "step", lambda: torch.tensor(0.0, dtype=torch.float64))
-            for work in gathered
-            for p in work.params
-        ]
+        # state["step"]: the micro-step counter after this parameter's last micro-step with a
+        # gradient; float64, exact up to 2**53 micro-steps
+        steps = []
+        for work in gathered:
+            for p in work.params:
+                step = self.state[p].get("step")
+                if step is None or step.dtype != torch.float64:
+                    step = self.state[p]["step"] = torch.tensor(0.0, dtype=torch.float64)
+                steps.append(step)
         if steps:
-            torch._foreach_add_(steps, 1.0)
+            torch._foreach_zero_(steps)
+            torch._foreach_add_(steps, float(t + 1))
+        self._advance(t)
 
-    def _partitions(self, work: GroupTensors) -> list[_Partition]:
+    def _last_seen(self, p: Tensor) -> int:
+        step = self.state[p].get("step") if p in self.state else None
+        return 0 if step is None else int(step.item())  # a CPU tensor: no device sync
+
+    def _last_seen_many(self, params: list[Tensor]) -> list[int]:
+        steps = [self.state[p].get("step") if p in self.state else None for p in params]
+        known = [s for s in steps if s is not None]
+        values = iter(torch.stack([s.double() for s in known]).tolist() if known else [])
+        return [0 if s is None else int(next(values)) for s in steps]
+
+    def _restore_counters(self, state_dict: dict[str, Any]) -> None:
+        # torch casts "step" to float32 when the group has fused=True: the counter would stop
+        # at 2**24, so it is re-read from the saved value
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params, strict=False):
+            saved = state_dict["state"].get(saved_id, {}).get("step")
+            value = saved.item() if isinstance(saved, Tensor) and saved.numel() == 1 else saved
+            if p in self.state and isinstance(value, int | float) and not isinstance(value, bool):
+                self.state[p]["step"] = torch.tensor(float(value), dtype=torch.float64)
+
+    def _partitions(self, work: GroupTensors, t: int) -> list[_Partition]:
         group = work.group
         k = group["grad_accum_steps"]
+        start = t - t % k
+        last = (t + 1) % k == 0
+        seen = self._last_seen_many(work.params) if k > 1 else [0] * len(work.params)
         parts: dict[tuple[str, bool, bool], _Partition] = {}
-        for p, g, name in zip(work.params, work.grads, work.names, strict=True):
+        for p, g, name, p_seen in zip(work.params, work.grads, work.names, seen, strict=True):
             if p.numel() == 0:
                 continue
-            if k == 1:
-                first = last = True
-            else:
-                step = self.state[p].get("step") if p in self.state else None
-                t = 0 if step is None else int(step.item())  # a CPU tensor: no device sync
-                first, last = t % k == 0, (t + 1) % k == 0
+            # the momentum decays on the parameter's first micro-step with a gradient in the
+            # window (a non-finite one counts: the reference then skips that window's decay)
+            first = k == 1 or p_seen <= start
             kind = group["kind"] or default_kind(p)
             part = parts.setdefault((kind, first, last), _Partition(group, kind, first, last))
             part.params.append(p)

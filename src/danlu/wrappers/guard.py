@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 
 from danlu.functional.nonfinite import finite_flags, shrink_
 from danlu.optim._base import check_choice, check_in_range
+from danlu.optim._window import counts_windows
 from danlu.wrappers._base import OptimizerWrapper, iter_params, unwrap
 
 __all__ = ["NonFiniteGuard"]
@@ -39,7 +40,8 @@ class NonFiniteGuard(OptimizerWrapper):
     ``scope="tensor"`` acts on the offending tensors only, and the others step normally (the
     reference code's choice). ``scope="global"`` treats every tensor as non-finite when one is,
     so the inner optimizer is not called at all (AMP GradScaler semantics; the safe choice for
-    optimizers whose step couples tensors).
+    optimizers whose step couples tensors), except with every gradient hidden when it has an
+    accumulation window (below).
 
     Counters (saved in ``state_dict``): ``steps`` (calls of ``step()``), ``skipped_steps`` (calls
     in which some tensor was skipped or shrunk), ``skipped_tensors`` (tensor-steps skipped or
@@ -50,10 +52,13 @@ class NonFiniteGuard(OptimizerWrapper):
     flags are agreed with one small all-reduce), so no rank steps a slice while another
     shrinks or skips its own.
 
-    The user's gradients are not modified. With "tensor" scope, an inner optimizer that counts
-    micro-steps per tensor (Tiger or danlu.AdamW with ``grad_accum_steps``) does not count a
-    skipped tensor's micro-step, so its window shifts; use Tiger's own ``nonfinite`` option
-    there. Wrap a :class:`GradientAccumulation` from the outside (``GradientAccumulation(
+    The user's gradients are not modified. An inner optimizer with an accumulation window
+    (Tiger or danlu.AdamW with ``grad_accum_steps``) is stepped on every call, the skipped
+    tensors hidden (all of them with "global" scope), so its window stays aligned with your
+    micro-batches: a skipped micro-batch adds nothing to the window, and at the window's end
+    the tensors move on what the window's other micro-batches accumulated (Tiger's own
+    ``nonfinite`` option instead keeps a tensor whose last micro-batch is non-finite where it
+    is). Wrap a :class:`GradientAccumulation` from the outside (``GradientAccumulation(
     NonFiniteGuard(opt), k)``), not the reverse.
     """
 
@@ -109,7 +114,7 @@ class NonFiniteGuard(OptimizerWrapper):
             self.steps += 1
             self.last_nonfinite = names
             return loss
-        if len(bad) < len(entries):
+        if len(bad) < len(entries) or counts_windows(self.optimizer):
             hidden = [(p, p.grad) for _, _, p in bad]
             for p, _ in hidden:
                 p.grad = None

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from danlu.distributed import any_dtensor
+from danlu.optim._window import MICRO_STEP_KEY, counts_windows
 from danlu.wrappers._base import OptimizerWrapper, iter_params, unwrap
 from danlu.wrappers.accumulation import GradientAccumulation, UpdateEvery
 from danlu.wrappers.guard import NonFiniteGuard
@@ -74,13 +75,16 @@ class StepInBackward(OptimizerWrapper):
     gradients in flight.
 
     * ``step()`` runs the closure if given, then steps only parameters that still hold a
-      gradient (one assigned by hand, say); otherwise it does nothing. Keep calling it once per
-      iteration so that lr schedulers see the usual order.
+      gradient (one assigned by hand, say); otherwise it does nothing, except for optimizers
+      with ``grad_accum_steps`` (Tiger, AdamW), whose accumulation window it advances by one
+      micro-step (moving, at the end of a window, the parameters that had a gradient earlier in
+      the window but not in this backward). Keep calling it once per iteration: it is what
+      counts the micro-steps, and lr schedulers see the usual order.
     * ``zero_grad()``: the gradients are already freed; it clears any left.
     * Schedulers work on ``param_groups`` as usual: the new lr applies from the next backward.
     * ``state_dict``/``load_state_dict`` are the inner optimizer's.
     * A ``NonFiniteGuard(scope="tensor")`` inside works per parameter; its counters then count
-      per-parameter steps.
+      per-parameter steps (plus the ``step()`` of each iteration with ``grad_accum_steps``).
     * ``remove()`` (or leaving a ``with`` block) removes the hooks; the inner optimizer then
       works as an ordinary one again.
 
@@ -152,13 +156,17 @@ class StepInBackward(OptimizerWrapper):
         finally:
             opt.param_groups = groups
             for key, value in single.items():
-                if key != "params" and group.get(key) is not value:
+                # the accumulation window advances once per iteration, in step(), not once
+                # per parameter
+                if key not in ("params", MICRO_STEP_KEY) and group.get(key) is not value:
                     group[key] = value
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = self._call_closure(closure)
-        if any(p.grad is not None for _, p in iter_params(self)):
+        if counts_windows(self.optimizer) or any(p.grad is not None for _, p in iter_params(self)):
+            # with grad_accum_steps this ends the micro-step: the counter advances, and at the
+            # end of a window the parameters without a gradient in this one move too
             self.optimizer.step()
         return loss
 
