@@ -412,13 +412,19 @@ class DanluOptimizer(Optimizer):
     def _prepare(self, gathered: list[GroupTensors]) -> Any:
         """Phase 1 of a step, continued (subclasses): the checks that need the gathered
         tensors, state created on first use, and the plan that ``_apply`` follows. Reads
-        Python values freely; runs eagerly even inside ``torch.compile``."""
-        raise NotImplementedError
+        Python values freely; runs eagerly even inside ``torch.compile``. By default the plan
+        is ``gathered`` itself, for ``_step``."""
+        return gathered
 
     def _apply(self, plan: Any) -> None:
         """Phase 2 (subclasses): the update, tensor ops only. Inside ``torch.compile`` this is
         what is traced: it must not read a value that changes from step to step (a counter,
-        a tensor's contents) into Python."""
+        a tensor's contents) into Python. By default ``_step(plan)``."""
+        self._step(plan)
+
+    def _step(self, gathered: list[GroupTensors]) -> None:
+        """The whole update in one method (subclasses that do not split it into ``_prepare``
+        and ``_apply``, such as ``danlu.lora.LoRAProAdam``; traced as it is under compile)."""
         raise NotImplementedError
 
     def _finish(self, plan: Any) -> None:

@@ -14,6 +14,7 @@ from danlu.optim._base import (
     MAX_SCALAR,
     GroupTensors,
     ParamsT,
+    _unread,
     check_beta,
     check_bool,
     check_foreach,
@@ -116,7 +117,7 @@ class AdamW(WindowedOptimizer):
         check_beta(f"{where}betas[1]", betas[1])
         # The first step's size lr/(1 − β1) is handed to torch as a float32 (beyond its range
         # torch raises in the middle of a step); later steps are smaller.
-        if float(group["lr"]) / (1 - betas[0]) > MAX_SCALAR:
+        if not _unread(group["lr"]) and float(group["lr"]) / (1 - betas[0]) > MAX_SCALAR:
             raise ValueError(
                 f"{where}lr / (1 - betas[0]) must be at most {MAX_SCALAR:.5g}, got "
                 f"lr={group['lr']!r}, betas[0]={betas[0]!r}"
