@@ -199,3 +199,35 @@ def test_compiled_step_checks_like_eager_and_a_failed_step_changes_nothing():
     for p, (value, exp_avg) in before.items():
         assert torch.equal(p, value) and torch.equal(opt.state[p]["exp_avg"], exp_avg)
     assert opt.micro_step == micro_step
+
+
+@pytest.mark.parametrize("name", ["lion", "tiger"])
+def test_compiled_train_step_equals_eager_without_recompiling(name):
+    # the docs' recipe: forward, backward and the step in one compiled function
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(32, 1, generator=torch.Generator().manual_seed(2))
+    params, frames = {}, []
+    for compiled in (False, True):
+        model = make_model()
+        opt = danlu.create_optimizer(name, model, lr=torch.tensor(LR[name]))
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.8)
+
+        def train_step(model=model, opt=opt):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        counter = CompileCounterWithBackend("aot_eager")
+        step = torch.compile(train_step, backend=counter) if compiled else train_step
+        for _ in range(STEPS):
+            step()
+            sched.step()
+            if compiled:
+                frames.append(counter.frame_count)
+        params[compiled] = [p.detach().clone() for p in model.parameters()]
+    assert frames[0] > 0
+    assert frames == [frames[0]] * STEPS, f"recompiled when the lr changed: {frames}"
+    for a, b in zip(params[False], params[True], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
