@@ -13,8 +13,12 @@ peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import danlu  # noqa: E402
-from danlu.lora import export_lora_delta, find_lora_adapters, lora_ga_init_  # noqa: E402
-from danlu.lora import save_lora_ga_adapter  # noqa: E402
+from danlu.lora import (  # noqa: E402
+    export_lora_delta,
+    find_lora_adapters,
+    lora_ga_init_,
+    save_lora_ga_adapter,
+)
 
 VOCAB = 32
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -224,7 +228,7 @@ def test_export_lora_delta_after_a_scale_change():
 
 def test_errors(tmp_path):
     plain = peft.get_peft_model(base_model(), peft.LoraConfig(r=2, target_modules=TARGETS))
-    with pytest.raises(ValueError, match="not initialised by danlu.lora.lora_ga_init_"):
+    with pytest.raises(ValueError, match=r"not initialised by danlu\.lora\.lora_ga_init_"):
         save_lora_ga_adapter(plain, tmp_path / "plain")
     assert not (tmp_path / "plain").exists()
 
@@ -233,7 +237,7 @@ def test_errors(tmp_path):
         save_lora_ga_adapter(model, tmp_path, adapter_name="other")
     with pytest.raises(ValueError, match="state_dict is set by save_lora_ga_adapter"):
         save_lora_ga_adapter(model, tmp_path, state_dict={})
-    with pytest.raises(ValueError, match="must be a peft.PeftModel"):
+    with pytest.raises(ValueError, match=r"must be a peft\.PeftModel"):
         save_lora_ga_adapter(model.base_model, tmp_path)
 
     ours = base_model()

@@ -90,7 +90,8 @@ def save_lora_ga_adapter(
     for key in _RESERVED:
         if key in save_kwargs:
             raise ValueError(f"{key} is set by save_lora_ga_adapter; do not pass it")
-    configs: dict[str, Any] = model.peft_config
+    wrapper: Any = model  # a PeftModel: its attributes are PEFT's
+    configs: dict[str, Any] = wrapper.peft_config
     if adapter_name not in configs:
         raise ValueError(f"adapter_name must be one of {sorted(configs)}, got {adapter_name!r}")
     config = configs[adapter_name]
@@ -113,7 +114,7 @@ def save_lora_ga_adapter(
     state.update(converted)
     configs[adapter_name] = new_config
     try:
-        model.save_pretrained(
+        wrapper.save_pretrained(
             str(save_directory), selected_adapters=[adapter_name], state_dict=state, **save_kwargs
         )
     finally:
@@ -144,7 +145,7 @@ def _converted_tensors(
     for name, keys in pairs.items():
         if set(keys) != {"A", "B"}:
             raise ValueError(f"{name!r}: adapter {adapter_name!r} has lora_A or lora_B only")
-        module = model.get_submodule(name)
+        module: Any = model.get_submodule(name)  # a PEFT LoRA layer
         lora_A, lora_B = state[keys["A"]].detach(), state[keys["B"]].detach()
         rank = lora_A.shape[0]
         record = _ga_init(module, adapter_name)
@@ -156,7 +157,7 @@ def _converted_tensors(
             raise ValueError(f"{name!r}: LoRA-GA records exist only for linear layers")
         scale = float(module.scaling[adapter_name])
         r = module.r[adapter_name]
-        alpha = module.lora_alpha[adapter_name]
+        alpha = float(module.lora_alpha[adapter_name])
         config_scale = alpha / (math.sqrt(r) if config.use_rslora else r)
         # The saved config reproduces the scale PEFT derives from r and alpha; a scale changed
         # on the live model (set_scale) goes into lora_B.
