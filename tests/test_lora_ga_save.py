@@ -260,3 +260,24 @@ def test_record_follows_deepcopy(tmp_path):
     expected = logits(model)
     save_lora_ga_adapter(copy.deepcopy(model), tmp_path)
     torch.testing.assert_close(logits(reload(tmp_path)), expected, rtol=0, atol=1e-5)
+
+
+def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
+    """GPT-2's Conv1D stores the base weight as (in, out) (PEFT's fan_in_fan_out): the saved
+    adapter is in PEFT's usual orientation all the same."""
+
+    def gpt2():
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2
+        )
+        return transformers.GPT2LMHeadModel(config)
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    model = peft.get_peft_model(gpt2(), config)
+    lora_ga_init_(model, batches(), loss_fn)
+    train(model)
+    expected = logits(model)
+    save_lora_ga_adapter(model, tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(gpt2(), str(tmp_path)).eval()
+    torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
