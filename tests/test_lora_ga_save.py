@@ -281,3 +281,26 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
     save_lora_ga_adapter(model, tmp_path)
     reloaded = peft.PeftModel.from_pretrained(gpt2(), str(tmp_path)).eval()
     torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
+
+
+def test_tied_lm_head_is_refused():
+    """A Llama with tied input and output embeddings: LoRA-GA on lm_head would shift the
+    embedding too (the logits moved by ~0.4 here before danlu refused it)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        tie_word_embeddings=True,
+    )
+    base = transformers.LlamaForCausalLM(config)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
+    before = logits(model.eval())
+    with pytest.raises(ValueError, match=r"embed_tokens\.weight' \(tied weights\)"):
+        lora_ga_init_(model, batches(), loss_fn)
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)

@@ -370,8 +370,9 @@ def lora_ga_init_(
        model computes the same function as before. B0 and A0 are kept on the module, so
        :func:`export_lora_delta` can give the fine-tuned change against that function.
 
-    Every check (options, 2r ≤ min(in, out) for each layer, a finite gradient for each layer)
-    runs before anything is written: on error the model is unchanged.
+    Every check (options, 2r ≤ min(in, out) for each layer, a base weight that no other module
+    shares, e.g. no tied embedding, a finite gradient for each layer) runs before anything is
+    written: on error the model is unchanged.
 
     Deviations from the reference: the SVD is seeded (the reference's ``svd_lowrank`` uses the
     global RNG) and its signs are fixed; the offset uses the factors after rounding to the
@@ -398,6 +399,7 @@ def lora_ga_init_(
                 f"min({a.in_features}, {a.out_features}), got rank {a.rank}"
             )
     targets = _modules_and_weights(adapters)
+    _check_not_shared(model, targets)
     if gradients is None:
         if batches is None or loss_fn is None:
             raise ValueError("pass batches and loss_fn, or gradients")
@@ -449,6 +451,23 @@ def lora_ga_init_(
         for a, lora_A, lora_B in plans:
             _apply(a, lora_A, lora_B)
     return infos
+
+
+def _check_not_shared(model: nn.Module, targets: dict[str, tuple[Tensor, bool]]) -> None:
+    """LoRA-GA shifts each base weight; a weight that some other module also uses (tied input
+    and output embeddings, say) would change that module's output, so refuse it."""
+    names: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(pname)
+    for name, (w, _) in targets.items():
+        prefix = f"{name}." if name else ""
+        others = [n for n in names.get(id(w), []) if not n.startswith(prefix)]
+        if others:
+            raise ValueError(
+                f"{name!r}: its base weight is shared with {', '.join(map(repr, others))} (tied "
+                "weights); LoRA-GA shifts the base weight, which would change the other use too: "
+                "untie it (give the layer its own copy of the weight) or leave this layer out"
+            )
 
 
 def _checked_gradients(
