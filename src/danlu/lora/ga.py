@@ -367,8 +367,11 @@ def lora_ga_init_(
 
     5. In fp32: W0 ← W0 + s·B A − s·B0 A0, where B A is the adapter before the call (zero for
        a fresh adapter) and B0, A0 the new factors rounded to the adapter's dtype, so the
-       model computes the same function as before. B0 and A0 are kept on the module, so
-       :func:`export_lora_delta` can give the fine-tuned change against that function.
+       model computes the same function as before. B0, A0, s and the base weight's total shift
+       are kept on the layer object (not in its ``state_dict``), so :func:`export_lora_delta`
+       can give the fine-tuned change against that function and
+       :func:`save_lora_ga_adapter` can save a PEFT adapter for the original base model
+       (``save_pretrained`` alone saves one that is wrong there).
 
     Every check (options, 2r ≤ min(in, out) for each layer, a base weight that no other module
     shares, e.g. no tied embedding, a finite gradient for each layer) runs before anything is
