@@ -169,7 +169,9 @@ def scenario(k, windows=2, *, rows=ROWS, dim=DIM, none_at=(), seed=0):
             for r in range(rows):
                 if schedule[r % len(schedule)](w, j):
                     # away from zero, so that sign(m) is decided well above rounding
-                    g[r] = rng.choice([-1.0, 1.0], size=g[r].shape) * rng.uniform(0.5, 2.0, g[r].shape)
+                    g[r] = rng.choice([-1.0, 1.0], size=g[r].shape) * rng.uniform(
+                        0.5, 2.0, g[r].shape
+                    )
             grads.append(g)
     return grads
 
@@ -208,7 +210,9 @@ def assert_windows(history, expected, k, *, keys=("exp_avg",)):
                 assert torch.equal(theta, start), f"micro-step {i}: the table moved mid-window"
             continue
         want = expected[w]
-        np.testing.assert_allclose(theta.numpy(), want[0], rtol=1e-12, atol=1e-14, err_msg=f"θ, window {w}")
+        np.testing.assert_allclose(
+            theta.numpy(), want[0], rtol=1e-12, atol=1e-14, err_msg=f"θ, window {w}"
+        )
         for key, value in zip(keys, want[1:], strict=False):
             np.testing.assert_allclose(
                 state[key].numpy(), value, rtol=1e-12, atol=1e-14, err_msg=f"{key}, window {w}"
@@ -270,7 +274,10 @@ def test_adamw_window_rows(k, lazy_moments):
     grads = scenario(k, windows=3, none_at=(k - 1,))
     keys = ("exp_avg", "exp_avg_sq")
     history, _, _ = run(
-        lambda t: danlu.Lazy(adamw(t, k), [t], lazy_moments=lazy_moments), grads, theta0(), keys=keys
+        lambda t: danlu.Lazy(adamw(t, k), [t], lazy_moments=lazy_moments),
+        grads,
+        theta0(),
+        keys=keys,
     )
     expected = lazy_adamw_windows(theta0(), grads, k=k, lazy_moments=lazy_moments, **ADAMW)
     assert_windows(history, expected, k, keys=keys)
@@ -380,7 +387,9 @@ def test_gradient_accumulation_row_whose_gradients_cancel_is_present():
     grads = [g1, g2, g1, g2]
     start = theta0(3, 2)
     history, _, _ = run(
-        lambda t: danlu.Lazy(danlu.GradientAccumulation(tiger(t), steps=k), [t], lazy_moments=False),
+        lambda t: danlu.Lazy(
+            danlu.GradientAccumulation(tiger(t), steps=k), [t], lazy_moments=False
+        ),
         grads,
         start,
     )
@@ -490,7 +499,9 @@ def test_step_in_backward_moves_rows_seen_earlier_in_the_window():
 
     train_two_paths(model, make(model), plan, record=grads)
     expected = lazy_tiger_windows(start, grads, k=k, lazy_moments=True, **TIGER)[-1][0]
-    np.testing.assert_allclose(model.embed.weight.detach().numpy(), expected, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        model.embed.weight.detach().numpy(), expected, rtol=1e-12, atol=1e-14
+    )
     torch.manual_seed(0)
     twin = TwoPaths()
     train_two_paths(twin, danlu.step_in_backward(make(twin)), plan)
@@ -617,7 +628,9 @@ def sparse_grad(indices, rows=10, dim=3):
 
 
 def snapshot(opt, tables):
-    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in tables if p in opt.state}
+    state = {
+        id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in tables if p in opt.state
+    }
     return [p.detach().clone() for p in tables], state, [p.grad for p in tables]
 
 
@@ -731,8 +744,12 @@ def test_checkpoint_without_the_row_record_loads(lazy_moments):
     # window boundary (no rows in flight) it resumes exactly.
     k = 3
     grads = scenario(k, windows=3)
-    straight, _, _ = run(lambda t: danlu.Lazy(tiger(t, k), [t], lazy_moments=lazy_moments), grads, theta0())
-    _, opt, table = run(lambda t: danlu.Lazy(tiger(t, k), [t], lazy_moments=lazy_moments), grads[:k], theta0())
+    straight, _, _ = run(
+        lambda t: danlu.Lazy(tiger(t, k), [t], lazy_moments=lazy_moments), grads, theta0()
+    )
+    _, opt, table = run(
+        lambda t: danlu.Lazy(tiger(t, k), [t], lazy_moments=lazy_moments), grads[:k], theta0()
+    )
     saved = opt.state_dict()
     old = {key: value for key, value in saved[WRAPPERS_KEY][-1].items() if key != "rows"}
     saved[WRAPPERS_KEY] = [old]
@@ -749,7 +766,7 @@ def test_checkpoint_without_the_row_record_loads(lazy_moments):
 def bad_rows(saved, how):
     record = saved[WRAPPERS_KEY][-1]
     rows = record["rows"]
-    (index, masks), = rows.items()
+    ((index, masks),) = rows.items()
     if how == "length":
         masks["window"] = torch.ones(ROWS + 1, dtype=torch.bool)
     elif how == "dtype":
@@ -765,9 +782,78 @@ def bad_rows(saved, how):
 def test_bad_row_record_is_refused_and_nothing_changes(how):
     k = 3
     grads = scenario(k, windows=1)
-    _, opt, table = run(lambda t: danlu.Lazy(tiger(t, k), [t], lazy_moments=True), grads[:1], theta0())
+    _, opt, _ = run(lambda t: danlu.Lazy(tiger(t, k), [t], lazy_moments=True), grads[:1], theta0())
     saved = bad_rows(copy.deepcopy(opt.state_dict()), how)
     before = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match="Lazy"):
         opt.load_state_dict(saved)
     assert_same_records(before, opt.state_dict())
+
+
+def test_distributed_checkpoint_helpers_save_lazy_at_window_ends():
+    # danlu.distributed.get_optimizer_state_dict keeps plain records only: a window in
+    # progress (its rows) is refused, a window end resumes exactly.
+    from danlu.distributed import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def build():
+        torch.manual_seed(0)
+        model = Bag(False)
+        tiger_k = danlu.Tiger(groups(model), lr=0.05, grad_accum_steps=2)
+        return model, danlu.Lazy(tiger_k, [model.embed.weight], lazy_moments=True)
+
+    model, opt = build()
+    train_bag(model, opt, 3)  # one micro-step into the second window
+    with pytest.raises(ValueError, match="window in progress"):
+        get_optimizer_state_dict(model, opt)
+    train_bag(model, opt, 1)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    assert saved[WRAPPERS_KEY] == [{"type": "Lazy", "lazy_moments": True}]
+    resumed_model, resumed_opt = build()
+    resumed_model.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(resumed_model, resumed_opt, saved)
+    train_bag(model, opt, 4)
+    train_bag(resumed_model, resumed_opt, 4)
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("wrap", ["tiger(k=2)", "ga(tiger)"])
+def test_failed_step_changes_nothing_and_the_retry_is_exact(wrap):
+    # The table's row 1 first appears on the window's second micro-step (Lazy decays its
+    # momentum before the inner step); a non-finite gradient elsewhere makes the inner step
+    # raise: the table, its moments and the window's rows are as before, and the retry with a
+    # finite gradient gives what a run without the failure gives.
+    grads = scenario(2, windows=2, seed=7)
+
+    def make(t):
+        other = nn.Parameter(torch.zeros(2, dtype=F64))
+        if wrap == "tiger(k=2)":
+            inner = danlu.Tiger([t, other], grad_accum_steps=2, nonfinite="raise", **TIGER)
+        else:
+            inner = danlu.GradientAccumulation(
+                danlu.Tiger([t, other], grad_accum_steps=1, nonfinite="raise", **TIGER), 2
+            )
+        opt = danlu.Lazy(inner, [t], lazy_moments=True)
+        opt.other = other
+        return opt
+
+    straight, _, _ = run(make, grads, theta0())
+    _, opt, table = run(make, grads[:3], theta0())
+    table.grad = torch.tensor(grads[3], dtype=F64)
+    opt.other.grad = torch.tensor([1.0, float("nan")], dtype=F64)
+    before = copy.deepcopy(opt.state_dict())
+    theta = table.detach().clone()
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    assert torch.equal(table.detach(), theta)
+    after = opt.state_dict()
+    assert_same_records(before["state"], after["state"])
+    assert_same_records(before[WRAPPERS_KEY][-1], after[WRAPPERS_KEY][-1])  # Lazy's record
+    if wrap == "ga(tiger)":
+        return  # GradientAccumulation keeps the merged gradients for its retry
+    opt.other.grad = None
+    table.grad = torch.tensor(grads[3], dtype=F64)
+    opt.step()
+    assert torch.equal(table.detach(), straight[-1][0])
+    assert torch.equal(opt.state[table]["exp_avg"], straight[-1][1]["exp_avg"])
+    assert opt.state_dict()[WRAPPERS_KEY][-1]["rows"] == {}, "no window in progress"

@@ -176,9 +176,7 @@ class Lazy(OptimizerWrapper):
         stepped = {id(p) for _, p in iter_params(self)}  # step_in_backward passes one at a time
         # Phase 1, no writes: the checks, each table's rows and what the step does to it.
         plans = [
-            self._plan(index, p)
-            for index, p in enumerate(self.lazy_params)
-            if id(p) in stepped
+            self._plan(index, p) for index, p in enumerate(self.lazy_params) if id(p) in stepped
         ]
         densified: list[tuple[_Plan, Tensor]] = []
         restores: list[tuple[Tensor, tuple[Tensor, ...], Tensor]] = []
@@ -236,7 +234,12 @@ class Lazy(OptimizerWrapper):
             if self.lazy_moments:
                 for moment in self._moments(p):
                     restores.append((moment, absent, moment[absent]))
-        if self.lazy_moments and route.windowed is not None and not route.opens and step_rows is not None:
+        if (
+            self.lazy_moments
+            and route.windowed is not None
+            and not route.opens
+            and step_rows is not None
+        ):
             # The optimizer decays a tensor once per window, on its first micro-step with a
             # gradient, and this table's absent rows were restored then: a row first seen
             # now takes that decay here (then the step adds its share of the gradient).
