@@ -147,6 +147,10 @@ class AdamW(WindowedOptimizer):
         k = group.get("grad_accum_steps", self.defaults["grad_accum_steps"])
         return int(state["step"]) * k if "step" in state else 0
 
+    def _window_decays(self, p: Tensor) -> dict[str, Any]:
+        beta1, beta2 = self._group_of(p)["betas"]
+        return {"exp_avg": beta1, "exp_avg_sq": beta2}
+
     def _step_group(self, work: GroupTensors, t: int) -> None:
         group = work.group
         k = group["grad_accum_steps"]

@@ -265,6 +265,9 @@ class Tiger(WindowedOptimizer):
         step = self.state[p].get("step") if p in self.state else None
         return 0 if step is None else int(step.item())  # a CPU tensor: no device sync
 
+    def _window_decays(self, p: Tensor) -> dict[str, Any]:
+        return {"exp_avg": self._group_of(p)["beta"]}
+
     def _last_seen_many(self, params: list[Tensor]) -> list[int]:
         steps = [self.state[p].get("step") if p in self.state else None for p in params]
         known = [s for s in steps if s is not None]
