@@ -103,7 +103,8 @@ def floor_bytes(opt: Any, ps: step_bench.ParamSet) -> tuple[float, float]:
     numel = ps.numel
     state = step_bench.state_bytes(opt, numel)
     param_bytes = sum(p.numel() * p.element_size() for p in ps.params) / numel
-    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in ps.params) / numel
+    grads = [p.grad for p in ps.params if p.grad is not None]
+    grad_bytes = sum(g.numel() * g.element_size() for g in grads) / numel
     return state, 2 * param_bytes + grad_bytes + 2 * state
 
 
@@ -161,8 +162,11 @@ def run(
     min_seconds_left: float = 10.0,
 ) -> bool:
     """Time every implementation in each dtype, emitting a "bandwidth" record, then one "row"
-    (or "skipped") record per implementation. Returns whether every danlu row ran."""
+    record per implementation, or a "skipped" one when less time is left of ``seconds`` than
+    ``min_seconds_left`` or 1.5 times the longest row so far. Returns whether every danlu row
+    ran."""
     deadline = time.monotonic() + seconds
+    longest = 0.0
     bandwidth = measure_bandwidth(shape_set.numel, device)
     emit({"kind": "bandwidth", "numel": shape_set.numel, **bandwidth, "device": str(device)})
     ok = True
@@ -178,10 +182,11 @@ def run(
                 "dtype": str(dtype).replace("torch.", ""),
                 "danlu": label.startswith("danlu."),
             }
-            if time.monotonic() > deadline - min_seconds_left:
+            if time.monotonic() > deadline - max(min_seconds_left, 1.5 * longest):
                 emit({**row, "kind": "skipped", "reason": "out of time"})
                 ok = ok and not row["danlu"]
                 continue
+            began = time.monotonic()
             try:
                 row.update(
                     bench_one(factory, ps, device, bandwidth["add"], warmup=warmup, reps=reps)
@@ -191,6 +196,7 @@ def run(
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 ok = ok and not row["danlu"]
             emit(row)
+            longest = max(longest, time.monotonic() - began)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

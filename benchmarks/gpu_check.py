@@ -28,10 +28,12 @@ This module imports only the standard library at the top: pytest loads it as a p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -63,11 +65,14 @@ RECORDS_ENV = "GPU_CHECK_RECORDS"
 # Part 1: the CUDA tests (this module is also the pytest plugin that selects and records them)
 
 
+_GPU_MARK = re.compile(r"^\s*@pytest\.mark\.gpu\b|^pytestmark\s*=.*\bpytest\.mark\.gpu\b", re.M)
+
+
 def cuda_test_files(tests: Path = TESTS) -> list[Path]:
     """The test files with CUDA tests: those that mark a test ``gpu``, and NATIVE_FILES."""
     files = []
     for path in sorted(tests.glob("test_*.py")):
-        if path.name in NATIVE_FILES or "mark.gpu" in path.read_text(encoding="utf-8"):
+        if path.name in NATIVE_FILES or _GPU_MARK.search(path.read_text(encoding="utf-8")):
             files.append(path)
     return files
 
@@ -151,7 +156,9 @@ def summarize_tests(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 @dataclass
 class PartResult:
     name: str
-    status: str = "not run"  # passed, failed, timeout, crashed, skipped, not run
+    # passed, failed, timeout, crashed, incomplete, interrupted; "not run" while it waits;
+    # "skipped" when the check ended before it
+    status: str = "not run"
     seconds: float = 0.0
     limit: float = 0.0
     returncode: int | None = None
@@ -160,27 +167,36 @@ class PartResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
+def stop_group(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM to ``process``'s group, then (10 s later at most) SIGKILL to what is left of it
+    (pytest-xdist workers, a compiler subprocess)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10.0)
+        time.sleep(0.2)  # the others of the group after their leader
+    if process.poll() is None:
+        process.wait()
+
+
 def run_process(
     command: Sequence[str], *, timeout: float, env: Mapping[str, str], cwd: Path = ROOT
 ) -> tuple[int | None, bool, float]:
-    """Run ``command`` in a new process group; after ``timeout`` seconds stop the whole group
-    (SIGTERM, then SIGKILL). Returns (exit status or None, timed out, seconds)."""
+    """Run ``command`` in a new process group; after ``timeout`` seconds, or when this process
+    is interrupted, stop the whole group. Returns (exit status or None, timed out, seconds)."""
     start = time.monotonic()
     process = subprocess.Popen(list(command), env=dict(env), cwd=cwd, start_new_session=True)
     try:
         return process.wait(timeout=max(timeout, 1.0)), False, time.monotonic() - start
     except subprocess.TimeoutExpired:
-        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(process)
         return None, True, time.monotonic() - start
+    except BaseException:  # interrupted (SIGINT, SIGTERM): leave nothing running
+        stop_group(process)
+        raise
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -211,7 +227,12 @@ def time_for(part: str, parts: Sequence[str], limits: Mapping[str, float], left:
 def child_env(records: Path) -> dict[str, str]:
     """The environment of a part: danlu from where this process imports it, this folder
     importable (the plugin, step_bench), Triton compiling (not interpreting), unbuffered."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        # not interpreted, and not taken for a pytest-xdist worker when started from one
+        if k != "TRITON_INTERPRET" and not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))
+    }
     paths = [str(HERE)]
     try:
         import danlu
@@ -258,21 +279,30 @@ def finish_part(result: PartResult, records: list[dict[str, Any]]) -> PartResult
             notes.append(f"died in {', '.join(unfinished)}")
         if skipped:
             notes.append(f"{len(skipped)} not run (out of time)")
-        result.note = "; ".join(notes)
         if failed:
             result.status = "failed"
-        elif result.returncode == 0 and results and not skipped:
+        elif unfinished:
+            result.status = "crashed"
+        elif skipped:
+            result.status = "incomplete"
+        elif result.returncode == 0 and results:
             result.status = "passed"
-        elif skipped or unfinished or result.returncode not in (0, None):
-            result.status = "incomplete" if not unfinished else "crashed"
-        else:
+        elif result.returncode == 0:
             result.status = "failed"
-            result.note = result.note or "no results"
+            notes.append("no results")
+        else:
+            result.status = "crashed"
+        if result.returncode not in (0, 1, None):
+            notes.append(f"exit status {result.returncode}")
+        elif result.returncode == 1 and result.status == "crashed":
+            notes.append("exited with an error (see its output)")
+        result.note = "; ".join(notes)
     return result
 
 
 def run_part(name: str, limit: float, workdir: Path, options: argparse.Namespace) -> PartResult:
     records_path = workdir / f"{name}.jsonl"
+    records_path.unlink(missing_ok=True)
     env = child_env(records_path)
     if name == "tests":
         files = cuda_test_files()
@@ -452,11 +482,11 @@ def render_report(meta: Mapping[str, Any], parts: Mapping[str, PartResult]) -> s
         ("bench", "3. Step time against the bandwidth floor", render_bench),
     )
     for name, title, render in sections:
-        part = parts.get(name)
-        if part is None or part.status == "not run":
+        if name not in parts or parts[name].status in ("not run", "skipped"):
             continue
+        part = parts[name]
         lines += [f"## {title}", ""]
-        if part.status in ("timeout", "crashed", "incomplete"):
+        if part.status in ("timeout", "crashed", "incomplete", "interrupted"):
             lines += [f"*{part.status}: {part.note}. What it had done:*", ""]
         lines += render(part)
     return "\n".join(lines).rstrip() + "\n"
@@ -560,6 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--budget", type=float, default=TOTAL_BUDGET, help="seconds for the parts")
     parser.add_argument("--workers", type=int, default=6, help="pytest-xdist workers")
+    parser.add_argument(
+        "--records", type=Path, default=None, help="keep the parts' JSON lines in this folder"
+    )
     parser.add_argument("--shapes", default="", help=argparse.SUPPRESS)  # e.g. tiny (a dry run)
     options = parser.parse_args(argv)
     parts = [p.strip() for p in options.parts.split(",") if p.strip()]
@@ -580,7 +613,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[gpu-check] {meta['device']}; {meta['software']}", file=sys.stderr, flush=True)
     results = {p: PartResult(p) for p in parts}
     limits = part_limits(options.budget, parts)
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        workdir = options.records or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         for name in parts:
             meta["elapsed"] = time.monotonic() - start
             write_report(options.out, meta, results)
@@ -588,7 +628,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if limit < 20:
                 results[name].status, results[name].note = "timeout", "no time left"
                 continue
-            results[name] = run_part(name, limit, Path(tmp), options)
+            try:
+                results[name] = run_part(name, limit, workdir, options)
+            except KeyboardInterrupt:
+                part = finish_part(PartResult(name), read_records(workdir / f"{name}.jsonl"))
+                part.status, part.note = "interrupted", "the check was interrupted"
+                results[name] = part
+                break
+    for part in results.values():
+        if part.status == "not run":
+            part.status, part.note = "skipped", "the check ended before it"
     meta["elapsed"] = time.monotonic() - start
     write_report(options.out, meta, results)
     overall = overall_status(results)

@@ -717,9 +717,11 @@ def run(
     min_seconds_left: float = 8.0,
 ) -> bool:
     """Compare each variant, emitting a "start" record before and a "variant" record after
-    it (or a "skipped" one when fewer than ``min_seconds_left`` of ``seconds`` remain).
-    Returns whether every variant ran and passed."""
+    it, or a "skipped" one when less time is left of ``seconds`` than ``min_seconds_left``
+    or 1.5 times the longest variant so far (so that the part ends by itself rather than
+    being stopped in the middle of one). Returns whether every variant ran and passed."""
     deadline = time.monotonic() + seconds
+    longest = 0.0
     if check_kernels is None:
         check_kernels = device.type == "cuda"
     emit(
@@ -733,11 +735,12 @@ def run(
     )
     ok = True
     for variant in chosen:
-        if time.monotonic() > deadline - min_seconds_left:
+        if time.monotonic() > deadline - max(min_seconds_left, 1.5 * longest):
             emit({"kind": "skipped", "variant": variant.key, "reason": "out of time"})
             ok = False
             continue
         emit({"kind": "start", "variant": variant.key, "label": variant.label})
+        began = time.monotonic()
         try:
             record = compare_variant(variant, shape_set, device, check_kernels=check_kernels)
         except Exception as exc:  # reported, and the next variant runs
@@ -754,6 +757,7 @@ def run(
         emit(record)
         ok = ok and record["passed"]
         _free(device)
+        longest = max(longest, time.monotonic() - began)
         status = "ok" if record["passed"] else f"FAILED {record.get('error') or ''}"
         print(
             f"  {variant.key:<24} {record.get('seconds', 0.0):6.1f} s  {status}",

@@ -414,12 +414,17 @@ def test_bench_floor_and_rows(monkeypatch):
 # The tests part, the time limits, the report, the exit without CUDA
 
 
-def test_cuda_test_files():
+def test_cuda_test_files(tmp_path):
     names = [p.name for p in gpu_check.cuda_test_files()]
-    assert "test_kernels_triton.py" in names
+    assert "test_kernels_triton.py" in names and "test_gpu_check.py" not in names
     for path in (ROOT / "tests").glob("test_*.py"):
-        if "@pytest.mark.gpu" in path.read_text(encoding="utf-8"):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if any(line.strip().startswith("@pytest.mark.gpu") for line in lines):
             assert path.name in names
+    (tmp_path / "test_a.py").write_text("import pytest\npytestmark = pytest.mark.gpu\n")
+    (tmp_path / "test_b.py").write_text("x = '@pytest.mark.gpu'\n")
+    (tmp_path / "test_c.py").write_text("class T:\n    @pytest.mark.gpu\n    def test(self): ...\n")
+    assert [p.name for p in gpu_check.cuda_test_files(tmp_path)] == ["test_a.py", "test_c.py"]
 
 
 def test_pytest_plugin_selects_and_records(tmp_path):
@@ -460,6 +465,9 @@ def test_finish_part_statuses():
     assert crashed.status == "crashed" and "died in c" in crashed.note
     assert part("kernels", [ok, {"kind": "skipped", "variant": "d"}], 1).status == "incomplete"
     assert part("kernels", [], 0).status == "failed"
+    traceback = part("bench", [], 1)
+    assert traceback.status == "crashed" and "error" in traceback.note
+    assert "exit status -9" in part("bench", [], -9).note
     row = {"kind": "row", "danlu": False, "error": "ImportError"}
     assert part("bench", [row, {"kind": "row", "danlu": True, "error": None}]).status == "passed"
     assert part("bench", [{**row, "danlu": True}], 1).status == "failed"
