@@ -343,7 +343,7 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
 def render_tests(part: PartResult) -> list[str]:
     summary = summarize_tests(part.records)
     counts = ", ".join(f"{n} {k}" for k, n in sorted(summary["counts"].items())) or "no results"
-    lines = [f"`{part.command}`: {counts}.", ""]
+    lines = [(f"`{part.command}`: " if part.command else "") + f"{counts}.", ""]
     if summary["failures"]:
         lines += ["| failed test | when | message (end) |", "|---|---|---|"]
         for r in summary["failures"]:
@@ -628,10 +628,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if limit < 20:
                 results[name].status, results[name].note = "timeout", "no time left"
                 continue
+            began = time.monotonic()
             try:
                 results[name] = run_part(name, limit, workdir, options)
             except KeyboardInterrupt:
-                part = finish_part(PartResult(name), read_records(workdir / f"{name}.jsonl"))
+                part = PartResult(name, seconds=time.monotonic() - began, limit=limit)
+                finish_part(part, read_records(workdir / f"{name}.jsonl"))
                 part.status, part.note = "interrupted", "the check was interrupted"
                 results[name] = part
                 break
