@@ -206,14 +206,16 @@ def test_finite_norm_repairs_an_overflowed_sum_of_squares():
 
 
 def _triton():
+    """The device the kernels run on: CUDA natively, else CPU under Triton's interpreter."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton interpreter must be enabled before triton is imported")
-    return pytest.importorskip("triton")
+    pytest.importorskip("triton")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.parametrize("value", [1e30, FP32_MAX])
 def test_adax_triton_kernel_with_huge_gradients(value):
-    _triton()
+    device = _triton()
     from danlu.functional.adax import _single_tensor_adax, adax_new_sample_weight
     from danlu.kernels.triton_adax import adax_triton
 
@@ -222,6 +224,8 @@ def test_adax_triton_kernel_with_huge_gradients(value):
     base = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(4)]
     grads[0][0].view(-1)[[0, 5, 2000]] = torch.tensor([value, -value, value])
+    base = [[t.to(device) for t in ts] for ts in base]
+    grads = [[t.to(device) for t in ts] for ts in grads]
     runs = []
     for fn in (_single_tensor_adax, adax_triton):
         p, m, v = ([t.clone() for t in ts] for ts in base)
@@ -239,7 +243,7 @@ def test_adax_triton_kernel_with_huge_gradients(value):
 @pytest.mark.parametrize("beta1", [0.0, 0.9])
 @pytest.mark.parametrize("value", [1e19, 1e30, FP32_MAX])
 def test_adafactor_triton_kernel_with_huge_gradients(value, beta1):
-    _triton()
+    device = _triton()
     from danlu.functional.adafactor import _single_tensor_adafactor, adafactor_beta2
     from danlu.kernels.triton_adafactor import adafactor_triton
 
@@ -248,14 +252,15 @@ def test_adafactor_triton_kernel_with_huge_gradients(value, beta1):
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(4)]
     grads[0][0][0, 0], grads[0][0][3, 4] = value, -value
     grads[0][1][2] = value
-    p0 = [torch.randn(s, generator=gen) for s in shapes]
+    p0 = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    grads = [[g.to(device) for g in gs] for gs in grads]
     runs = []
     for fn in (_single_tensor_adafactor, adafactor_triton):
         p = [t.clone() for t in p0]
-        rows = [torch.zeros(6, 1), None]
-        cols = [torch.zeros(1, 9), None]
-        fulls = [None, torch.zeros(7)]
-        ms = [torch.zeros(s) for s in shapes] if beta1 else [None, None]
+        rows = [torch.zeros(6, 1, device=device), None]
+        cols = [torch.zeros(1, 9, device=device), None]
+        fulls = [None, torch.zeros(7, device=device)]
+        ms = [torch.zeros(s, device=device) for s in shapes] if beta1 else [None, None]
         for step, gs in enumerate(grads, start=1):
             fn(p, gs, rows, cols, fulls, ms, beta2_t=adafactor_beta2(step), step_size=1e-2,
                beta1=beta1, eps1=1e-30, eps2=1e-3, clip_threshold=1.0,

@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["group_by_device_and_dtype", "resolve_foreach", "statistics_dtype"]
+__all__ = [
+    "foreach_lerp_",
+    "group_by_device_and_dtype",
+    "resolve_foreach",
+    "scalar_like",
+    "statistics_dtype",
+    "step_tensor",
+]
 
 
 def resolve_foreach(foreach: bool | None, tensors: Sequence[Tensor]) -> bool:
@@ -64,6 +71,10 @@ def select_path(foreach: bool | None, fused: bool | None, tensors: Sequence[Tens
     """
     if foreach and fused:
         raise ValueError("foreach and fused cannot both be True")
+    if torch.compiler.is_compiling():
+        # inside a torch.compile'd step Inductor fuses the math itself: the hand-written
+        # kernels and the chunked loop (scratch buffers, slices) are not traced
+        return "single" if foreach is False else "foreach" if tensors else "single"
     on_cuda = bool(tensors) and all(t.device.type == "cuda" for t in tensors)
     if fused:
         return "triton" if on_cuda and triton_available() else "compiled"
@@ -80,3 +91,28 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of second-moment statistics: float32, or float64 for float64 params (bf16 and
     fp16 are too coarse or too narrow for them)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def scalar_like(value: float | Tensor, like: Tensor) -> float | Tensor:
+    """A scalar argument for an op on ``like``: a number as it is, a 0-d tensor (a value
+    derived from a step counter inside ``torch.compile``) in ``like``'s dtype and device."""
+    if isinstance(value, Tensor):
+        return value.to(device=like.device, dtype=like.dtype)
+    return value
+
+
+def foreach_lerp_(targets: list[Tensor], ends: list[Tensor], weight: float | Tensor) -> None:
+    """``torch._foreach_lerp_`` with one weight for all: a number, or a 0-d tensor (in the
+    targets' dtype and device)."""
+    if isinstance(weight, Tensor):
+        w = weight.to(device=targets[0].device, dtype=targets[0].dtype)
+        torch._foreach_lerp_(targets, ends, [w] * len(targets))
+    else:
+        torch._foreach_lerp_(targets, ends, weight)
+
+
+def step_tensor(counter: Tensor) -> Tensor:
+    """The 1-based step a 0-based counter stands for, as a float64 0-d tensor: how the
+    optimizers pass the step to the functional cores inside ``torch.compile``, where a Python
+    number that changes on every step would recompile the graph."""
+    return counter.detach().to(torch.float64) + 1

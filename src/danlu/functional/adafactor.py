@@ -33,7 +33,12 @@ import torch
 from torch import Tensor
 
 from danlu.distributed import any_dtensor, local, reduce_partial_sums
-from danlu.functional._utils import group_by_device_and_dtype, select_path
+from danlu.functional._utils import (
+    foreach_lerp_,
+    group_by_device_and_dtype,
+    scalar_like,
+    select_path,
+)
 from danlu.functional.overflow import (
     finite_norm,
     finite_norms,
@@ -80,15 +85,20 @@ def adafactor_factored_axes(
     return largest, second
 
 
-def adafactor_beta2(step: float, *, decay_rate: float = 0.8, beta2: float | None = None) -> float:
-    """β̂_t = 1 − t^(−decay_rate) (0 at t = 1, → 1), or the constant ``beta2`` when given."""
+def adafactor_beta2(
+    step: float | Tensor, *, decay_rate: float = 0.8, beta2: float | None = None
+) -> float | Tensor:
+    """β̂_t = 1 − t^(−decay_rate) (0 at t = 1, → 1), or the constant ``beta2`` when given.
+    A 0-d tensor ``step`` (inside ``torch.compile``) gives a float64 0-d tensor."""
     if beta2 is not None:
         return float(beta2)
+    if isinstance(step, Tensor):
+        return 1.0 - step.to(torch.float64).pow(-decay_rate)
     return 1.0 - float(step) ** (-decay_rate)
 
 
 def adafactor_step_size(
-    step: float,
+    step: float | Tensor,
     *,
     lr: float | Tensor,
     relative_step: bool,
@@ -96,9 +106,13 @@ def adafactor_step_size(
 ) -> float | Tensor:
     """α_t: ``lr``, or with ``relative_step`` lr · min(1e-2, 1/√t), × 0.05 without parameter
     scaling (the mesh-tensorflow convention bert4keras follows). ``lr`` is then a multiplier
-    (1.0 by default) that LR schedulers can scale."""
+    (1.0 by default) that LR schedulers can scale. A 0-d tensor ``step`` (inside
+    ``torch.compile``) gives a 0-d tensor."""
     if not relative_step:
         return lr
+    if isinstance(step, Tensor):
+        rho_t = step.to(torch.float64).rsqrt().clamp(max=1e-2)
+        return lr * (rho_t if multiply_by_parameter_scale else rho_t * 0.05)
     rho = min(1e-2, 1.0 / math.sqrt(step))
     if not multiply_by_parameter_scale:
         rho *= 0.05
@@ -123,7 +137,7 @@ def adafactor(
     exp_avg_sqs: Sequence[Tensor | None],
     exp_avgs: Sequence[Tensor | None],
     *,
-    step: float,
+    step: float | Tensor,
     lr: float | Tensor,
     relative_step: bool = False,
     beta1: float = 0.0,
@@ -289,7 +303,7 @@ def _single_tensor_adafactor(
     exp_avg_sqs: list[Tensor | None],
     exp_avgs: list[Tensor | None],
     *,
-    beta2_t: float,
+    beta2_t: float | Tensor,
     step_size: float | Tensor,
     beta1: float,
     eps1: float,
@@ -338,7 +352,7 @@ def _adafactor_tensor(
     exp_avg: Tensor | None,
     *,
     axes: tuple[int, int] | None,
-    beta2_t: float,
+    beta2_t: float | Tensor,
     step_size: float | Tensor,
     beta1: float,
     eps1: float,
@@ -364,14 +378,14 @@ def _adafactor_tensor(
         assert row is not None and col is not None and axes is not None
         largest, second = axes
         # mean(g² + ε1) = mean(g²) + ε1
-        row.lerp_(buffer.mean(dim=largest, keepdim=True).add_(eps1), 1 - beta2_t)
-        col.lerp_(buffer.mean(dim=second, keepdim=True).add_(eps1), 1 - beta2_t)
+        row.lerp_(buffer.mean(dim=largest, keepdim=True).add_(eps1), scalar_like(1 - beta2_t, row))
+        col.lerp_(buffer.mean(dim=second, keepdim=True).add_(eps1), scalar_like(1 - beta2_t, col))
         [row_factor], [col_factor] = inverse_sqrt_factors(
             [row], [col], [row.mean(dim=second, keepdim=True)]
         )
         update = torch.mul(g, row_factor, out=buffer).mul_(col_factor)
     else:
-        full.lerp_(buffer.add_(eps1), 1 - beta2_t)
+        full.lerp_(buffer.add_(eps1), scalar_like(1 - beta2_t, full))
         if _eps1_may_vanish(eps1, full.dtype):
             update = torch.clamp_min(full, torch.finfo(full.dtype).tiny, out=buffer).rsqrt_()
         else:
@@ -439,7 +453,7 @@ def _dtensor_adafactor(
     exp_avg_sqs: list[Tensor | None],
     exp_avgs: list[Tensor | None],
     *,
-    beta2_t: float,
+    beta2_t: float | Tensor,
     step_size: float | Tensor,
     beta1: float,
     eps1: float,
@@ -481,7 +495,7 @@ def _dtensor_adafactor(
     for i, (full, axis_pair) in enumerate(zip(fulls, axes, strict=True)):
         squares = torch.square(gradient(i))
         if full is not None:
-            full.lerp_(squares.add_(eps1), 1 - beta2_t)
+            full.lerp_(squares.add_(eps1), scalar_like(1 - beta2_t, full))
             continue
         assert axis_pair is not None
         largest, second = axis_pair
@@ -495,8 +509,8 @@ def _dtensor_adafactor(
     for j, (i, largest, second) in enumerate(factored):
         row, col, shape = rows[i], cols[i], params[i].shape
         assert row is not None and col is not None
-        row.lerp_(sums[2 * j].div_(shape[largest]).add_(eps1), 1 - beta2_t)
-        col.lerp_(sums[2 * j + 1].div_(shape[second]).add_(eps1), 1 - beta2_t)
+        row.lerp_(sums[2 * j].div_(shape[largest]).add_(eps1), scalar_like(1 - beta2_t, row))
+        col.lerp_(sums[2 * j + 1].div_(shape[second]).add_(eps1), scalar_like(1 - beta2_t, col))
     # 2. the mean of the row statistic over the second axis
     row_sums = []
     for i, _, second in factored:
@@ -573,7 +587,7 @@ def _multi_tensor_adafactor(
     exp_avg_sqs: list[Tensor | None],
     exp_avgs: list[Tensor | None],
     *,
-    beta2_t: float,
+    beta2_t: float | Tensor,
     step_size: float | Tensor,
     beta1: float,
     eps1: float,
@@ -626,8 +640,8 @@ def _multi_tensor_adafactor(
             del squares
             torch._foreach_add_(row_means, eps1)
             torch._foreach_add_(col_means, eps1)
-            torch._foreach_lerp_(f_rows, row_means, 1 - beta2_t)
-            torch._foreach_lerp_(f_cols, col_means, 1 - beta2_t)
+            foreach_lerp_(f_rows, row_means, 1 - beta2_t)
+            foreach_lerp_(f_cols, col_means, 1 - beta2_t)
             normalisers = [
                 r.mean(dim=a[1], keepdim=True) for r, a in zip(f_rows, axes, strict=True)
             ]
@@ -641,7 +655,7 @@ def _multi_tensor_adafactor(
             u_grads = [gs[i] for i in unfactored]
             squares = list(torch._foreach_mul(u_grads, u_grads))
             torch._foreach_add_(squares, eps1)
-            torch._foreach_lerp_(u_fulls, squares, 1 - beta2_t)
+            foreach_lerp_(u_fulls, squares, 1 - beta2_t)
             if _eps1_may_vanish(eps1, u_fulls[0].dtype):
                 tiny = torch.finfo(u_fulls[0].dtype).tiny
                 u_updates = list(torch._foreach_clamp_min(u_fulls, tiny))

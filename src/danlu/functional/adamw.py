@@ -65,15 +65,19 @@ def adamw(
     (FSDP2) tensors are updated through their local slices: the update is elementwise.
     ``stochastic_rounding`` (``None``/``True``: bf16 and fp16 parameters; ``False``: none) runs
     the parameter's part of the update on an fp32 copy and writes it back with stochastic
-    rounding (``functional.precision``); the state is kept and rounded as without it."""
+    rounding (``functional.precision``); the state is kept and rounded as without it.
+
+    Inside ``torch.compile`` the bias corrections are computed from the step tensors on the
+    device (as torch.optim's capturable path) instead of being read to the host, so neither
+    the step count nor a tensor lr recompiles the graph."""
     if not params:
         return
     if any_dtensor(params):
         params, grads, exp_avgs, exp_avg_sqs = (
             [local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)
         )
-    if isinstance(lr, Tensor):
-        lr = float(lr.item())
+    if isinstance(lr, Tensor) and not torch.compiler.is_compiling():
+        lr = float(lr.item())  # inside torch.compile it stays a tensor: no host read
     fn = _multi_tensor_adamw if resolve_foreach(foreach, params) else _single_tensor_adamw
 
     def run(indices: list[int], work: list[Tensor]) -> None:
@@ -141,7 +145,10 @@ def _single_tensor_adamw(
         if not last_micro_step:
             continue
         step += 1
-        n = float(step.item())
+        if torch.compiler.is_compiling():
+            n: float | Tensor = step.to(device=param.device, dtype=torch.float64)
+        else:
+            n = float(step.item())
         # bf16/fp16 parameters with a float32 v: the update in float32, one rounding on write
         wide = torch.promote_types(param.dtype, exp_avg_sq.dtype)
         work = param if param.dtype == wide else param.to(wide)
@@ -156,7 +163,10 @@ def _single_tensor_adamw(
         if eps < torch.finfo(denom.dtype).tiny:  # ε = 0, or lost in fp16 (1e-8 + 0 = 0)
             # v̂ = 0 only where every gradient was 0 (so m = 0): a 0 step, not 0/0
             denom.clamp_min_(torch.finfo(denom.dtype).tiny)
-        work.addcdiv_(exp_avg, denom, value=-step_size)
+        if isinstance(step_size, Tensor):
+            work.sub_(exp_avg.div(denom).mul_(step_size))
+        else:
+            work.addcdiv_(exp_avg, denom, value=-step_size)
         if work is not param:
             param.copy_(work)
 
@@ -209,7 +219,6 @@ def _multi_tensor_adamw(
         if not last_micro_step:
             continue
         torch._foreach_add_(device_steps, 1.0)
-        counts = [float(s.item()) for s in device_steps]
         # bf16/fp16 parameters with a float32 v: the update in float32, one rounding on write
         wides = [
             torch.promote_types(p.dtype, v.dtype)
@@ -219,6 +228,21 @@ def _multi_tensor_adamw(
         work = [p.to(w) for p, w in zip(device_params, wides, strict=True)]
         if weight_decay != 0:
             torch._foreach_mul_(work, 1 - lr * weight_decay)
+        if torch.compiler.is_compiling():
+            _compiled_multi_tensor_update(
+                work,
+                device_exp_avgs,
+                device_exp_avg_sqs,
+                device_steps,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                eps_inside_sqrt=eps_inside_sqrt,
+            )
+            _write_back(device_params, work, wider)
+            continue
+        counts = [float(s.item()) for s in device_steps]
         step_sizes = [-(lr / (1 - beta1**n)) for n in counts]
         bias_corrections2 = [1 - beta2**n for n in counts]
         if eps_inside_sqrt:
@@ -233,6 +257,46 @@ def _multi_tensor_adamw(
             # v̂ = 0 only where every gradient was 0 (so m = 0): a 0 step, not 0/0
             torch._foreach_clamp_min_(denoms, torch.finfo(denoms[0].dtype).tiny)
         torch._foreach_addcdiv_(work, device_exp_avgs, denoms, step_sizes)
-        if any(wider):
-            written = [i for i, w in enumerate(wider) if w]
-            torch._foreach_copy_([device_params[i] for i in written], [work[i] for i in written])
+        _write_back(device_params, work, wider)
+
+
+def _write_back(params: list[Tensor], work: list[Tensor], wider: list[bool]) -> None:
+    """Copy the float32 work copies of bf16/fp16 parameters back (one rounding each)."""
+    written = [i for i, w in enumerate(wider) if w]
+    if written:
+        torch._foreach_copy_([params[i] for i in written], [work[i] for i in written])
+
+
+def _compiled_multi_tensor_update(
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    eps_inside_sqrt: bool,
+) -> None:
+    """The bias-corrected step of :func:`_multi_tensor_adamw` inside ``torch.compile``: the
+    step counts stay tensors (float64 on the parameters' device), nothing is read to the
+    host."""
+    device = params[0].device
+    counts = [s.to(device=device, dtype=torch.float64) for s in steps]
+    step_sizes = [lr / (1 - beta1**n) for n in counts]
+    bias_corrections2 = [1 - beta2**n for n in counts]
+    if eps_inside_sqrt:
+        denoms = [v / bc for v, bc in zip(exp_avg_sqs, bias_corrections2, strict=True)]
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_sqrt_(denoms)
+    else:
+        denoms = list(torch._foreach_sqrt(exp_avg_sqs))
+        denoms = [d / bc.sqrt() for d, bc in zip(denoms, bias_corrections2, strict=True)]
+        torch._foreach_add_(denoms, eps)
+    if eps < torch.finfo(denoms[0].dtype).tiny:  # ε = 0, or lost in fp16 (1e-8 + 0 = 0)
+        torch._foreach_clamp_min_(denoms, torch.finfo(denoms[0].dtype).tiny)
+    updates = list(torch._foreach_div(exp_avgs, denoms))
+    for update, size in zip(updates, step_sizes, strict=True):
+        update.mul_(size)
+    torch._foreach_sub_(params, updates)

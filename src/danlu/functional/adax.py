@@ -31,7 +31,12 @@ import torch
 from torch import Tensor
 
 from danlu.distributed import any_dtensor, local
-from danlu.functional._utils import group_by_device_and_dtype, select_path
+from danlu.functional._utils import (
+    foreach_lerp_,
+    group_by_device_and_dtype,
+    scalar_like,
+    select_path,
+)
 from danlu.functional.overflow import saturate, saturate_all, square_bound
 from danlu.functional.precision import stochastically_rounded_params
 
@@ -51,6 +56,15 @@ def adax_new_sample_weight(step: float, beta2: float) -> float:
     return min(1.0, beta2 / math.expm1(exponent))
 
 
+def _new_sample_weight_tensor(step: Tensor, beta2: float) -> Tensor:
+    """:func:`adax_new_sample_weight` of a 0-d tensor step (float64), on the tensor's device."""
+    step = step.to(torch.float64)
+    exponent = step * math.log1p(beta2)
+    weight = (beta2 / torch.expm1(exponent)).clamp(max=1.0)
+    weight = torch.where(exponent > _MAX_EXPONENT, 0.0, weight)
+    return torch.where(step <= 1, 1.0, weight)
+
+
 def adax_beta2_hat(step: float, beta2: float) -> float:
     """β̂_t = 1 − β2 / ((1+β2)^t − 1): 0 at t = 1, ≈ 1 − 1/t for t ≪ 1/β2, → 1."""
     return 1.0 - adax_new_sample_weight(step, beta2)
@@ -62,7 +76,7 @@ def adax(
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
     *,
-    step: float,
+    step: float | Tensor,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -74,7 +88,8 @@ def adax(
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> None:
-    """One AdaX update at step ``step`` (1-based, shared by all tensors of the call).
+    """One AdaX update at step ``step`` (1-based, shared by all tensors of the call; a 0-d
+    tensor inside ``torch.compile``, so that the step count does not recompile the graph).
 
     ``exp_avgs`` is m (any float dtype, usually the param's); ``exp_avg_sqs`` is the normalised
     v̂ (float32 or wider). ``eps_inside_sqrt`` puts ε under the root (the blog) instead of after
@@ -93,7 +108,11 @@ def adax(
         )
     path = select_path(foreach, fused, params)
     settings: dict[str, Any] = {
-        "new_sample_weight": adax_new_sample_weight(step, beta2),
+        "new_sample_weight": (
+            _new_sample_weight_tensor(step, beta2)
+            if isinstance(step, Tensor)
+            else adax_new_sample_weight(step, beta2)
+        ),
         "lr": lr,
         "beta1": beta1,
         "eps": eps,
@@ -147,7 +166,7 @@ def _single_tensor_adax(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     *,
-    new_sample_weight: float,
+    new_sample_weight: float | Tensor,
     lr: float | Tensor,
     beta1: float,
     eps: float,
@@ -161,7 +180,7 @@ def _single_tensor_adax(
         g = grad.to(exp_avg_sq.dtype)
         g = saturate(g, square_bound(g.dtype), owned=maximize or g.dtype != grad.dtype)
         exp_avg.lerp_(g.to(exp_avg.dtype), 1 - beta1)
-        exp_avg_sq.lerp_(g * g, new_sample_weight)
+        exp_avg_sq.lerp_(g * g, scalar_like(new_sample_weight, exp_avg_sq))
         denom = exp_avg_sq.add(eps).sqrt_() if eps_inside_sqrt else exp_avg_sq.sqrt().add_(eps)
         if eps < torch.finfo(denom.dtype).tiny:  # ε = 0, or lost in fp16 (1e-8 + 0 = 0)
             # v̂ = 0 only where every gradient was 0 (so m = 0): a 0 step, not 0/0
@@ -180,7 +199,7 @@ def _multi_tensor_adax(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     *,
-    new_sample_weight: float,
+    new_sample_weight: float | Tensor,
     lr: float | Tensor,
     beta1: float,
     eps: float,
@@ -195,7 +214,8 @@ def _multi_tensor_adax(
         m_dtype, v_dtype = device_exp_avgs[0].dtype, device_exp_avg_sqs[0].dtype
         gs = saturate_all([g.to(v_dtype) for g in device_grads], square_bound(v_dtype))
         torch._foreach_lerp_(device_exp_avgs, [g.to(m_dtype) for g in gs], 1 - beta1)
-        torch._foreach_lerp_(device_exp_avg_sqs, torch._foreach_mul(gs, gs), new_sample_weight)
+        squares = list(torch._foreach_mul(gs, gs))
+        foreach_lerp_(device_exp_avg_sqs, squares, new_sample_weight)
         if eps_inside_sqrt:
             denoms = torch._foreach_add(device_exp_avg_sqs, eps)
             torch._foreach_sqrt_(denoms)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from danlu.distributed import any_dtensor, local, reduce_partial_sums
-from danlu.functional._utils import group_by_device_and_dtype, select_path
+from danlu.functional._utils import group_by_device_and_dtype, scalar_like, select_path
 from danlu.functional.overflow import square_bound
 from danlu.functional.precision import stochastically_rounded_params
 
@@ -121,7 +121,7 @@ def amos(
     bs: Sequence[Tensor],
     exp_avgs: Sequence[Tensor | None],
     *,
-    step: float,
+    step: float | Tensor,
     lr: float | Tensor,
     eta: float | Sequence[float],
     beta: float = 0.999,
@@ -136,7 +136,8 @@ def amos(
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> None:
-    """One Amos update at step ``step`` (1-based) of every tensor; ``eta`` is one float for all
+    """One Amos update at step ``step`` (1-based; a 0-d tensor inside ``torch.compile``, so
+    that the step count does not recompile the graph) of every tensor; ``eta`` is one float for all
     tensors or one per tensor. ``exp_avg_sqs`` (v) and ``bs`` (b) have slot shapes that
     broadcast against the params; ``exp_avgs[i]`` is needed when ``momentum > 0``. DTensor
     (FSDP2) tensors take the single-tensor ops on their local slices, with the mean square
@@ -172,7 +173,11 @@ def amos(
         )
 
     settings: dict[str, Any] = dict(
-        bias_correction=1.0 - beta ** float(step),
+        bias_correction=(
+            1.0 - torch.pow(beta, step.to(torch.float64))
+            if isinstance(step, Tensor)
+            else 1.0 - beta ** float(step)
+        ),
         lr=lr,
         beta=beta,
         zeta=zeta,
@@ -280,7 +285,7 @@ def _amos_tensor(
     *,
     eta: float,
     mean_square: Callable[[Tensor, Tensor], Tensor],
-    bias_correction: float,
+    bias_correction: float | Tensor,
     lr: float | Tensor,
     beta: float,
     zeta: float,
@@ -305,7 +310,7 @@ def _amos_tensor(
     # Slot-shaped factors (v, b and everything below have the slot's shape).
     g2 = mean_square(g, v)
     v.lerp_(g2, 1 - beta)
-    rcpl_v_hat = v.clamp_min(eps).reciprocal_().mul_(bias_correction)
+    rcpl_v_hat = v.clamp_min(eps).reciprocal_().mul_(scalar_like(bias_correction, v))
     decay_c = b.mul(zeta * _sqrt(lr)).add_(1.0).rsqrt_()
     decay_d = b.mul(zeta * _sqrt(lr * eta)).add_(1.0).reciprocal_()
     gamma = decay_c.mul_(rcpl_v_hat).mul_(g2).mul_(math.sqrt(fr) * lr**2)
@@ -332,7 +337,7 @@ def _multi_tensor_amos(
     exp_avgs: list[Tensor | None],
     *,
     etas: list[float],
-    bias_correction: float,
+    bias_correction: float | Tensor,
     lr: float | Tensor,
     beta: float,
     zeta: float,
@@ -360,7 +365,7 @@ def _multi_tensor_amos(
         torch._foreach_lerp_(vs, g2s, 1 - beta)
         rcpl_v_hats = list(torch._foreach_clamp_min(vs, eps))
         torch._foreach_reciprocal_(rcpl_v_hats)
-        torch._foreach_mul_(rcpl_v_hats, bias_correction)
+        torch._foreach_mul_(rcpl_v_hats, scalar_like(bias_correction, vs[0]))
         decay_cs = list(torch._foreach_mul(device_bs, zeta * _sqrt(lr)))
         torch._foreach_add_(decay_cs, 1.0)
         torch._foreach_rsqrt_(decay_cs)

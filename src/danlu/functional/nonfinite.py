@@ -21,9 +21,9 @@ def finite_mask(tensors: Sequence[Tensor]) -> Tensor:
     """A bool tensor with one entry per tensor: whether all its entries are finite.
 
     One reduction per tensor (the max-abs norm, NaN or Inf exactly when an entry is, and it
-    cannot overflow; on CPU a sum, see ``_finite_on_cpu``), computed on the tensors' device
-    without synchronising with the host. Empty tensors count as finite. The result
-    lives on the first tensor's device.
+    cannot overflow; on CPU a sum, see ``_finite_on_cpu``, except inside ``torch.compile``),
+    computed on the tensors' device without synchronising with the host. Empty tensors count
+    as finite. The result lives on the first tensor's device.
 
     A DTensor (FSDP2) is finite when every rank's slice is: its flag is agreed over the ranks
     that hold it (``danlu.distributed.agree``), so they all take the same action.
@@ -37,7 +37,7 @@ def finite_mask(tensors: Sequence[Tensor]) -> Tensor:
     nonempty = [i for i, t in enumerate(tensors) if t.numel() > 0]
     picked = [tensors[i] for i in nonempty]
     for (group,), indices in group_by_device_and_dtype([picked]) if picked else ():
-        if group[0].device.type == "cpu":
+        if group[0].device.type == "cpu" and not torch.compiler.is_compiling():
             finite = _finite_on_cpu(group)
         else:
             finite = torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf"))))

@@ -94,6 +94,11 @@ def saturate_all(
 def _scaled_norm(x: Tensor) -> Tensor:
     """‖x‖ as s·‖x/s‖ with s = max|x|: no overflow in the sum of squares."""
     scale = torch.linalg.vector_norm(x, float("inf"))
+    if torch.compiler.is_compiling():
+        # the same value without reading the scale to the host: s = 1 where it is 0 or not
+        # finite (then ‖x‖ is 0, inf or NaN either way)
+        scale = torch.where((scale > 0) & torch.isfinite(scale), scale, 1.0)
+        return torch.linalg.vector_norm(x / scale).mul_(scale)
     if not bool(scale > 0) or not bool(torch.isfinite(scale)):
         return torch.linalg.vector_norm(x)
     return torch.linalg.vector_norm(x / scale).mul_(scale)
@@ -102,8 +107,12 @@ def _scaled_norm(x: Tensor) -> Tensor:
 def finite_norm(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``torch.linalg.vector_norm(x, dtype=dtype)``, except that a norm that overflowed
     while ``x`` is finite is recomputed with a scale (it is inf only when the norm itself
-    exceeds the dtype's range). The check reads one flag on the host."""
+    exceeds the dtype's range). The check reads one flag on the host; inside
+    ``torch.compile`` both are computed and one is selected on the device instead."""
     norm = torch.linalg.vector_norm(x, dtype=dtype)
+    if torch.compiler.is_compiling():
+        scaled = _scaled_norm(x if dtype is None else x.to(dtype)).to(norm.dtype)
+        return torch.where(torch.isfinite(norm), norm, scaled)
     if bool(torch.isfinite(norm)):
         return norm
     return _scaled_norm(x if dtype is None else x.to(dtype)).to(norm.dtype)
@@ -111,8 +120,17 @@ def finite_norm(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 def finite_norms(xs: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
     """``torch._foreach_norm(xs, 2, dtype=dtype)`` with :func:`finite_norm`'s repair; one host
-    read for the whole list."""
+    read for the whole list (none inside ``torch.compile``, see :func:`finite_norm`)."""
     norms = list(torch._foreach_norm(list(xs), 2, dtype=dtype))
+    if torch.compiler.is_compiling():
+        return [
+            torch.where(
+                torch.isfinite(norm),
+                norm,
+                _scaled_norm(x if dtype is None else x.to(dtype)).to(norm.dtype),
+            )
+            for x, norm in zip(xs, norms, strict=True)
+        ]
     if not norms or bool(torch.isfinite(torch.stack(norms)).all()):
         return norms
     for i, (x, norm) in enumerate(zip(xs, norms, strict=True)):
@@ -125,6 +143,9 @@ def finite_sum_of_squares(x: Tensor) -> Tensor:
     """Σx² as a float64 0-d tensor: the sum in ``x``'s dtype when it is finite (the same bits
     as before, widened), otherwise ‖x‖² from :func:`finite_norm` in float64."""
     total = x.square().sum()
+    if torch.compiler.is_compiling():
+        repaired = finite_norm(x).to(torch.float64).square()
+        return torch.where(torch.isfinite(total), total.to(torch.float64), repaired)
     if bool(torch.isfinite(total)):
         return total.to(torch.float64)
     return finite_norm(x).to(torch.float64).square()

@@ -176,6 +176,35 @@ def tiger(
             stochastic_rounding=stochastic_rounding,
         )
         return
+    if finite is not None and torch.compiler.is_compiling():
+        # inside torch.compile the flags are not read to the host (a graph break, and a
+        # recompile whenever they change): every tensor is updated and the non-finite ones
+        # are put back (shrunk) with torch.where
+        _masked_update(
+            params,
+            exp_avgs,
+            finite,
+            lambda: _update(
+                path,
+                params,
+                grads,
+                exp_avgs,
+                lr=lr,
+                beta=beta,
+                weight_decay=weight_decay,
+                kind=kind,
+                rms_floor=rms_floor,
+                grad_accum_steps=grad_accum_steps,
+                first_micro_step=first_micro_step,
+                last_micro_step=last_micro_step,
+                maximize=maximize,
+                stochastic_rounding=stochastic_rounding,
+            ),
+            nonfinite=nonfinite,
+            center=center,
+            shrink_ratio=shrink_ratio,
+        )
+        return
     if finite is not None:
         flags = finite.tolist()
         bad = [p for p, ok in zip(params, flags, strict=True) if not ok]
@@ -187,6 +216,53 @@ def tiger(
         exp_avgs = [exp_avgs[i] for i in keep]
         if not params:
             return
+    _update(
+        path,
+        params,
+        grads,
+        exp_avgs,
+        lr=lr,
+        beta=beta,
+        weight_decay=weight_decay,
+        kind=kind,
+        rms_floor=rms_floor,
+        grad_accum_steps=grad_accum_steps,
+        first_micro_step=first_micro_step,
+        last_micro_step=last_micro_step,
+        maximize=maximize,
+        stochastic_rounding=stochastic_rounding,
+    )
+
+
+def _update(
+    path: str,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta: float,
+    weight_decay: float,
+    kind: str,
+    rms_floor: float,
+    grad_accum_steps: int,
+    first_micro_step: bool,
+    last_micro_step: bool,
+    maximize: bool,
+    stochastic_rounding: bool | None,
+) -> None:
+    """The update of every tensor given (finite gradients) on ``path``."""
+    settings: dict[str, Any] = {
+        "lr": lr,
+        "beta": beta,
+        "weight_decay": 0.0 if kind == "elementwise" else weight_decay,
+        "kind": kind,
+        "rms_floor": rms_floor,
+        "grad_accum_steps": grad_accum_steps,
+        "first_micro_step": first_micro_step,
+        "last_micro_step": last_micro_step,
+        "maximize": maximize,
+    }
     if needs_upcast_copies(path, params, grads, [exp_avgs], stochastic_rounding):
         # one tensor at a time (as upcast_step goes anyway): the fp32 copies no longer show
         # the momentum's own dtype, so its bound is passed along
@@ -197,33 +273,37 @@ def tiger(
                 [grad],
                 [[exp_avg]],
                 stochastic_rounding=stochastic_rounding,
-                lr=lr,
-                beta=beta,
-                weight_decay=0.0 if kind == "elementwise" else weight_decay,
-                kind=kind,
-                rms_floor=rms_floor,
-                grad_accum_steps=grad_accum_steps,
-                first_micro_step=first_micro_step,
-                last_micro_step=last_micro_step,
-                maximize=maximize,
                 grad_bound=average_bound(exp_avg.dtype, param.dtype),
+                **settings,
             )
         return
-    fn = _implementation(path)
-    fn(
-        list(params),
-        list(grads),
-        list(exp_avgs),
-        lr=lr,
-        beta=beta,
-        weight_decay=0.0 if kind == "elementwise" else weight_decay,
-        kind=kind,
-        rms_floor=rms_floor,
-        grad_accum_steps=grad_accum_steps,
-        first_micro_step=first_micro_step,
-        last_micro_step=last_micro_step,
-        maximize=maximize,
-    )
+    _implementation(path)(list(params), list(grads), list(exp_avgs), **settings)
+
+
+def _masked_update(
+    params: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    finite: Tensor,
+    update: Callable[[], None],
+    *,
+    nonfinite: str,
+    center: float,
+    shrink_ratio: float,
+) -> None:
+    """``update()`` of every tensor, then θ and m of the tensors whose ``finite`` flag is
+    False put back to their old values (θ shrunk with ``nonfinite="shrink"``): the policy of
+    :func:`tiger` without reading the flags to the host."""
+    old_params = [p.clone() for p in params]
+    old_exp_avgs = [m.clone() for m in exp_avgs]
+    update()
+    for i, (p, m, p0, m0) in enumerate(
+        zip(params, exp_avgs, old_params, old_exp_avgs, strict=True)
+    ):
+        ok = finite[i].to(p.device)
+        if nonfinite == "shrink":
+            shrink_([p0], center=center, ratio=shrink_ratio)
+        p.copy_(torch.where(ok, p, p0))
+        m.copy_(torch.where(ok.to(m.device), m, m0))
 
 
 def _implementation(path: str) -> Callable[..., None]:

@@ -191,6 +191,17 @@ def _check_spectra(
 # Full mode: Adam with full (out×in) state on the equivalent gradient, SPEC §10.2 "With Adam".
 
 
+@dataclass
+class _FullModePlan:
+    """What a checked full-mode step updates: the adapters (group, A, B, base weight), their
+    fp32 (A, B, g_A, g_B) and spectra, and the plain groups."""
+
+    adapters: list[tuple[dict[str, Any], Tensor, Tensor, Tensor | None]]
+    compute: list[tuple[Tensor, Tensor, Tensor, Tensor]]
+    spectra: list[_Spectrum]
+    plain: list[GroupTensors]
+
+
 class LoRAProAdam(DanluOptimizer):
     r"""LoRA-Pro's full mode (the reference's ``mode="full"``; the blog's "LoRA-Pro with Adam").
 
@@ -340,7 +351,8 @@ class LoRAProAdam(DanluOptimizer):
                 "and 'exp_avg_sq' together; nothing was modified"
             )
 
-    def _step(self, gathered: list[GroupTensors]) -> None:
+    def _prepare(self, gathered: list[GroupTensors]) -> _FullModePlan:
+        """Every check of a step (rank, missing or non-finite gradients), before any write."""
         adapters: list[tuple[dict[str, Any], Tensor, Tensor, Tensor | None]] = []
         plain: list[GroupTensors] = []
         raw_grads: list[tuple[Tensor, Tensor]] = []
@@ -379,11 +391,14 @@ class LoRAProAdam(DanluOptimizer):
                     raise FloatingPointError(
                         f"{self._display_name}: non-finite gradient in {name}; nothing was modified"
                     )
+        return _FullModePlan(adapters, compute, spectra, plain)  # type: ignore[arg-type]
+
+    def _apply(self, plan: _FullModePlan) -> None:
         for (group, A, B, base), (A32, B32, gA, gB), spec in zip(
-            adapters, compute, spectra, strict=True
+            plan.adapters, plan.compute, plan.spectra, strict=True
         ):
             self._step_adapter(group, A, B, base, A32, B32, gA, gB, spec)
-        for work in plain:
+        for work in plan.plain:
             self._step_plain(work)
 
     def _moments(

@@ -9,6 +9,7 @@ state exactly as they were.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import math
 import numbers
@@ -24,6 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from danlu.distributed import check_placements, is_dtensor
+from danlu.functional._utils import step_tensor
 
 __all__ = [
     "DanluOptimizer",
@@ -90,6 +92,26 @@ def _as_float(value: Any) -> float:
     return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
+#: Set while the checks run in the eager prologue of a ``torch.compile``d step: a tensor
+#: hyper-parameter on an accelerator is then not read back (that would wait for the device on
+#: every step); it was checked when it was set (constructor, ``add_param_group``,
+#: ``load_state_dict``) and is checked on every eager step. CPU tensors are always read.
+_NO_DEVICE_READS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "danlu_no_device_reads", default=False
+)
+
+
+def _unread(value: Any) -> bool:
+    """Whether a value check skips ``value``: a tensor on an accelerator during a compiled
+    step's checks (see ``_NO_DEVICE_READS``)."""
+    return (
+        isinstance(value, Tensor)
+        and value.device.type not in ("cpu", "meta")
+        and _NO_DEVICE_READS.get()
+        and _is_number(value)
+    )
+
+
 #: The largest hyper-parameter accepted: the kernels take scalars as float32 (float64 for
 #: float64 tensors), and torch raises mid-step on a scalar beyond float32's range.
 MAX_SCALAR = float(torch.finfo(torch.float32).max)
@@ -100,11 +122,15 @@ def _in_float32_range(value: Any) -> bool:
 
 
 def check_non_negative(name: str, value: Any) -> None:
+    if _unread(value):
+        return
     if not _in_float32_range(value) or _as_float(value) < 0:
         raise ValueError(f"{name} must be a number in [0, {MAX_SCALAR:.5g}], got {value!r}")
 
 
 def check_positive(name: str, value: Any) -> None:
+    if _unread(value):
+        return
     if not _in_float32_range(value) or _as_float(value) <= 0:
         raise ValueError(f"{name} must be a number in (0, {MAX_SCALAR:.5g}], got {value!r}")
 
@@ -113,6 +139,8 @@ def check_in_range(
     name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool
 ) -> None:
     """Raise ValueError unless ``value`` lies in the interval (low|[low, high)|]."""
+    if _unread(value):
+        return
     ok = _is_number(value)
     if ok:
         x = _as_float(value)
@@ -123,6 +151,8 @@ def check_in_range(
 
 
 def check_finite(name: str, value: Any) -> None:
+    if _unread(value):
+        return
     if not _in_float32_range(value):
         raise ValueError(
             f"{name} must be a finite number of magnitude <= {MAX_SCALAR:.5g}, got {value!r}"
@@ -178,6 +208,41 @@ def step_buckets(steps: Sequence[Tensor]) -> dict[float, list[int]]:
         for i, value in enumerate(torch.stack(list(steps)).tolist()):
             buckets.setdefault(value, []).append(i)
     return buckets
+
+
+@dataclass
+class StepBuckets:
+    """The tensors of one group split by their step counter (for the optimizers whose update
+    depends on the step count: AdaX, AdaFactor, Amos). Built eagerly by ``_prepare``;
+    ``step(b)`` is what ``_apply`` hands to the functional core."""
+
+    steps: list[Tensor]  # one 0-d counter per tensor (the count of steps taken so far)
+    indices: list[list[int]]  # per bucket: the positions of its tensors
+    values: list[float]  # per bucket: the counter's value (read on the host, eager only)
+
+    @classmethod
+    def build(cls, steps: list[Tensor], keep: Callable[[int], bool]) -> StepBuckets:
+        """Buckets of the positions ``keep`` accepts (one host read of all counters)."""
+        values, indices = [], []
+        for value, members in step_buckets(steps).items():
+            members = [i for i in members if keep(i)]
+            if members:
+                values.append(value)
+                indices.append(members)
+        return cls(steps, indices, values)
+
+    def step(self, bucket: int) -> float | Tensor:
+        """The 1-based step of ``bucket``'s update: a float, or inside ``torch.compile`` a 0-d
+        tensor read from the counter (a Python number that changes on every step would
+        recompile the graph)."""
+        if torch.compiler.is_compiling():
+            return step_tensor(self.steps[self.indices[bucket][0]])
+        return self.values[bucket] + 1
+
+    def advance(self) -> None:
+        """Count the step: every counter + 1 (tensor ops, traced under compile)."""
+        if self.steps:
+            torch._foreach_add_(self.steps, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,11 +376,28 @@ class DanluOptimizer(Optimizer):
     # -- stepping -------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One step, in three parts: ``_prepare`` (checks, state created on first use, the
+        partition of the tensors: everything that reads Python values), ``_apply`` (tensor
+        ops only) and ``_finish`` (Python-side bookkeeping such as micro-step counters).
+
+        Inside ``torch.compile`` the first and last parts run eagerly, outside the graph (as
+        torch.optim's steps break the graph on entry and exit): the graph holds only the
+        update, so a scheduler changing a tensor lr, a step counter growing or the state being
+        created on the first step do not recompile it, and the checks keep their eager error
+        messages and their "a failed step changes nothing" contract."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step(self._checked_step_inputs())
+        if torch.compiler.is_compiling():
+            plan = _prepare_eagerly(self)
+            self._apply(plan)
+            if type(self)._finish is not DanluOptimizer._finish:
+                _finish_eagerly(self, plan)
+        else:
+            plan = self._prepare(self._checked_step_inputs())
+            self._apply(plan)
+            self._finish(plan)
         return loss
 
     def _checked_step_inputs(self) -> list[GroupTensors]:
@@ -327,8 +409,20 @@ class DanluOptimizer(Optimizer):
             self._check_group(group, where=f"param_groups[{index}]: ")
         return [self._gather(index, group) for index, group in enumerate(self.param_groups)]
 
-    def _step(self, gathered: list[GroupTensors]) -> None:
+    def _prepare(self, gathered: list[GroupTensors]) -> Any:
+        """Phase 1 of a step, continued (subclasses): the checks that need the gathered
+        tensors, state created on first use, and the plan that ``_apply`` follows. Reads
+        Python values freely; runs eagerly even inside ``torch.compile``."""
         raise NotImplementedError
+
+    def _apply(self, plan: Any) -> None:
+        """Phase 2 (subclasses): the update, tensor ops only. Inside ``torch.compile`` this is
+        what is traced: it must not read a value that changes from step to step (a counter,
+        a tensor's contents) into Python."""
+        raise NotImplementedError
+
+    def _finish(self, plan: Any) -> None:
+        """After the update (subclasses): Python-side bookkeeping; eager under compile."""
 
     def _gather(self, index: int, group: dict[str, Any]) -> GroupTensors:
         """The parameters of ``group`` with a gradient; raises (naming the parameter) for one
@@ -506,3 +600,19 @@ class DanluOptimizer(Optimizer):
         if key not in state:
             state[key] = factory()
         return state[key]
+
+
+@torch.compiler.disable
+def _prepare_eagerly(opt: DanluOptimizer) -> Any:
+    """``opt``'s checks and ``_prepare``, outside the graph of a compiled step."""
+    token = _NO_DEVICE_READS.set(True)
+    try:
+        return opt._prepare(opt._checked_step_inputs())
+    finally:
+        _NO_DEVICE_READS.reset(token)
+
+
+@torch.compiler.disable
+def _finish_eagerly(opt: DanluOptimizer, plan: Any) -> None:
+    """``opt._finish(plan)`` outside the graph of a compiled step."""
+    opt._finish(plan)

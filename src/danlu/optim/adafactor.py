@@ -20,6 +20,7 @@ from danlu.optim._base import (
     DanluOptimizer,
     GroupTensors,
     ParamsT,
+    StepBuckets,
     check_beta,
     check_bool,
     check_choice,
@@ -28,7 +29,6 @@ from danlu.optim._base import (
     check_int_at_least,
     check_non_negative,
     check_positive,
-    step_buckets,
 )
 from danlu.registry import register
 
@@ -227,9 +227,9 @@ class AdaFactor(DanluOptimizer):
             min_dim_size_to_factor=group["min_dim_size_to_factor"],
         )
 
-    def _step(self, gathered: list[GroupTensors]) -> None:
-        # Phase 1: a parameter whose existing statistics do not fit the group's factoring rule
-        # (the rule was changed, or a state_dict from another layout was loaded) fails here.
+    def _prepare(self, gathered: list[GroupTensors]) -> list[tuple[Any, ...]]:
+        # A parameter whose existing statistics do not fit the group's factoring rule (the
+        # rule was changed, or a state_dict from another layout was loaded) fails here.
         for work in gathered:
             for p, name in zip(work.params, work.names, strict=True):
                 state = self.state.get(p)
@@ -243,11 +243,9 @@ class AdaFactor(DanluOptimizer):
                         "min_dim_size_to_factor now say otherwise; they cannot change after "
                         "the first step"
                     )
-        # Phase 2: update.
-        for work in gathered:
-            self._step_group(work)
+        return [self._prepare_group(work) for work in gathered]
 
-    def _step_group(self, work: GroupTensors) -> None:
+    def _prepare_group(self, work: GroupTensors) -> tuple[Any, ...]:
         group = work.group
         steps: list[Tensor] = []
         lists: tuple[list[Any], ...] = ([], [], [], [], [], [])
@@ -279,33 +277,33 @@ class AdaFactor(DanluOptimizer):
             )
             for lst, value in zip(lists, (p, g, row, col, full, exp_avg), strict=True):
                 lst.append(value)
-        for step, indices in step_buckets(steps).items():
-            live = [i for i in indices if lists[0][i].numel() > 0]
-            if not live:
-                continue
-            adafactor(
-                *([lst[i] for i in live] for lst in lists),
-                step=step + 1,
-                lr=group["lr"],
-                relative_step=group["relative_step"],
-                beta1=group["beta1"],
-                beta2=group["beta2"],
-                decay_rate=group["decay_rate"],
-                eps1=group["eps1"],
-                eps2=group["eps2"],
-                clip_threshold=group["clip_threshold"],
-                multiply_by_parameter_scale=group["multiply_by_parameter_scale"],
-                weight_decay=group["weight_decay"],
-                factored_dims=group["factored_dims"],
-                min_dim_size_to_factor=group["min_dim_size_to_factor"],
-                momentum_mode=group["momentum_mode"],
-                maximize=group["maximize"],
-                stochastic_rounding=group.get("stochastic_rounding"),
-                foreach=group["foreach"],
-                fused=group.get("fused"),  # absent from state dicts saved before it existed
-            )
-        if steps:
-            torch._foreach_add_(steps, 1.0)
+        return group, lists, StepBuckets.build(steps, lambda i: lists[0][i].numel() > 0)
+
+    def _apply(self, plan: list[tuple[Any, ...]]) -> None:
+        for group, lists, buckets in plan:
+            for b, indices in enumerate(buckets.indices):
+                adafactor(
+                    *([lst[i] for i in indices] for lst in lists),
+                    step=buckets.step(b),
+                    lr=group["lr"],
+                    relative_step=group["relative_step"],
+                    beta1=group["beta1"],
+                    beta2=group["beta2"],
+                    decay_rate=group["decay_rate"],
+                    eps1=group["eps1"],
+                    eps2=group["eps2"],
+                    clip_threshold=group["clip_threshold"],
+                    multiply_by_parameter_scale=group["multiply_by_parameter_scale"],
+                    weight_decay=group["weight_decay"],
+                    factored_dims=group["factored_dims"],
+                    min_dim_size_to_factor=group["min_dim_size_to_factor"],
+                    momentum_mode=group["momentum_mode"],
+                    maximize=group["maximize"],
+                    stochastic_rounding=group.get("stochastic_rounding"),
+                    foreach=group["foreach"],
+                    fused=group.get("fused"),  # absent from state dicts saved before it existed
+                )
+            buckets.advance()
 
 
 register(

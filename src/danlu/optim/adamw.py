@@ -158,11 +158,44 @@ class AdamW(WindowedOptimizer):
         check_stochastic_rounding(group.get("stochastic_rounding"), where=where)
         check_foreach(group["foreach"])
 
-    def _step(self, gathered: list[GroupTensors]) -> None:
+    def _prepare(self, gathered: list[GroupTensors]) -> list[tuple[Any, ...]]:
         t = self._counter()
         self._carry_into_window(gathered, t)
-        for work in gathered:
-            self._step_group(work, t)
+        return [self._prepare_group(work, t) for work in gathered]
+
+    def _apply(self, plan: list[tuple[Any, ...]]) -> None:
+        for work, partitions in plan:
+            group = work.group
+            beta1, beta2 = group["betas"]
+            for (first, last), (params, grads, exp_avgs, exp_avg_sqs, steps) in partitions:
+                adamw(
+                    params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    steps,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    eps_inside_sqrt=group["eps_inside_sqrt"],
+                    grad_accum_steps=group["grad_accum_steps"],
+                    first_micro_step=first,
+                    last_micro_step=last,
+                    maximize=group["maximize"],
+                    stochastic_rounding=group.get("stochastic_rounding"),
+                    foreach=group["foreach"],
+                )
+
+    def _finish(self, plan: list[tuple[Any, ...]]) -> None:
+        # Python ints, written outside the graph of a compiled step (they change every step).
+        t = self._counter()
+        for work, _ in plan:
+            if work.group["grad_accum_steps"] > 1:
+                # A Python int: load_state_dict would cast a tensor to the parameter's dtype.
+                for p in work.params:
+                    self.state[p]["micro_step"] = t + 1
         self._advance(t)
 
     def _last_seen(self, p: Tensor) -> int:
@@ -176,7 +209,11 @@ class AdamW(WindowedOptimizer):
         k = group.get("grad_accum_steps", self.defaults["grad_accum_steps"])
         return int(state["step"]) * k if "step" in state else 0
 
-    def _step_group(self, work: GroupTensors, t: int) -> None:
+    def _window_decays(self, p: Tensor) -> dict[str, Any]:
+        beta1, beta2 = self._group_of(p)["betas"]
+        return {"exp_avg": beta1, "exp_avg_sq": beta2}
+
+    def _prepare_group(self, work: GroupTensors, t: int) -> tuple[Any, ...]:
         group = work.group
         k = group["grad_accum_steps"]
         start = t - t % k
@@ -195,31 +232,7 @@ class AdamW(WindowedOptimizer):
             bucket = partitions.setdefault((first, last), ([], [], [], [], []))
             for lst, tensor in zip(bucket, (p, g, exp_avg, exp_avg_sq, step), strict=True):
                 lst.append(tensor)
-        beta1, beta2 = group["betas"]
-        for (first, last), (params, grads, exp_avgs, exp_avg_sqs, steps) in partitions.items():
-            adamw(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                steps,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                eps_inside_sqrt=group["eps_inside_sqrt"],
-                grad_accum_steps=k,
-                first_micro_step=first,
-                last_micro_step=last,
-                maximize=group["maximize"],
-                stochastic_rounding=group.get("stochastic_rounding"),
-                foreach=group["foreach"],
-            )
-        if k > 1:
-            # A Python int: load_state_dict would cast a tensor to the parameter's dtype.
-            for p in work.params:
-                self.state[p]["micro_step"] = t + 1
+        return work, list(partitions.items())
 
 
 register(

@@ -14,12 +14,12 @@ from danlu.optim._base import (
     DanluOptimizer,
     GroupTensors,
     ParamsT,
+    StepBuckets,
     check_beta,
     check_bool,
     check_implementation,
     check_in_range,
     check_non_negative,
-    step_buckets,
 )
 from danlu.registry import register
 
@@ -120,9 +120,11 @@ class AdaX(DanluOptimizer):
         check_stochastic_rounding(group.get("stochastic_rounding"), where=where)
         check_implementation(group, where=where)
 
-    def _step(self, gathered: list[GroupTensors]) -> None:
+    def _prepare(
+        self, gathered: list[GroupTensors]
+    ) -> list[tuple[GroupTensors, list[Tensor], list[Tensor], StepBuckets]]:
+        plan = []
         for work in gathered:
-            group = work.group
             exp_avgs, exp_avg_sqs, steps = [], [], []
             for p in work.params:
                 dtype = statistics_dtype(p.dtype)
@@ -135,14 +137,22 @@ class AdaX(DanluOptimizer):
                 steps.append(
                     self._state_tensor(p, "step", lambda: torch.tensor(0.0, dtype=torch.float32))
                 )
+            plan.append((work, exp_avgs, exp_avg_sqs, StepBuckets.build(steps, lambda i: True)))
+        return plan
+
+    def _apply(
+        self, plan: list[tuple[GroupTensors, list[Tensor], list[Tensor], StepBuckets]]
+    ) -> None:
+        for work, exp_avgs, exp_avg_sqs, buckets in plan:
+            group = work.group
             beta1, beta2 = group["betas"]
-            for step, indices in step_buckets(steps).items():
+            for b, indices in enumerate(buckets.indices):
                 adax(
                     [work.params[i] for i in indices],
                     [work.grads[i] for i in indices],
                     [exp_avgs[i] for i in indices],
                     [exp_avg_sqs[i] for i in indices],
-                    step=step + 1,
+                    step=buckets.step(b),
                     lr=group["lr"],
                     beta1=beta1,
                     beta2=beta2,
@@ -154,8 +164,7 @@ class AdaX(DanluOptimizer):
                     foreach=group["foreach"],
                     fused=group.get("fused"),  # absent from state dicts saved before it existed
                 )
-            if steps:
-                torch._foreach_add_(steps, 1.0)
+            buckets.advance()
 
 
 register(

@@ -16,6 +16,7 @@ from danlu.optim._base import (
     DanluOptimizer,
     GroupTensors,
     ParamsT,
+    StepBuckets,
     check_beta,
     check_bool,
     check_choice,
@@ -23,7 +24,6 @@ from danlu.optim._base import (
     check_implementation,
     check_non_negative,
     check_positive,
-    step_buckets,
 )
 from danlu.registry import register
 
@@ -200,11 +200,10 @@ class Amos(DanluOptimizer):
         check_implementation(group, where=where)
         refuse_cycled_momentum(group, where=where)
 
-    def _step(self, gathered: list[GroupTensors]) -> None:
-        for work in gathered:
-            self._step_group(work)
+    def _prepare(self, gathered: list[GroupTensors]) -> list[tuple[Any, ...]]:
+        return [self._prepare_group(work) for work in gathered]
 
-    def _step_group(self, work: GroupTensors) -> None:
+    def _prepare_group(self, work: GroupTensors) -> tuple[Any, ...]:
         group = work.group
         lists: tuple[list[Any], ...] = ([], [], [], [], [])
         etas: list[float] = []
@@ -229,29 +228,29 @@ class Amos(DanluOptimizer):
             etas.append(resolve_eta(group["eta"], p, group["kind"]))
             for lst, value in zip(lists, (p, g, v, b, exp_avg), strict=True):
                 lst.append(value)
-        for step, indices in step_buckets(steps).items():
-            live = [i for i in indices if lists[0][i].numel() > 0]
-            if not live:
-                continue
-            amos(
-                *([lst[i] for i in live] for lst in lists),
-                step=step + 1,
-                lr=group["lr"],
-                eta=[etas[i] for i in live],
-                beta=group["beta"],
-                zeta=group["zeta"],
-                finetune_rate=group["finetune_rate"],
-                center=float(group["center"]),
-                momentum=group["momentum"],
-                clip_value=group["clip_value"],
-                eps=group["eps"],
-                maximize=group["maximize"],
-                stochastic_rounding=group.get("stochastic_rounding"),
-                foreach=group["foreach"],
-                fused=group.get("fused"),  # absent from state dicts saved before it existed
-            )
-        if steps:
-            torch._foreach_add_(steps, 1.0)
+        return group, lists, etas, StepBuckets.build(steps, lambda i: lists[0][i].numel() > 0)
+
+    def _apply(self, plan: list[tuple[Any, ...]]) -> None:
+        for group, lists, etas, buckets in plan:
+            for b, indices in enumerate(buckets.indices):
+                amos(
+                    *([lst[i] for i in indices] for lst in lists),
+                    step=buckets.step(b),
+                    lr=group["lr"],
+                    eta=[etas[i] for i in indices],
+                    beta=group["beta"],
+                    zeta=group["zeta"],
+                    finetune_rate=group["finetune_rate"],
+                    center=float(group["center"]),
+                    momentum=group["momentum"],
+                    clip_value=group["clip_value"],
+                    eps=group["eps"],
+                    maximize=group["maximize"],
+                    stochastic_rounding=group.get("stochastic_rounding"),
+                    foreach=group["foreach"],
+                    fused=group.get("fused"),  # absent from state dicts saved before it existed
+                )
+            buckets.advance()
 
 
 register(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from danlu.functional.lion import lion
 from danlu.functional.precision import check_stochastic_rounding
@@ -108,19 +109,27 @@ class Lion(DanluOptimizer):
         check_stochastic_rounding(group.get("stochastic_rounding"), where=where)
         check_implementation(group, where=where)
 
-    def _step(self, gathered: list[GroupTensors]) -> None:
-        for work in gathered:
+    def _prepare(self, gathered: list[GroupTensors]) -> list[tuple[GroupTensors, list[Tensor]]]:
+        return [
+            (
+                work,
+                [
+                    self._state_tensor(
+                        p,
+                        "exp_avg",
+                        lambda p=p, group=work.group: torch.zeros_like(
+                            p, dtype=self._state_dtype(group, "exp_avg", p)
+                        ),
+                    )
+                    for p in work.params
+                ],
+            )
+            for work in gathered
+        ]
+
+    def _apply(self, plan: list[tuple[GroupTensors, list[Tensor]]]) -> None:
+        for work, exp_avgs in plan:
             group = work.group
-            exp_avgs = [
-                self._state_tensor(
-                    p,
-                    "exp_avg",
-                    lambda p=p, group=group: torch.zeros_like(
-                        p, dtype=self._state_dtype(group, "exp_avg", p)
-                    ),
-                )
-                for p in work.params
-            ]
             beta1, beta2 = group["betas"]
             lion(
                 work.params,

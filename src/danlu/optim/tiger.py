@@ -186,25 +186,21 @@ class Tiger(WindowedOptimizer):
         check_stochastic_rounding(group.get("stochastic_rounding"), where=where)
         check_implementation(group, where=where)
 
-    def _step(self, gathered: list[GroupTensors]) -> None:
-        # Phase 1, no writes: split each group into partitions that share a kind and a
-        # position in the accumulation window, and find the non-finite gradients (on the
-        # device: nothing here synchronises with the host unless nonfinite="raise").
+    def _prepare(self, gathered: list[GroupTensors]) -> _Plan:
+        # Split each group into partitions that share a kind and a position in the
+        # accumulation window; with nonfinite="raise", find the non-finite gradients (the
+        # only host read of gradient values) and raise before anything is written.
         t = self._counter()
         self._carry_into_window(gathered, t)
         partitions = [part for work in gathered for part in self._partitions(work, t)]
-        masks = [finite_mask(part.grads) for part in partitions]
-        global_parts = [
-            i for i, part in enumerate(partitions) if part.group["nonfinite_scope"] == "global"
+        masks = [
+            finite_mask(part.grads) if part.group["nonfinite"] == "raise" else None
+            for part in partitions
         ]
-        if global_parts:
-            all_finite = torch.stack([m.all().to(masks[0].device) for m in masks]).all()
-            for i in global_parts:
-                masks[i] = masks[i] & all_finite.to(masks[i].device)
         bad_names = [
             name
             for part, mask in zip(partitions, masks, strict=True)
-            if part.group["nonfinite"] == "raise"
+            if mask is not None
             for name, ok in zip(part.names, mask.tolist(), strict=True)
             if not ok
         ]
@@ -214,23 +210,40 @@ class Tiger(WindowedOptimizer):
                 + ", ".join(bad_names)
                 + " (nonfinite='raise'; nothing was modified)"
             )
-        # Phase 2: create state on first use and update.
-        for part, mask in zip(partitions, masks, strict=True):
-            group = part.group
-            exp_avgs = [
+        # Create state on first use.
+        for part in partitions:
+            part.exp_avgs = [
                 self._state_tensor(
                     p,
                     "exp_avg",
-                    lambda p=p, group=group: torch.zeros_like(
+                    lambda p=p, group=part.group: torch.zeros_like(
                         p, dtype=self._state_dtype(group, "exp_avg", p)
                     ),
                 )
                 for p in part.params
             ]
+        stepped = [p for work in gathered for p in work.params]
+        return _Plan(partitions, masks, stepped)
+
+    def _apply(self, plan: _Plan) -> None:
+        # The non-finite gradients, on the device: nothing here reads a value to the host.
+        partitions = plan.partitions
+        masks = [
+            finite_mask(part.grads) if mask is None else mask
+            for part, mask in zip(partitions, plan.masks, strict=True)
+        ]
+        if any(part.group["nonfinite_scope"] == "global" for part in partitions):
+            all_finite = torch.stack([m.all().to(masks[0].device) for m in masks]).all()
+            masks = [
+                m & all_finite.to(m.device) if part.group["nonfinite_scope"] == "global" else m
+                for part, m in zip(partitions, masks, strict=True)
+            ]
+        for part, mask in zip(partitions, masks, strict=True):
+            group = part.group
             tiger(
                 part.params,
                 part.grads,
-                exp_avgs,
+                part.exp_avgs,
                 lr=group["lr"],
                 beta=group["beta"],
                 weight_decay=group["weight_decay"],
@@ -249,15 +262,18 @@ class Tiger(WindowedOptimizer):
                 foreach=group["foreach"],
                 fused=group.get("fused"),  # absent from state dicts saved before it existed
             )
+
+    def _finish(self, plan: _Plan) -> None:
         # state["step"]: the micro-step counter after this parameter's last micro-step with a
-        # gradient; float64, exact up to 2**53 micro-steps
+        # gradient; float64, exact up to 2**53 micro-steps. Written here, outside the graph
+        # of a compiled step: the counter is a Python int that changes on every step.
+        t = self._counter()
         steps = []
-        for work in gathered:
-            for p in work.params:
-                step = self.state[p].get("step")
-                if step is None or step.dtype != torch.float64:
-                    step = self.state[p]["step"] = torch.tensor(0.0, dtype=torch.float64)
-                steps.append(step)
+        for p in plan.stepped:
+            step = self.state[p].get("step")
+            if step is None or step.dtype != torch.float64:
+                step = self.state[p]["step"] = torch.tensor(0.0, dtype=torch.float64)
+            steps.append(step)
         if steps:
             torch._foreach_zero_(steps)
             torch._foreach_add_(steps, float(t + 1))
@@ -266,6 +282,9 @@ class Tiger(WindowedOptimizer):
     def _last_seen(self, p: Tensor) -> int:
         step = self.state[p].get("step") if p in self.state else None
         return 0 if step is None else int(step.item())  # a CPU tensor: no device sync
+
+    def _window_decays(self, p: Tensor) -> dict[str, Any]:
+        return {"exp_avg": self._group_of(p)["beta"]}
 
     def _last_seen_many(self, params: list[Tensor]) -> list[int]:
         steps = [self.state[p].get("step") if p in self.state else None for p in params]
@@ -316,6 +335,16 @@ class _Partition:
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    exp_avgs: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    """What ``Tiger._prepare`` hands to ``_apply`` and ``_finish``."""
+
+    partitions: list[_Partition]
+    masks: list[Tensor | None]  # the finite flags already read (nonfinite="raise")
+    stepped: list[Tensor]  # the parameters whose counter this step writes
 
 
 register(
