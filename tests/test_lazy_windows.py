@@ -117,7 +117,9 @@ def lazy_tiger_update_every(theta, grads, *, k, lazy_moments, kind="embedding", 
     """Lazy UpdateEvery(Tiger(β̃), k): Tiger's EMA on every micro-step, the parameters moved on
     the k-th. A row present anywhere in the window moves at its end; with lazy_moments the
     moments of a row follow the EMA from its first gradient in the window on (before that they
-    are frozen: the documented limitation, it misses those β̃ decays)."""
+    are frozen: the documented limitation, it misses those β̃ decays). A micro-step without a
+    gradient (None) is skipped, except the window's last one when the table had a gradient
+    earlier in the window: there it is stepped with a zero gradient."""
     lr, beta, rms_floor = hp["lr"], hp["beta"], hp["rms_floor"]
     wd = 0.0 if kind == "elementwise" else hp["weight_decay"]
     theta = np.array(theta, dtype=np.float64)
@@ -125,7 +127,13 @@ def lazy_tiger_update_every(theta, grads, *, k, lazy_moments, kind="embedding", 
     out = []
     for micro in windows_of(grads, k):
         seen = np.zeros(theta.shape[:-1] if theta.ndim > 1 else theta.shape, dtype=bool)
+        had = False
         for j, g in enumerate(micro):
+            if g is None:
+                if j < k - 1 or not had:
+                    continue
+                g = np.zeros_like(theta)
+            had = True
             g = np.asarray(g, dtype=np.float64)
             seen |= present_rows(g)
             rows = by_row(seen, theta)
@@ -398,10 +406,14 @@ def test_gradient_accumulation_row_whose_gradients_cancel_is_present():
 
 
 @pytest.mark.parametrize("lazy_moments", [False, True])
-def test_update_every_window_rows(lazy_moments):
+@pytest.mark.parametrize("none_at", [(), (2,), (0, 5), (6, 7, 8)])
+def test_update_every_window_rows(lazy_moments, none_at):
+    # none_at (2,) and (0, 5): the table has no gradient on a window's last micro-step but had
+    # one earlier in it, so UpdateEvery steps it there with a zero gradient and its rows seen
+    # in the window move (the others keep their values); (6, 7, 8): a window without any.
     k = 3
     beta = danlu.accumulation_betas(TIGER["beta"], k)
-    grads = scenario(k, windows=3)
+    grads = scenario(k, windows=3, none_at=none_at)
     hp = {**TIGER, "beta": beta}
     history, _, _ = run(
         lambda t: danlu.Lazy(

@@ -31,7 +31,8 @@ class NonFiniteGuard(OptimizerWrapper):
     ``mode``:
 
     * ``"skip"``: a tensor with a non-finite gradient is left exactly as it was, its optimizer
-      state included (the inner optimizer does not see its gradient);
+      state included (the inner optimizer does not see its gradient; under an accumulation
+      window, below, it may still move at the window's end on its earlier micro-batches);
     * ``"shrink"``: as "skip", and the parameter is pulled toward its init centre,
       θ ← (θ − c)·s + c with s = ``shrink_ratio`` and c the group's ``center`` (1 for norm gains
       when the groups come from ``danlu.param_groups``; 0 when absent): Tiger's fallback;
@@ -53,13 +54,13 @@ class NonFiniteGuard(OptimizerWrapper):
     shrinks or skips its own.
 
     The user's gradients are not modified. An inner optimizer with an accumulation window
-    (Tiger or danlu.AdamW with ``grad_accum_steps``) is stepped on every call, the skipped
-    tensors hidden (all of them with "global" scope), so its window stays aligned with your
-    micro-batches: a skipped micro-batch adds nothing to the window, and at the window's end
-    the tensors move on what the window's other micro-batches accumulated (Tiger's own
-    ``nonfinite`` option instead keeps a tensor whose last micro-batch is non-finite where it
-    is). Wrap a :class:`GradientAccumulation` from the outside (``GradientAccumulation(
-    NonFiniteGuard(opt), k)``), not the reverse.
+    (Tiger or danlu.AdamW with ``grad_accum_steps``, an :class:`UpdateEvery`) is stepped on
+    every call, the skipped tensors hidden (all of them with "global" scope), so its window
+    stays aligned with your micro-batches: a skipped micro-batch adds nothing to the window,
+    and at the window's end the tensors move on what the window's other micro-batches
+    accumulated (Tiger's own ``nonfinite`` option instead keeps a tensor whose last
+    micro-batch is non-finite where it is). Wrap a :class:`GradientAccumulation` from the
+    outside (``GradientAccumulation(NonFiniteGuard(opt), k)``), not the reverse.
     """
 
     def __init__(

@@ -46,6 +46,9 @@ class _Route:
     reaches: bool = True
     #: the call ends the accumulation window: the table's rows seen in it may move
     closes: bool = True
+    #: ... and a table with a gradient earlier in the window but none now is stepped with a
+    #: zero gradient (the inner optimizer's own window, or an UpdateEvery's)
+    carries: bool = False
     #: the innermost optimizer when it keeps a window of its own (grad_accum_steps > 1)
     windowed: WindowedOptimizer | None = None
     #: ... and this call opens that window for the table: it decays the table as a whole
@@ -223,8 +226,8 @@ class Lazy(OptimizerWrapper):
         if seen is None:
             return after
         # The table is stepped with a gradient, or carried into the update at the end of the
-        # inner optimizer's window (with a zero gradient: it moves on what it accumulated).
-        carried = route.windowed is not None and route.closes and earlier is not None
+        # window (with a zero gradient: it moves on what it accumulated).
+        carried = route.carries and route.closes and earlier is not None
         if step_rows is None and not carried:
             return after
         absent = torch.logical_not(seen).nonzero(as_tuple=True)
@@ -306,6 +309,7 @@ class Lazy(OptimizerWrapper):
                     return route
             elif isinstance(opt, UpdateEvery):
                 route.closes = route.closes and opt.micro_step + 1 >= opt.steps
+                route.carries = route.closes
             if isinstance(opt, OptimizerWrapper):
                 opt = opt.optimizer
             elif isinstance(opt, MultiOptimizer) and (owner := opt.owner(p)) is not None:
@@ -318,7 +322,7 @@ class Lazy(OptimizerWrapper):
                 # the window is the optimizer's own: it decays and moves the table
                 t = opt._counter()
                 route.windowed = opt
-                route.closes = (t + 1) % k == 0
+                route.closes = route.carries = (t + 1) % k == 0
                 route.opens = opt._last_seen(p) <= t - t % k
         return route
 
