@@ -442,6 +442,113 @@ def test_nested_windows_gradient_accumulation_around_tiger_accumulation(lazy_mom
     assert_windows(history, expected, 4)
 
 
+# ----------------------------------------------------------------------------------------------
+# NonFiniteGuard inside Lazy: a skipped gradient has no rows
+
+
+def poison(grads, calls, row=4):
+    """``grads`` with a NaN in ``row`` (absent everywhere in ``scenario``) on ``calls``, and the
+    oracle's view of them: a table whose gradient the guard skips has no gradient on that call."""
+    bad = [None if g is None else g.copy() for g in grads]
+    for call in calls:
+        bad[call][row] = np.nan
+    return bad
+
+
+def _update_every(t, lm):
+    beta = danlu.accumulation_betas(TIGER["beta"], 3)
+    inner = danlu.UpdateEvery(tiger(t, beta=beta), steps=3)
+    return danlu.Lazy(danlu.NonFiniteGuard(inner), [t], lazy_moments=lm)
+
+
+GUARDED = {
+    # (make, k of the windows, calls poisoned, calls the guard skips)
+    "tiger": (
+        lambda t, lm: danlu.Lazy(danlu.NonFiniteGuard(tiger(t, 3)), [t], lazy_moments=lm),
+        3,
+        (1, 5),
+        (1, 5),
+    ),
+    "update-every": (_update_every, 3, (1, 5), (1, 5)),
+    # the guard checks each mean of 2 micro-batches: both are skipped
+    "accumulation": (
+        lambda t, lm: danlu.Lazy(
+            danlu.GradientAccumulation(danlu.NonFiniteGuard(tiger(t, 2)), 2),
+            [t],
+            lazy_moments=lm,
+        ),
+        4,
+        (1, 6),
+        (0, 1, 6, 7),
+    ),
+}
+
+
+@pytest.mark.parametrize("lazy_moments", [False, True])
+@pytest.mark.parametrize("setup", sorted(GUARDED))
+def test_rows_of_a_gradient_the_guard_skips_are_absent(setup, lazy_moments):
+    """Lazy(NonFiniteGuard(opt)): the guard hides a table's non-finite gradient from the
+    optimizer, so that micro-batch adds nothing, and none of its rows is present in the window
+    (a row seen only there keeps its values, and with lazy_moments its moments), also when the
+    window's end carries the table into the update."""
+    make, k, calls, skipped = GUARDED[setup]
+    grads = scenario(k, windows=3 if k == 3 else 2)
+    bad = poison(grads, calls)
+    history, _, _ = run(lambda t: make(t, lazy_moments), bad, theta0())
+    seen = [None if i in skipped else g for i, g in enumerate(grads)]
+    if setup == "update-every":
+        hp = {**TIGER, "beta": danlu.accumulation_betas(TIGER["beta"], k)}
+        expected = lazy_tiger_update_every(theta0(), seen, k=k, lazy_moments=lazy_moments, **hp)
+    else:
+        expected = lazy_tiger_windows(theta0(), seen, k=k, lazy_moments=lazy_moments, **TIGER)
+    assert_windows(history, expected, k)
+    for theta, _ in history:  # row 4 had only non-finite gradients
+        assert torch.equal(theta[4], torch.tensor(theta0()[4]))
+
+
+def test_rows_skipped_by_a_global_guard_are_absent():
+    """scope="global": another parameter's NaN hides the table's gradient too."""
+    k = 3
+    grads = scenario(k, windows=3)
+    table = nn.Parameter(torch.tensor(theta0(), dtype=F64))
+    other = nn.Parameter(torch.ones(2, dtype=F64))
+    inner = danlu.Tiger(
+        [{"params": [table], "kind": "embedding"}, {"params": [other], "kind": "elementwise"}],
+        grad_accum_steps=k, **TIGER,
+    )  # fmt: skip
+    opt = danlu.Lazy(danlu.NonFiniteGuard(inner, scope="global"), [table])
+    skipped = (1, 5)
+    history = []
+    for call, g in enumerate(grads):
+        table.grad = torch.tensor(g, dtype=F64)
+        other.grad = torch.full((2,), np.nan if call in skipped else 1.0, dtype=F64)
+        opt.step()
+        history.append((table.detach().clone(), {"exp_avg": inner.state[table]["exp_avg"].clone()}))
+    seen = [None if i in skipped else g for i, g in enumerate(grads)]
+    expected = lazy_tiger_windows(theta0(), seen, k=k, lazy_moments=False, **TIGER)
+    assert_windows(history, expected, k)
+
+
+@pytest.mark.parametrize("lazy_moments", [False, True])
+def test_guard_shrink_pulls_only_the_rows_of_the_skipped_gradient(lazy_moments):
+    """mode="shrink": the guard pulls the skipped table toward its centre (θ ← θ·s with c = 0),
+    but Lazy keeps the rows absent from the gradient (and from the window) where they are."""
+    table = nn.Parameter(torch.tensor(theta0(5, 2), dtype=F64))
+    inner = tiger(table, 1)
+    opt = danlu.Lazy(
+        danlu.NonFiniteGuard(inner, mode="shrink", shrink_ratio=0.5), [table],
+        lazy_moments=lazy_moments,
+    )  # fmt: skip
+    g = np.zeros((5, 2))
+    g[0], g[2] = [1.0, -1.0], [np.nan, 0.0]
+    table.grad = torch.tensor(g)
+    opt.step()
+    expected = theta0(5, 2)
+    expected[[0, 2]] *= 0.5
+    np.testing.assert_array_equal(table.detach().numpy(), expected)
+    assert table not in inner.state  # the optimizer never saw the gradient
+
+
 def test_multi_optimizer_inside_lazy():
     k = 3
     grads = scenario(k, windows=2)

@@ -137,6 +137,14 @@ class GradientAccumulation(OptimizerWrapper):
         self._set_sync()
         return loss
 
+    def _coming_gradient(self, p: Tensor, grad: Tensor | None) -> Tensor | None:
+        """The (undivided) sum this wrapper's next ``step()`` makes of ``p``'s running sum and
+        ``grad``, ``p``'s gradient now; computed, nothing written (for ``danlu.Lazy``)."""
+        running = self._sums.get(p)
+        if running is None or grad is running:
+            return grad
+        return running if grad is None else running + grad
+
     def _wrapper_state(self) -> dict[str, Any]:
         index = self._param_index()
         sums = {index[id(p)][0]: s for p, s in self._sums.items() if id(p) in index}

@@ -19,6 +19,8 @@ __all__ = ["NonFiniteGuard"]
 MODES = ("skip", "shrink", "raise")
 SCOPES = ("tensor", "global")
 
+_Entry = tuple[int, dict[str, Any], Tensor]
+
 
 def _dense_values(grad: Tensor) -> Tensor:
     return grad.coalesce().values() if grad.is_sparse else grad
@@ -93,15 +95,7 @@ class NonFiniteGuard(OptimizerWrapper):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = self._call_closure(closure)
-        entries = [
-            (index, group, p)
-            for index, (group, p) in enumerate(iter_params(self))
-            if p.grad is not None
-        ]
-        flags = finite_flags([_dense_values(p.grad) for _, _, p in entries])  # type: ignore[arg-type]
-        bad = [entry for entry, ok in zip(entries, flags, strict=True) if not ok]
-        if bad and self.scope == "global":
-            bad = entries
+        entries, bad = self._find_nonfinite()
         names = [self._name(index, group, p) for index, group, p in bad]
         if bad and self.mode == "raise":
             raise FloatingPointError(
@@ -132,6 +126,21 @@ class NonFiniteGuard(OptimizerWrapper):
         self.skipped_steps += 1
         self.skipped_tensors += len(bad)
         return loss
+
+    def _find_nonfinite(
+        self, gradient: Callable[[Tensor], Tensor | None] | None = None
+    ) -> tuple[list[_Entry], list[_Entry]]:
+        """(the entries with a gradient, those the coming step skips): (index, group, param)
+        in state-dict order. ``gradient(p)`` is the gradient the step will see for ``p``
+        (default ``p.grad``; ``danlu.Lazy`` asks ahead of a GradientAccumulation's sum)."""
+        read = gradient if gradient is not None else (lambda p: p.grad)
+        grads = [(index, group, p, read(p)) for index, (group, p) in enumerate(iter_params(self))]
+        entries = [(index, group, p) for index, group, p, g in grads if g is not None]
+        flags = finite_flags([_dense_values(g) for _, _, _, g in grads if g is not None])
+        bad = [entry for entry, ok in zip(entries, flags, strict=True) if not ok]
+        if bad and self.scope == "global":
+            bad = entries
+        return entries, bad
 
     @staticmethod
     def _name(index: int, group: dict[str, Any], p: Tensor) -> str:
