@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -128,13 +128,22 @@ class NonFiniteGuard(OptimizerWrapper):
         return loss
 
     def _find_nonfinite(
-        self, gradient: Callable[[Tensor], Tensor | None] | None = None
+        self,
+        gradient: Callable[[Tensor], Tensor | None] | None = None,
+        among: Collection[Tensor] | None = None,
     ) -> tuple[list[_Entry], list[_Entry]]:
         """(the entries with a gradient, those the coming step skips): (index, group, param)
         in state-dict order. ``gradient(p)`` is the gradient the step will see for ``p``
-        (default ``p.grad``; ``danlu.Lazy`` asks ahead of a GradientAccumulation's sum)."""
+        (default ``p.grad``; ``danlu.Lazy`` asks ahead of a GradientAccumulation's sum);
+        ``among``: only these parameters matter to the caller (with "tensor" scope only they
+        are checked)."""
         read = gradient if gradient is not None else (lambda p: p.grad)
-        grads = [(index, group, p, read(p)) for index, (group, p) in enumerate(iter_params(self))]
+        wanted = None if among is None or self.scope == "global" else {id(p) for p in among}
+        grads = [
+            (index, group, p, read(p))
+            for index, (group, p) in enumerate(iter_params(self))
+            if wanted is None or id(p) in wanted
+        ]
         entries = [(index, group, p) for index, group, p, g in grads if g is not None]
         flags = finite_flags([_dense_values(g) for _, _, _, g in grads if g is not None])
         bad = [entry for entry, ok in zip(entries, flags, strict=True) if not ok]

@@ -336,7 +336,7 @@ class Lazy(OptimizerWrapper):
                             grad = acc._coming_gradient(q, grad)
                         return grad
 
-                    _, bad = guard._find_nonfinite(gradient)
+                    _, bad = guard._find_nonfinite(gradient, among=[q.p for q in plans])
                     found[key] = {id(q) for _, _, q in bad}
                 if id(plan.p) in found[key]:
                     plan.skipped = True
