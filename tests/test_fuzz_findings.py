@@ -232,3 +232,22 @@ def test_adafactor_eps1_below_the_smallest_normal_number(foreach):
     opt.step()
     expected = torch.tensor([1.0 - 0.01 * 2.5**0.5, 2.0])
     torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_adamw_fp16_beta2_near_one_does_not_crash(foreach):
+    # Finding (test_fuzz_wrappers, deep profile): with β2 = 1 − 2⁻⁵² the overflow-safe bound
+    # √(max/(2(1 − β2))) ≈ 1.7e10 exceeds fp16's range, and clamping an fp16 gradient to it
+    # raised "value cannot be converted to type c10::Half without overflow" on every step
+    # (any β2 > 1 − 7.6e-6 with fp16 parameters). The bound is now at most the dtype's largest
+    # value, so every finite fp16 gradient is read unchanged.
+    from danlu.functional.overflow import saturate, square_bound
+
+    assert square_bound(torch.float16, weight=2**-52) == F16_MAX
+    g = torch.tensor([-F16_MAX, 1.0, float("inf")], dtype=torch.float16)
+    assert saturate(g, 1e10).tolist() == [-F16_MAX, 1.0, F16_MAX]
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float16))
+    opt = danlu.AdamW([p], lr=0.1, betas=(0.9, 1 - 2**-52), weight_decay=0.0, foreach=foreach)
+    p.grad = torch.tensor([0.5, -F16_MAX], dtype=torch.float16)
+    opt.step()
+    assert torch.isfinite(p).all()  # (fp16 holds no meaningful v at this β2: only no crash)

@@ -117,7 +117,9 @@ def lazy_tiger_update_every(theta, grads, *, k, lazy_moments, kind="embedding", 
     """Lazy UpdateEvery(Tiger(β̃), k): Tiger's EMA on every micro-step, the parameters moved on
     the k-th. A row present anywhere in the window moves at its end; with lazy_moments the
     moments of a row follow the EMA from its first gradient in the window on (before that they
-    are frozen: the documented limitation, it misses those β̃ decays)."""
+    are frozen: the documented limitation, it misses those β̃ decays). A micro-step without a
+    gradient (None) is skipped, except the window's last one when the table had a gradient
+    earlier in the window: there it is stepped with a zero gradient."""
     lr, beta, rms_floor = hp["lr"], hp["beta"], hp["rms_floor"]
     wd = 0.0 if kind == "elementwise" else hp["weight_decay"]
     theta = np.array(theta, dtype=np.float64)
@@ -125,7 +127,13 @@ def lazy_tiger_update_every(theta, grads, *, k, lazy_moments, kind="embedding", 
     out = []
     for micro in windows_of(grads, k):
         seen = np.zeros(theta.shape[:-1] if theta.ndim > 1 else theta.shape, dtype=bool)
+        had = False
         for j, g in enumerate(micro):
+            if g is None:
+                if j < k - 1 or not had:
+                    continue
+                g = np.zeros_like(theta)
+            had = True
             g = np.asarray(g, dtype=np.float64)
             seen |= present_rows(g)
             rows = by_row(seen, theta)
@@ -398,10 +406,14 @@ def test_gradient_accumulation_row_whose_gradients_cancel_is_present():
 
 
 @pytest.mark.parametrize("lazy_moments", [False, True])
-def test_update_every_window_rows(lazy_moments):
+@pytest.mark.parametrize("none_at", [(), (2,), (0, 5), (6, 7, 8)])
+def test_update_every_window_rows(lazy_moments, none_at):
+    # none_at (2,) and (0, 5): the table has no gradient on a window's last micro-step but had
+    # one earlier in it, so UpdateEvery steps it there with a zero gradient and its rows seen
+    # in the window move (the others keep their values); (6, 7, 8): a window without any.
     k = 3
     beta = danlu.accumulation_betas(TIGER["beta"], k)
-    grads = scenario(k, windows=3)
+    grads = scenario(k, windows=3, none_at=none_at)
     hp = {**TIGER, "beta": beta}
     history, _, _ = run(
         lambda t: danlu.Lazy(
@@ -428,6 +440,113 @@ def test_nested_windows_gradient_accumulation_around_tiger_accumulation(lazy_mom
     )
     expected = lazy_tiger_windows(theta0(), grads, k=4, lazy_moments=lazy_moments, **TIGER)
     assert_windows(history, expected, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# NonFiniteGuard inside Lazy: a skipped gradient has no rows
+
+
+def poison(grads, calls, row=4):
+    """``grads`` with a NaN in ``row`` (absent everywhere in ``scenario``) on ``calls``, and the
+    oracle's view of them: a table whose gradient the guard skips has no gradient on that call."""
+    bad = [None if g is None else g.copy() for g in grads]
+    for call in calls:
+        bad[call][row] = np.nan
+    return bad
+
+
+def _update_every(t, lm):
+    beta = danlu.accumulation_betas(TIGER["beta"], 3)
+    inner = danlu.UpdateEvery(tiger(t, beta=beta), steps=3)
+    return danlu.Lazy(danlu.NonFiniteGuard(inner), [t], lazy_moments=lm)
+
+
+GUARDED = {
+    # (make, k of the windows, calls poisoned, calls the guard skips)
+    "tiger": (
+        lambda t, lm: danlu.Lazy(danlu.NonFiniteGuard(tiger(t, 3)), [t], lazy_moments=lm),
+        3,
+        (1, 5),
+        (1, 5),
+    ),
+    "update-every": (_update_every, 3, (1, 5), (1, 5)),
+    # the guard checks each mean of 2 micro-batches: both are skipped
+    "accumulation": (
+        lambda t, lm: danlu.Lazy(
+            danlu.GradientAccumulation(danlu.NonFiniteGuard(tiger(t, 2)), 2),
+            [t],
+            lazy_moments=lm,
+        ),
+        4,
+        (1, 6),
+        (0, 1, 6, 7),
+    ),
+}
+
+
+@pytest.mark.parametrize("lazy_moments", [False, True])
+@pytest.mark.parametrize("setup", sorted(GUARDED))
+def test_rows_of_a_gradient_the_guard_skips_are_absent(setup, lazy_moments):
+    """Lazy(NonFiniteGuard(opt)): the guard hides a table's non-finite gradient from the
+    optimizer, so that micro-batch adds nothing, and none of its rows is present in the window
+    (a row seen only there keeps its values, and with lazy_moments its moments), also when the
+    window's end carries the table into the update."""
+    make, k, calls, skipped = GUARDED[setup]
+    grads = scenario(k, windows=3 if k == 3 else 2)
+    bad = poison(grads, calls)
+    history, _, _ = run(lambda t: make(t, lazy_moments), bad, theta0())
+    seen = [None if i in skipped else g for i, g in enumerate(grads)]
+    if setup == "update-every":
+        hp = {**TIGER, "beta": danlu.accumulation_betas(TIGER["beta"], k)}
+        expected = lazy_tiger_update_every(theta0(), seen, k=k, lazy_moments=lazy_moments, **hp)
+    else:
+        expected = lazy_tiger_windows(theta0(), seen, k=k, lazy_moments=lazy_moments, **TIGER)
+    assert_windows(history, expected, k)
+    for theta, _ in history:  # row 4 had only non-finite gradients
+        assert torch.equal(theta[4], torch.tensor(theta0()[4]))
+
+
+def test_rows_skipped_by_a_global_guard_are_absent():
+    """scope="global": another parameter's NaN hides the table's gradient too."""
+    k = 3
+    grads = scenario(k, windows=3)
+    table = nn.Parameter(torch.tensor(theta0(), dtype=F64))
+    other = nn.Parameter(torch.ones(2, dtype=F64))
+    inner = danlu.Tiger(
+        [{"params": [table], "kind": "embedding"}, {"params": [other], "kind": "elementwise"}],
+        grad_accum_steps=k, **TIGER,
+    )  # fmt: skip
+    opt = danlu.Lazy(danlu.NonFiniteGuard(inner, scope="global"), [table])
+    skipped = (1, 5)
+    history = []
+    for call, g in enumerate(grads):
+        table.grad = torch.tensor(g, dtype=F64)
+        other.grad = torch.full((2,), np.nan if call in skipped else 1.0, dtype=F64)
+        opt.step()
+        history.append((table.detach().clone(), {"exp_avg": inner.state[table]["exp_avg"].clone()}))
+    seen = [None if i in skipped else g for i, g in enumerate(grads)]
+    expected = lazy_tiger_windows(theta0(), seen, k=k, lazy_moments=False, **TIGER)
+    assert_windows(history, expected, k)
+
+
+@pytest.mark.parametrize("lazy_moments", [False, True])
+def test_guard_shrink_pulls_only_the_rows_of_the_skipped_gradient(lazy_moments):
+    """mode="shrink": the guard pulls the skipped table toward its centre (θ ← θ·s with c = 0),
+    but Lazy keeps the rows absent from the gradient (and from the window) where they are."""
+    table = nn.Parameter(torch.tensor(theta0(5, 2), dtype=F64))
+    inner = tiger(table, 1)
+    opt = danlu.Lazy(
+        danlu.NonFiniteGuard(inner, mode="shrink", shrink_ratio=0.5), [table],
+        lazy_moments=lazy_moments,
+    )  # fmt: skip
+    g = np.zeros((5, 2))
+    g[0], g[2] = [1.0, -1.0], [np.nan, 0.0]
+    table.grad = torch.tensor(g)
+    opt.step()
+    expected = theta0(5, 2)
+    expected[[0, 2]] *= 0.5
+    np.testing.assert_array_equal(table.detach().numpy(), expected)
+    assert table not in inner.state  # the optimizer never saw the gradient
 
 
 def test_multi_optimizer_inside_lazy():

@@ -46,11 +46,19 @@ __all__ = [
 def square_bound(dtype: torch.dtype, count: int = 1, weight: float = 1.0) -> float:
     """The largest |g| for which ``count`` values ``weight``·g² sum to at most half of
     ``dtype``'s largest finite value (and g² itself stays below half of float32's, the
-    precision that fp16 and bf16 math runs in)."""
+    precision that fp16 and bf16 math runs in), and never beyond ``dtype``'s largest value (a
+    tiny ``weight`` such as 1 − β₂ = 1e-16 would allow more: a clamp bound that ``dtype``
+    cannot hold is an error in torch)."""
     finfo_max = torch.finfo(dtype).max
     opmath_max = torch.finfo(torch.promote_types(dtype, torch.float32)).max
     bound = math.sqrt(finfo_max / (2.0 * max(count, 1) * max(weight, 1e-300)))
-    return min(bound, math.sqrt(opmath_max / 2.0))
+    return min(bound, math.sqrt(opmath_max / 2.0), finfo_max)
+
+
+def _fit(bound: float, dtype: torch.dtype) -> float:
+    """``bound``, or ``dtype``'s largest value if that is smaller (torch refuses a clamp bound
+    that the tensor's dtype cannot hold)."""
+    return min(bound, torch.finfo(dtype).max)
 
 
 def average_bound(state_dtype: torch.dtype, param_dtype: torch.dtype | None = None) -> float:
@@ -71,7 +79,8 @@ def average_bounds(params: Sequence[Tensor], states: Sequence[Tensor]) -> float 
 
 def saturate(grad: Tensor, bound: float, *, owned: bool = False) -> Tensor:
     """``grad`` clamped to ±``bound`` (in place when ``owned``: a copy the caller made).
-    NaN is kept; ±inf becomes ±bound."""
+    NaN is kept; ±inf becomes ±bound (at most ±the largest value of ``grad``'s dtype)."""
+    bound = _fit(bound, grad.dtype)
     return grad.clamp_(-bound, bound) if owned else grad.clamp(-bound, bound)
 
 
@@ -81,6 +90,8 @@ def saturate_all(
     """:func:`saturate` for a list, one bound for all or one per tensor: new tensors, or the
     tensors themselves clamped in place when ``owned`` (copies the caller made)."""
     if isinstance(bounds, int | float):
+        if any(_fit(bounds, g.dtype) < bounds for g in grads):
+            return [saturate(g, bounds, owned=owned) for g in grads]
         if owned:
             clamped = list(grads)
             torch._foreach_clamp_min_(clamped, -bounds)

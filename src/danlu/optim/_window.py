@@ -148,13 +148,15 @@ class WindowedOptimizer(DanluOptimizer):
 
 
 def counts_windows(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer`` (or one it wraps or holds) keeps an accumulation window, so that
-    its ``step()`` must be called once per micro-batch even when no parameter has a gradient."""
+    """Whether ``optimizer`` (or one it wraps or holds) keeps an accumulation window (the
+    optimizers' ``grad_accum_steps``, ``danlu.UpdateEvery``), so that its ``step()`` must be
+    called once per micro-batch even when no parameter has a gradient."""
     from danlu.wrappers._base import unwrap
+    from danlu.wrappers.accumulation import UpdateEvery
     from danlu.wrappers.multi import MultiOptimizer
 
     for opt in unwrap(optimizer):
-        if isinstance(opt, WindowedOptimizer):
+        if isinstance(opt, WindowedOptimizer) or (isinstance(opt, UpdateEvery) and opt.steps > 1):
             return True
         if isinstance(opt, MultiOptimizer):
             return any(counts_windows(part) for part in opt.optimizers.values())

@@ -17,6 +17,7 @@ from danlu.optim._base import check_bool
 from danlu.optim._window import WindowedOptimizer
 from danlu.wrappers._base import OptimizerWrapper, iter_params
 from danlu.wrappers.accumulation import GradientAccumulation, UpdateEvery, _is_count
+from danlu.wrappers.guard import NonFiniteGuard
 from danlu.wrappers.multi import MultiOptimizer
 
 __all__ = ["Lazy"]
@@ -46,12 +47,19 @@ class _Route:
     reaches: bool = True
     #: the call ends the accumulation window: the table's rows seen in it may move
     closes: bool = True
+    #: ... and a table with a gradient earlier in the window but none now is stepped with a
+    #: zero gradient (the inner optimizer's own window, or an UpdateEvery's)
+    carries: bool = False
     #: the innermost optimizer when it keeps a window of its own (grad_accum_steps > 1)
     windowed: WindowedOptimizer | None = None
     #: ... and this call opens that window for the table: it decays the table as a whole
     opens: bool = False
     #: the GradientAccumulation wrappers on the way (they may keep the gradient as their sum)
     holders: list[GradientAccumulation] = field(default_factory=list)
+    #: the NonFiniteGuards on the way, each with the GradientAccumulations outside it
+    guards: list[tuple[NonFiniteGuard, tuple[GradientAccumulation, ...]]] = field(
+        default_factory=list
+    )
 
 
 @dataclass
@@ -60,6 +68,10 @@ class _Plan:
     route: _Route
     rows: Tensor | None  # the rows with a gradient in this call (None: no gradient)
     dense: Tensor | None  # the sparse gradient, densified for the inner step
+    #: a NonFiniteGuard inside skips the gradient that this call steps on: no row is present
+    skipped: bool = False
+    #: ... and shrinks the table (mode "shrink"): the rows of that gradient may change
+    shrinks: bool = False
 
 
 class Lazy(OptimizerWrapper):
@@ -94,6 +106,13 @@ class Lazy(OptimizerWrapper):
     in progress. ``danlu.distributed.get_optimizer_state_dict`` saves at window ends only.
     Around a :class:`GradientAccumulation` (``GradientAccumulation(Lazy(opt), k)``) the wrapper
     sees one gradient per window, the sum, whose zero rows are absent.
+
+    Around a :class:`NonFiniteGuard` (``Lazy(NonFiniteGuard(opt))``) a table whose gradient
+    the guard skips has no rows present on that call: the micro-batch adds nothing to the
+    window, so a row seen only there keeps its values (with ``mode="shrink"`` the guard's pull
+    reaches the rows of that gradient and of the window so far, not the absent ones). The
+    reverse order, ``NonFiniteGuard(Lazy(opt))``, hides the gradient from this wrapper and
+    gives the same rows.
 
     Limitation: with ``UpdateEvery`` and ``lazy_moments=True`` a row's moments stay frozen on
     the micro-steps of a window before its first gradient in it, so a row that first appears
@@ -178,6 +197,7 @@ class Lazy(OptimizerWrapper):
         plans = [
             self._plan(index, p) for index, p in enumerate(self.lazy_params) if id(p) in stepped
         ]
+        self._mark_skipped(plans)
         densified: list[tuple[_Plan, Tensor]] = []
         restores: list[tuple[Tensor, tuple[Tensor, ...], Tensor]] = []
         undo: list[tuple[Tensor, tuple[Tensor, ...], Tensor]] = []
@@ -215,25 +235,30 @@ class Lazy(OptimizerWrapper):
         apply, and return the table's masks (window, pending) for after the step."""
         p, route = plan.p, plan.route
         earlier = self._window.get(p)
-        step_rows = _union(self._pending.get(p), plan.rows)  # rows of the gradient stepped on
+        this_call = _union(self._pending.get(p), plan.rows)  # rows of the gradient stepped on
+        # ... none if a guard skips that gradient: it adds nothing to the window
+        step_rows = None if plan.skipped else this_call
         if not route.reaches:
             return earlier, step_rows
         seen = _union(earlier, step_rows)
         after = (None if route.closes else seen), None
-        if seen is None:
-            return after
         # The table is stepped with a gradient, or carried into the update at the end of the
-        # inner optimizer's window (with a zero gradient: it moves on what it accumulated).
-        carried = route.windowed is not None and route.closes and earlier is not None
-        if step_rows is None and not carried:
+        # window (with a zero gradient: it moves on what it accumulated), or shrunk by a guard.
+        carried = route.carries and route.closes and earlier is not None
+        # a guard's "shrink" pulls the rows of the skipped gradient too (not the absent ones)
+        touched = _union(seen, this_call) if plan.shrinks else seen
+        if touched is None or (step_rows is None and not carried and not plan.shrinks):
             return after
-        absent = torch.logical_not(seen).nonzero(as_tuple=True)
+        absent = torch.logical_not(touched).nonzero(as_tuple=True)
         if absent[0].numel():
             piece = local(p).detach()
             restores.append((piece, absent, piece[absent]))
-            if self.lazy_moments:
+        if self.lazy_moments and seen is not None:
+            # the moments of rows not in the window (a guard's shrink leaves moments alone)
+            outside = torch.logical_not(seen).nonzero(as_tuple=True)
+            if outside[0].numel():
                 for moment in self._moments(p):
-                    restores.append((moment, absent, moment[absent]))
+                    restores.append((moment, outside, moment[outside]))
         if (
             self.lazy_moments
             and route.windowed is not None
@@ -295,10 +320,34 @@ class Lazy(OptimizerWrapper):
         present = any_over_shards((piece != 0).any(dim=-1), p, -1)
         return _Plan(p, route, present, None)
 
+    @staticmethod
+    def _mark_skipped(plans: list[_Plan]) -> None:
+        """Mark the tables whose gradient a NonFiniteGuard inside will skip in this call (what
+        the guard sees: the gradient, or a GradientAccumulation's sum of the window)."""
+        found: dict[tuple[int, ...], set[int]] = {}
+        for plan in plans:
+            for guard, outside in plan.route.guards:
+                key = (id(guard), *(id(acc) for acc in outside))
+                if key not in found:
+
+                    def gradient(q: Tensor, outside: Iterable[GradientAccumulation] = outside):
+                        grad = q.grad
+                        for acc in outside:
+                            grad = acc._coming_gradient(q, grad)
+                        return grad
+
+                    _, bad = guard._find_nonfinite(gradient, among=[q.p for q in plans])
+                    found[key] = {id(q) for _, _, q in bad}
+                if id(plan.p) in found[key]:
+                    plan.skipped = True
+                    plan.shrinks = plan.shrinks or guard.mode == "shrink"
+
     def _route(self, p: Tensor) -> _Route:
         route = _Route()
         opt: Optimizer = self.optimizer
         while True:
+            if isinstance(opt, NonFiniteGuard):
+                route.guards.append((opt, tuple(route.holders)))
             if isinstance(opt, GradientAccumulation):
                 route.holders.append(opt)
                 if not opt.will_update:
@@ -306,6 +355,7 @@ class Lazy(OptimizerWrapper):
                     return route
             elif isinstance(opt, UpdateEvery):
                 route.closes = route.closes and opt.micro_step + 1 >= opt.steps
+                route.carries = route.closes
             if isinstance(opt, OptimizerWrapper):
                 opt = opt.optimizer
             elif isinstance(opt, MultiOptimizer) and (owner := opt.owner(p)) is not None:
@@ -318,7 +368,7 @@ class Lazy(OptimizerWrapper):
                 # the window is the optimizer's own: it decays and moves the table
                 t = opt._counter()
                 route.windowed = opt
-                route.closes = (t + 1) % k == 0
+                route.closes = route.carries = (t + 1) % k == 0
                 route.opens = opt._last_seen(p) <= t - t % k
         return route
 
