@@ -21,14 +21,18 @@ STEPS = 5
 # A step size per optimizer that moves the tiny model visibly (Amos's lr is ξ ≈ 1/√N).
 LR = {"lion": 1e-2, "tiger": 1e-2, "adafactor": 1e-2, "adax": 1e-2, "amos": 0.1, "adamw": 1e-2}
 
-# (optimizer, extra arguments): the default path, the foreach path, and settings that
-# exercise code a compiled step must trace without reading counters or flags to the host.
+# (optimizer, extra arguments, backend): the default and the foreach path of every optimizer,
+# and settings that a compiled step must trace without reading counters or flags to the
+# host. "aot_eager" captures and recompiles exactly as Inductor does but skips its code
+# generation (seconds of C++ compilation per graph on a CI core); Inductor's numbers for
+# every optimizer and parameter kind are checked on a language model in
+# tests/test_compile_real_lm.py, and here for Lion and Tiger (the docs' recipe).
 CASES = [
-    ("lion", {}),
-    ("lion", {"foreach": True}),
-    ("tiger", {}),
-    ("tiger", {"foreach": True, "nonfinite_scope": "global"}),
-    ("adafactor", {}),
+    ("lion", {}, "inductor"),
+    ("lion", {"foreach": True}, "aot_eager"),
+    ("tiger", {}, "inductor"),
+    ("tiger", {"foreach": True, "nonfinite_scope": "global"}, "aot_eager"),
+    ("adafactor", {}, "aot_eager"),
     # the relative step with a tensor multiplier (lr=None would make it the float 1.0)
     (
         "adafactor",
@@ -39,18 +43,19 @@ CASES = [
             "beta1": 0.9,
             "min_dim_size_to_factor": 4,
         },
+        "aot_eager",
     ),
-    ("adax", {}),
-    ("adax", {"foreach": True}),
-    ("amos", {}),
-    ("amos", {"foreach": True, "momentum": 0.5}),
-    ("adamw", {}),
-    ("adamw", {"foreach": True}),
+    ("adax", {}, "aot_eager"),
+    ("adax", {"foreach": True}, "aot_eager"),
+    ("amos", {}, "aot_eager"),
+    ("amos", {"foreach": True, "momentum": 0.5}, "aot_eager"),
+    ("adamw", {}, "aot_eager"),
+    ("adamw", {"foreach": True}, "aot_eager"),
 ]
 
 
 def test_every_registered_optimizer_is_covered():
-    assert {name for name, _ in CASES} == set(REGISTRY) == set(LR)
+    assert {name for name, _, _ in CASES} == set(REGISTRY) == set(LR)
 
 
 @pytest.fixture(autouse=True)
@@ -66,9 +71,19 @@ def make_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
 
 
-def run(name: str, kwargs: dict, *, compiled: bool, steps: int = STEPS, grads=None):
+def run(
+    name: str,
+    kwargs: dict,
+    *,
+    compiled: bool,
+    steps: int = STEPS,
+    grads=None,
+    backend: str = "inductor",
+):
     """``steps`` steps of ``name`` on the tiny model; returns (model, optimizer, frame counts
-    after each step). ``grads(model, step)`` sets the gradients (default: an MSE loss)."""
+    after each step). ``grads(model, step)`` sets the gradients (default: an MSE loss).
+    ``backend="aot_eager"`` skips Inductor's code generation, for the tests about what
+    Dynamo captures and recompiles."""
     model = make_model()
     kwargs = dict(kwargs)
     lr = kwargs.pop("lr", LR[name])
@@ -83,7 +98,7 @@ def run(name: str, kwargs: dict, *, compiled: bool, steps: int = STEPS, grads=No
         opt.step()
         opt.zero_grad()
 
-    counter = CompileCounterWithBackend("inductor")
+    counter = CompileCounterWithBackend(backend)
     stepper = torch.compile(step, backend=counter) if compiled else step
     frames = []
     for i in range(steps):
@@ -111,11 +126,75 @@ def assert_same_run(eager, compiled, *, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(g_c["lr"], g_e["lr"])
 
 
-@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=[f"{n}-{k}" for n, k in CASES])
-def test_compiled_step_equals_eager_without_recompiling(name, kwargs):
+@pytest.mark.parametrize(
+    ("name", "kwargs", "backend"), CASES, ids=[f"{n}-{b}-{k}" for n, k, b in CASES]
+)
+def test_compiled_step_equals_eager_without_recompiling(name, kwargs, backend):
     eager = run(name, kwargs, compiled=False)
-    compiled = run(name, kwargs, compiled=True)
+    compiled = run(name, kwargs, compiled=True, backend=backend)
     frames = compiled[2]
     assert frames[0] > 0
     assert frames == [frames[0]] * STEPS, f"recompiled when the lr changed: {frames}"
     assert_same_run(eager, compiled)
+
+
+def nonfinite_grads(model, step):
+    """Gradients of a fixed loss, with an inf in the first layer's bias on step 2 and a NaN
+    in the last layer's weight on step 3."""
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    torch.nn.functional.mse_loss(model(x), torch.zeros(16, 1)).backward()
+    if step == 2:
+        model[0].bias.grad[3] = float("inf")
+    if step == 3:
+        model[2].weight.grad[0, 5] = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("nonfinite", "scope", "backend"),
+    [("shrink", "tensor", "inductor"), ("skip", "global", "aot_eager")],
+)
+def test_compiled_tiger_applies_the_nonfinite_policy_like_eager(nonfinite, scope, backend):
+    kwargs = {"nonfinite": nonfinite, "nonfinite_scope": scope}
+    eager = run("tiger", kwargs, compiled=False, grads=nonfinite_grads)
+    compiled = run("tiger", kwargs, compiled=True, grads=nonfinite_grads, backend=backend)
+    frames = compiled[2]
+    assert frames == [frames[0]] * STEPS, f"a non-finite gradient recompiled: {frames}"
+    assert_same_run(eager, compiled)
+    for p in compiled[0].parameters():
+        assert torch.isfinite(p).all() and torch.isfinite(compiled[1].state[p]["exp_avg"]).all()
+
+
+@pytest.mark.parametrize("name", ["tiger", "adamw"])
+def test_compiled_accumulation_compiles_once_per_window_position(name):
+    # with grad_accum_steps=k the window position decides what a micro-step does (decay or
+    # not, move or not): at most 3 variants (first, middle, last), compiled in the first
+    # window and reused after it
+    kwargs = {"grad_accum_steps": 3}
+    eager = run(name, kwargs, compiled=False, steps=9)
+    compiled = run(name, kwargs, compiled=True, steps=9, backend="aot_eager")
+    frames = compiled[2]
+    assert frames[2] == frames[8], frames
+    assert frames[:3] == [frames[0], frames[0] + 1, frames[0] + 2], frames
+    assert_same_run(eager, compiled)
+    assert compiled[1].micro_step == eager[1].micro_step == 9
+
+
+def test_compiled_step_checks_like_eager_and_a_failed_step_changes_nothing():
+    model, opt, _ = run("tiger", {}, compiled=True, steps=2, backend="aot_eager")
+    step = torch.compile(opt.step, backend="aot_eager")
+    x = torch.randn(4, 8)
+    model(x).sum().backward()
+    before = {p: (p.clone(), opt.state[p]["exp_avg"].clone()) for p in model.parameters()}
+    micro_step = opt.micro_step
+    opt.param_groups[0]["lr"].fill_(-1.0)  # e.g. a custom scheduler gone wrong
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: lr must be a number in \[0, "):
+        step()
+    opt.param_groups[0]["lr"].fill_(1e-3)
+    next(iter(model.parameters())).grad[0, 0] = float("nan")
+    for group in opt.param_groups:
+        group["nonfinite"] = "raise"
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient in .*nothing was modified"):
+        step()
+    for p, (value, exp_avg) in before.items():
+        assert torch.equal(p, value) and torch.equal(opt.state[p]["exp_avg"], exp_avg)
+    assert opt.micro_step == micro_step

@@ -68,13 +68,19 @@ def select_path(foreach: bool | None, fused: bool | None, tensors: Sequence[Tens
       would choose it; else, on CPU, the chunked for-loop (the single-tensor math applied to
       cache-sized slices: bit-identical, no parameter-sized temporaries).
     * ``fused=False``: never a fused kernel.
+    * inside ``torch.compile`` (Inductor generates the kernels): "foreach" where ``foreach``
+      or ``fused`` is True or torch.optim would choose foreach, else "single".
     """
     if foreach and fused:
         raise ValueError("foreach and fused cannot both be True")
     if torch.compiler.is_compiling():
         # inside a torch.compile'd step Inductor fuses the math itself: the hand-written
-        # kernels and the chunked loop (scratch buffers, slices) are not traced
-        return "single" if foreach is False else "foreach" if tensors else "single"
+        # kernels and the chunked loop (scratch buffers, slices) are not traced. The foreach
+        # math where torch.optim would use it (or where asked for, fused=True included), else
+        # the for-loop (on CPU: fewer, larger kernels)
+        if foreach or (foreach is None and (fused or resolve_foreach(None, tensors))):
+            return "foreach"
+        return "single"
     on_cuda = bool(tensors) and all(t.device.type == "cuda" for t in tensors)
     if fused:
         return "triton" if on_cuda and triton_available() else "compiled"

@@ -119,29 +119,34 @@ def finite_norm(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``torch.linalg.vector_norm(x, dtype=dtype)``, except that a norm that overflowed
     while ``x`` is finite is recomputed with a scale (it is inf only when the norm itself
     exceeds the dtype's range). The check reads one flag on the host; inside
-    ``torch.compile`` both are computed and one is selected on the device instead."""
-    norm = torch.linalg.vector_norm(x, dtype=dtype)
+    ``torch.compile`` nothing is read back (see :func:`_compiled_finite_norm`)."""
     if torch.compiler.is_compiling():
-        scaled = _scaled_norm(x if dtype is None else x.to(dtype)).to(norm.dtype)
-        return torch.where(torch.isfinite(norm), norm, scaled)
+        return _compiled_finite_norm(x, dtype)
+    norm = torch.linalg.vector_norm(x, dtype=dtype)
     if bool(torch.isfinite(norm)):
         return norm
     return _scaled_norm(x if dtype is None else x.to(dtype)).to(norm.dtype)
 
 
+def _compiled_finite_norm(x: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """:func:`finite_norm` inside ``torch.compile``, without a host read: the sum of squares of
+    a float32 (or narrower) tensor accumulated in float64, where it cannot overflow (one
+    reduction, the result rounded to the norm's dtype); a float64 tensor gets the scaled norm
+    where the plain one overflowed, selected on the device."""
+    compute = dtype if dtype is not None else x.dtype
+    out = compute if compute.is_floating_point else torch.float32
+    if compute != torch.float64:
+        return torch.linalg.vector_norm(x, dtype=torch.float64).to(out)
+    norm = torch.linalg.vector_norm(x, dtype=dtype)
+    return torch.where(torch.isfinite(norm), norm, _scaled_norm(x.to(compute)).to(norm.dtype))
+
+
 def finite_norms(xs: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
     """``torch._foreach_norm(xs, 2, dtype=dtype)`` with :func:`finite_norm`'s repair; one host
-    read for the whole list (none inside ``torch.compile``, see :func:`finite_norm`)."""
-    norms = list(torch._foreach_norm(list(xs), 2, dtype=dtype))
+    read for the whole list (none inside ``torch.compile``)."""
     if torch.compiler.is_compiling():
-        return [
-            torch.where(
-                torch.isfinite(norm),
-                norm,
-                _scaled_norm(x if dtype is None else x.to(dtype)).to(norm.dtype),
-            )
-            for x, norm in zip(xs, norms, strict=True)
-        ]
+        return [_compiled_finite_norm(x, dtype) for x in xs]
+    norms = list(torch._foreach_norm(list(xs), 2, dtype=dtype))
     if not norms or bool(torch.isfinite(torch.stack(norms)).all()):
         return norms
     for i, (x, norm) in enumerate(zip(xs, norms, strict=True)):

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from danlu.distributed import any_dtensor, is_dtensor, local, sharded_sums
+from danlu.functional._row_norm import row_norm
 from danlu.functional._utils import group_by_device_and_dtype, select_path
 from danlu.functional.nonfinite import shrink_
 from danlu.functional.overflow import average_bound, average_bounds, saturate, saturate_all
@@ -57,9 +58,9 @@ def tiger_step_size(
         rms = torch.linalg.vector_norm(param, dtype=dtype) / math.sqrt(max(param.numel(), 1))
     elif kind == "embedding":
         width = param.shape[-1] if param.dim() > 0 else 1
-        rms = torch.linalg.vector_norm(param, dim=-1, keepdim=True, dtype=dtype) / math.sqrt(
-            max(width, 1)
-        )
+        # an opaque op inside torch.compile (Inductor's CPU code generation fails on the row
+        # reduction fused with the update, pytorch#196570); the same call eagerly
+        rms = row_norm(param, dtype) / math.sqrt(max(width, 1))
     else:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return rms.clamp_min_(rms_floor).mul_(lr)
