@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build on these machines.
 TORCH_VERSION := 2.13.0
 
-.PHONY: test demo lint bench docs clean
+.PHONY: test demo lint bench gpu-check docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ docs: $(VENV)/.docs-installed
 
 bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/step_bench.py
+
+# On a CUDA machine (about 8 minutes on one H200): the CUDA tests, every Triton kernel against
+# the single-tensor path at 1B-LLaMA sizes, and the step benchmark against torch's fused AdamW
+# → benchmarks/RESULTS-cuda.md; exits 2 without a CUDA device. GPU_PYTHON=python3 uses that
+# interpreter and its own CUDA build of torch instead of the venv (no install).
+GPU_PYTHON ?= $(BIN)/python
+gpu-check: $(if $(filter $(BIN)/python,$(GPU_PYTHON)),$(VENV)/.dev-installed)
+	PYTHONPATH=src $(GPU_PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build dist site src/*.egg-info

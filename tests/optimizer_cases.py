@@ -10,6 +10,8 @@ have the parameter's dtype.
 CASES = {
     "adamw": {
         "kwargs": {"lr": 3e-2, "weight_decay": 0.01},
+        # v is float32 for bf16/fp16 parameters (in bf16, β2·v rounds back to v: no decay)
+        "float32_state": ("exp_avg_sq",),
         "invalid": [
             ("lr", -1e-3),
             ("lr", float("inf")),

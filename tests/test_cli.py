@@ -160,7 +160,11 @@ def test_lora_task_runs(tmp_path):
     assert run(["--task", "lora", "--steps", "2", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     runs = results["tasks"]["lora"]["runs"]
-    assert [r["label"] for r in runs] == ["full fine-tuning", "LoRA", "LoRA-GA",
-                                           "LoRA-GA + LoRA-Pro"]
+    assert [r["label"] for r in runs] == [
+        "full fine-tuning",
+        "LoRA",
+        "LoRA-GA",
+        "LoRA-GA + LoRA-Pro",
+    ]
     assert runs[0]["extra"]["trainable_params"] > runs[1]["extra"]["trainable_params"] > 0
     assert all(math.isfinite(r["final_metric"]) for r in runs)

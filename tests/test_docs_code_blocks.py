@@ -284,6 +284,21 @@ def lora(ns: dict[str, Any], tmp: Path) -> None:
     ns["batch"] = ns["batches"][0]
 
 
+def lora_peft(ns: dict[str, Any], tmp: Path) -> None:
+    """``load_base_model()`` (a tiny LLaMA, the same weights on every call: it stands for
+    ``AutoModelForCausalLM.from_pretrained``) and 2 ``batches`` of ``{"input_ids", "labels"}``."""
+    ns["load_base_model"] = tiny_llama
+    ns["batches"] = token_dicts(2)
+
+
+def reloaded_matches(ns: dict[str, Any]) -> None:
+    """The block's ``reloaded`` PEFT model (on a fresh base) computes what its ``model`` does."""
+    model, reloaded = ns["model"].eval(), ns["reloaded"].eval()
+    ids = ns["batches"][0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def adamw_groups(ns: dict[str, Any], tmp: Path) -> None:
     """``model`` and ``groups_by_hand``: decay for matrices, none for biases and norms."""
     lm(ns, tmp)
@@ -311,6 +326,7 @@ PRELUDES = {
     "ddp": Prelude(ddp, leave_the_group),
     "checkpoint": Prelude(checkpoint),
     "lora": Prelude(lora, train_one_step),
+    "lora-peft": Prelude(lora_peft, reloaded_matches),
     "adamw-groups": Prelude(adamw_groups, train_one_step),
 }
 

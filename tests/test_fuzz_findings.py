@@ -141,27 +141,35 @@ def test_booleans_are_checked_as_booleans():
 
 
 @pytest.mark.parametrize("name", ["lion", "tiger"])
-def test_fp16_momentum_saturates_instead_of_overflowing(name):
+def test_fp16_momentum_reads_the_gradient_saturated_instead_of_overflowing(name):
     # Finding: an fp16 momentum (state_dtype) overflowed to inf for gradients beyond 65504,
-    # and the next opposite gradient turned it into NaN (inf − inf).
-    # Lion, β = (0.9, 0.99), lr = 0.1, θ₀ = 0: g₁ = 1e8 gives c = 1e7 > 0, θ₁ = −0.1 and
-    # m = 0.01·1e8 = 1e6, saturated to 65504; g₂ = −1e8 gives c = 0.9·65504 − 1e7 < 0, so
-    # θ₂ = 0 and m = 0.99·65504 − 1e6 → −65504. Tiger (β = 0.9, elementwise, η = 0.5·lr):
-    # m₁ = 0.1·1e8 → 65504, θ₁ = −0.05; m₂ = 0.9·65504 − 1e7 < 0 → −65504, θ₂ = 0.
+    # and the next opposite gradient turned it into NaN (inf − inf). The store was first made
+    # to saturate at 65504; now the gradient itself is read saturated at half of fp16's range,
+    # 32752 (docs/optimizers/lion.md, "Huge gradients"), so the momentum is an average of
+    # values in range and never needs to saturate.
+    # Lion, β = (0.9, 0.99), lr = 0.1, θ₀ = 0: g₁ = 1e8 is read as 32752: c = 3275.2 > 0,
+    # θ₁ = −0.1, m₁ = 0.01·32752; g₂ = −1e8 as −32752: c = 0.9·m₁ − 3275.2 < 0, θ₂ = 0,
+    # m₂ = 0.99·m₁ − 327.52. Tiger (β = 0.9, elementwise, η = 0.5·lr): m₁ = 0.1·32752,
+    # θ₁ = −0.05; m₂ = 0.9·m₁ − 3275.2 < 0, θ₂ = 0.
+    bound = F16_MAX / 2
     p = torch.nn.Parameter(torch.zeros(1))
     if name == "lion":
         opt = danlu.Lion([p], lr=0.1, betas=(0.9, 0.99), state_dtype=torch.float16)
-        first = -0.1
+        first, beta = -0.1, 0.99
     else:
         opt = danlu.Tiger([p], lr=0.1, beta=0.9, weight_decay=0.0, state_dtype=torch.float16)
-        first = -0.05
+        first, beta = -0.05, 0.9
     p.grad = torch.tensor([1e8])
     opt.step()
-    assert opt.state[p]["exp_avg"].item() == F16_MAX
+    m1 = torch.tensor((1 - beta) * bound, dtype=torch.float64).half()
+    assert opt.state[p]["exp_avg"].item() == m1.item()
     torch.testing.assert_close(p.detach(), torch.tensor([first]))
     p.grad = torch.tensor([-1e8])
     opt.step()
-    assert opt.state[p]["exp_avg"].item() == -F16_MAX
+    m2 = torch.tensor(beta * m1.double().item() - (1 - beta) * bound).half()
+    torch.testing.assert_close(
+        opt.state[p]["exp_avg"].float(), m2.float().view(1), rtol=2**-10, atol=0
+    )
     torch.testing.assert_close(p.detach(), torch.tensor([0.0]), atol=1e-7, rtol=0)
 
 
@@ -224,3 +232,22 @@ def test_adafactor_eps1_below_the_smallest_normal_number(foreach):
     opt.step()
     expected = torch.tensor([1.0 - 0.01 * 2.5**0.5, 2.0])
     torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_adamw_fp16_beta2_near_one_does_not_crash(foreach):
+    # Finding (test_fuzz_wrappers, deep profile): with β2 = 1 − 2⁻⁵² the overflow-safe bound
+    # √(max/(2(1 − β2))) ≈ 1.7e10 exceeds fp16's range, and clamping an fp16 gradient to it
+    # raised "value cannot be converted to type c10::Half without overflow" on every step
+    # (any β2 > 1 − 7.6e-6 with fp16 parameters). The bound is now at most the dtype's largest
+    # value, so every finite fp16 gradient is read unchanged.
+    from danlu.functional.overflow import saturate, square_bound
+
+    assert square_bound(torch.float16, weight=2**-52) == F16_MAX
+    g = torch.tensor([-F16_MAX, 1.0, float("inf")], dtype=torch.float16)
+    assert saturate(g, 1e10).tolist() == [-F16_MAX, 1.0, F16_MAX]
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float16))
+    opt = danlu.AdamW([p], lr=0.1, betas=(0.9, 1 - 2**-52), weight_decay=0.0, foreach=foreach)
+    p.grad = torch.tensor([0.5, -F16_MAX], dtype=torch.float16)
+    opt.step()
+    assert torch.isfinite(p).all()  # (fp16 holds no meaningful v at this β2: only no crash)

@@ -72,13 +72,19 @@ def state_tensors(opt):
 
 
 def lion_bound(opt, group, params, old, new, grads, counts):
-    """SPEC §1(e)4: with ηλ ≤ 1, |θ_t| ≤ max(|θ_{t−1}|, 1/λ) for every coordinate."""
+    """SPEC §1(e)4: with ηλ ≤ 1, |θ_t| ≤ max(|θ_{t−1}|, 1/λ) for every coordinate.
+
+    The decay factor 1 − ηλ is formed in the lr's dtype, as torch.optim and lion-pytorch do:
+    a float32 tensor lr rounds it to a multiple of 2⁻²⁴ (to 1 when ηλ < 3e-8), so a float64
+    parameter may keep up to |θ|·2⁻²⁴ of its decay (found by a larger fuzz budget)."""
     lr, wd = float(group["lr"]), group["weight_decay"]
     if wd == 0 or lr * wd > 1:
         return
+    lr_eps = torch.finfo(group["lr"].dtype).eps if isinstance(group["lr"], torch.Tensor) else 0.0
     for a, b in zip(old, new, strict=True):
         bound = torch.maximum(a.double().abs(), torch.full_like(a, 1 / wd, dtype=torch.float64))
-        assert (b.double().abs() <= bound + 2 * ulp(bound.to(b.dtype))).all()
+        slack = 2 * ulp(bound.to(b.dtype)) + a.double().abs() * lr_eps
+        assert (b.double().abs() <= bound + slack).all()
 
 
 def sign_magnitude(step_size):

@@ -7,6 +7,7 @@ import danlu
 from danlu.functional.adax import _single_tensor_adax, adax_new_sample_weight
 from danlu.functional.amos import _single_tensor_amos, amos_slot_shape
 from danlu.functional.lion import _single_tensor_lion
+from danlu.functional.overflow import average_bound
 from danlu.functional.precision import upcast_step
 from danlu.functional.tiger import _single_tensor_tiger
 from danlu.kernels.chunked import adax_chunked, lion_chunked, tiger_chunked
@@ -90,10 +91,14 @@ def test_lion_chunked_low_precision_state_is_bit_identical_to_upcast(kw, state_d
     # the upcast path (fp32 copies of the whole state, precision.upcast_step) is the reference
     params, exp_avgs, grads = tensors(SHAPES)
     exp_avgs = [m.to(state_dtype) for m in exp_avgs]
-    grads[1] = [g * 1e5 for g in grads[1]]  # beyond fp16's range: the stores saturate
+    grads[1] = [g * 1e5 for g in grads[1]]  # beyond fp16's range: the reads saturate
     p1, m1, p2, m2 = clone(params), clone(exp_avgs), clone(params), clone(exp_avgs)
+    # the fp32 copies do not show the momentum's dtype: its bound is passed along
+    bound = average_bound(state_dtype, torch.float32)
     for g in grads:
-        upcast_step(_single_tensor_lion, p1, g, [m1], stochastic_rounding=False, **kw)
+        upcast_step(
+            _single_tensor_lion, p1, g, [m1], stochastic_rounding=False, grad_bound=bound, **kw
+        )
         lion_chunked(p2, g, m2, chunk=CHUNK, **kw)
     for a, b in zip(p1 + m1, p2 + m2, strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)

@@ -433,3 +433,24 @@ def test_ranks_share_one_gradient_estimate(tmp_path):
     for name, value in single.state_dict().items():
         assert torch.equal(states[0][name], states[1][name]), name
         torch.testing.assert_close(states[0][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_base_weight_is_refused_and_nothing_changes():
+    """LoRA-GA shifts the base weight; a weight another layer also uses (tied embeddings) would
+    change that layer too, so the model would no longer compute the same function."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 5))
+    model[2].weight = model[0].weight  # tied
+    inject(model, target=["2", "4"], rank=2)
+    state = copy.deepcopy(model.state_dict())
+    batches = [(torch.randn(8, 8), torch.randn(8, 5))]
+    with pytest.raises(ValueError, match=r"'2': its base weight is shared with '0\.weight'"):
+        lora_ga_init_(model, batches, mse)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    # untied, the same call keeps the function
+    model[2].base.weight = nn.Parameter(model[0].weight.detach().clone(), requires_grad=False)
+    x = torch.randn(4, 8)
+    out = model(x).detach()
+    lora_ga_init_(model, batches, mse)
+    torch.testing.assert_close(model(x), out, atol=1e-6, rtol=1e-5)

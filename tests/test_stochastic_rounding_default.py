@@ -133,20 +133,11 @@ def _spacing_towards(values, targets, dtype):
     return torch.exp2(torch.clamp(e - (digits - 1), min=min_exp))
 
 
-FP16_V_UNDERFLOWS = pytest.mark.xfail(
-    strict=True,
-    reason="AdamW keeps v in the parameter's dtype: (1 − β2)·g² = 1e-9 underflows fp16 to 0 "
-    "and the step explodes, with or without stochastic rounding (a state issue, not rounding)",
-)
-
-
+# AdamW's fp16 case used to fail: its moments were fp16 and (1 − β2)·g² = 1e-9 underflowed
+# to 0; they are float32 for fp16 parameters now (tests/test_adamw_fp16_state.py).
 @pytest.mark.parametrize(
     ("name", "dtype"),
-    [(name, torch.bfloat16) for name in NAMES]
-    + [
-        pytest.param(name, torch.float16, marks=FP16_V_UNDERFLOWS if name == "adamw" else ())
-        for name in NAMES
-    ],
+    [(name, torch.bfloat16) for name in NAMES] + [(name, torch.float16) for name in NAMES],
 )
 def test_low_precision_params_train_by_default_and_track_fp32(name, dtype):
     weight, grads = _init(dtype)

@@ -378,7 +378,8 @@ def get_optimizer_state_dict(
     ``"danlu_wrappers"`` (plain numbers and strings), so the result saves with
     ``torch.distributed.checkpoint.save`` and loads on any number of ranks. A
     ``GradientAccumulation`` must be at a window boundary (``micro_step == 0``): its running
-    sums are gradients, which distributed checkpoints do not hold. A ``MultiOptimizer`` is
+    sums are gradients, which distributed checkpoints do not hold; likewise a ``Lazy`` must
+    hold no rows of a window in progress (under accumulation). A ``MultiOptimizer`` is
     passed to torch's helper as its inner optimizers (one state dict keyed by parameter name).
     For a bare optimizer this is torch's helper. ``kwargs`` (``options``) go to torch's helper.
     """
@@ -396,7 +397,13 @@ def get_optimizer_state_dict(
                 f"danlu.{type(wrapper).__name__} is {record['micro_step']} micro-steps into a "
                 "window; save a distributed checkpoint after an update (micro_step == 0)"
             )
+        if record.get("rows"):
+            raise ValueError(
+                f"danlu.{type(wrapper).__name__} holds the rows of an accumulation window in "
+                "progress; save a distributed checkpoint at the end of a window"
+            )
         record.pop("sums", None)
+        record.pop("rows", None)
         records.append(record)
     out = dict(torch_get(model, inner, **kwargs))
     if records:

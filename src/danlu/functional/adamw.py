@@ -17,6 +17,11 @@ acts only on updates. ``eps_inside_sqrt`` puts ε under the root, √(v̂ + ε),
 
 Gradients are read saturated at the largest magnitude whose (1−β2)·g² stays finite in v's
 dtype (``functional.overflow``): about 1.3e19 in float32, 5.7e3 in float16 at β2 = 0.999.
+
+The moments may be wider than the parameter (``danlu.AdamW`` keeps v in float32 for bf16 and
+fp16 parameters, and m too for fp16): the gradient is then read in v's dtype (and rounded to
+m's for m), and the parameter's update, decay included, is computed in v's dtype and rounded
+once when written.
 """
 
 from __future__ import annotations
@@ -124,15 +129,18 @@ def _single_tensor_adamw(
     ):
         if maximize:
             grad = -grad
-        grad = saturate(grad, square_bound(exp_avg_sq.dtype, weight=1 - beta2), owned=maximize)
+        owned = maximize or grad.dtype != exp_avg_sq.dtype
+        grad = grad.to(exp_avg_sq.dtype)
+        grad = saturate(grad, square_bound(exp_avg_sq.dtype, weight=1 - beta2), owned=owned)
+        grad_m = grad.to(exp_avg.dtype)
         if k == 1:
-            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg.lerp_(grad_m, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         else:
             if first_micro_step:
                 exp_avg.mul_(beta1)
                 exp_avg_sq.mul_(beta2)
-            exp_avg.add_(grad, alpha=(1 - beta1) / k)
+            exp_avg.add_(grad_m, alpha=(1 - beta1) / k)
             exp_avg_sq.addcmul_(grad, grad, value=(1 - beta2) / k)
         if not last_micro_step:
             continue
@@ -141,8 +149,11 @@ def _single_tensor_adamw(
             n: float | Tensor = step.to(device=param.device, dtype=torch.float64)
         else:
             n = float(step.item())
+        # bf16/fp16 parameters with a float32 v: the update in float32, one rounding on write
+        wide = torch.promote_types(param.dtype, exp_avg_sq.dtype)
+        work = param if param.dtype == wide else param.to(wide)
         if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
+            work.mul_(1 - lr * weight_decay)
         step_size = lr / (1 - beta1**n)
         bias_correction2 = 1 - beta2**n
         if eps_inside_sqrt:
@@ -153,9 +164,11 @@ def _single_tensor_adamw(
             # v̂ = 0 only where every gradient was 0 (so m = 0): a 0 step, not 0/0
             denom.clamp_min_(torch.finfo(denom.dtype).tiny)
         if isinstance(step_size, Tensor):
-            param.sub_(exp_avg.div(denom).mul_(step_size))
+            work.sub_(exp_avg.div(denom).mul_(step_size))
         else:
-            param.addcdiv_(exp_avg, denom, value=-step_size)
+            work.addcdiv_(exp_avg, denom, value=-step_size)
+        if work is not param:
+            param.copy_(work)
 
 
 def _multi_tensor_adamw(
@@ -186,26 +199,38 @@ def _multi_tensor_adamw(
     ), _ in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps]):
         if maximize:
             device_grads = list(torch._foreach_neg(device_grads))
-        bound = square_bound(device_exp_avg_sqs[0].dtype, weight=1 - beta2)
-        device_grads = saturate_all(device_grads, bound)
+        v_dtype = device_exp_avg_sqs[0].dtype
+        owned = maximize or any(g.dtype != v_dtype for g in device_grads)
+        device_grads = [g.to(v_dtype) for g in device_grads]
+        device_grads = saturate_all(
+            device_grads, square_bound(v_dtype, weight=1 - beta2), owned=owned
+        )
+        grads_m = [g.to(m.dtype) for g, m in zip(device_grads, device_exp_avgs, strict=True)]
         if k == 1:
-            torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta1)
+            torch._foreach_lerp_(device_exp_avgs, grads_m, 1 - beta1)
             torch._foreach_mul_(device_exp_avg_sqs, beta2)
             torch._foreach_addcmul_(device_exp_avg_sqs, device_grads, device_grads, 1 - beta2)
         else:
             if first_micro_step:
                 torch._foreach_mul_(device_exp_avgs, beta1)
                 torch._foreach_mul_(device_exp_avg_sqs, beta2)
-            torch._foreach_add_(device_exp_avgs, device_grads, alpha=(1 - beta1) / k)
+            torch._foreach_add_(device_exp_avgs, grads_m, alpha=(1 - beta1) / k)
             torch._foreach_addcmul_(device_exp_avg_sqs, device_grads, device_grads, (1 - beta2) / k)
         if not last_micro_step:
             continue
         torch._foreach_add_(device_steps, 1.0)
+        # bf16/fp16 parameters with a float32 v: the update in float32, one rounding on write
+        wides = [
+            torch.promote_types(p.dtype, v.dtype)
+            for p, v in zip(device_params, device_exp_avg_sqs, strict=True)
+        ]
+        wider = [p.dtype != w for p, w in zip(device_params, wides, strict=True)]
+        work = [p.to(w) for p, w in zip(device_params, wides, strict=True)]
         if weight_decay != 0:
-            torch._foreach_mul_(device_params, 1 - lr * weight_decay)
+            torch._foreach_mul_(work, 1 - lr * weight_decay)
         if torch.compiler.is_compiling():
             _compiled_multi_tensor_update(
-                device_params,
+                work,
                 device_exp_avgs,
                 device_exp_avg_sqs,
                 device_steps,
@@ -215,6 +240,7 @@ def _multi_tensor_adamw(
                 eps=eps,
                 eps_inside_sqrt=eps_inside_sqrt,
             )
+            _write_back(device_params, work, wider)
             continue
         counts = [float(s.item()) for s in device_steps]
         step_sizes = [-(lr / (1 - beta1**n)) for n in counts]
@@ -230,7 +256,15 @@ def _multi_tensor_adamw(
         if eps < torch.finfo(denoms[0].dtype).tiny:  # ε = 0, or lost in fp16 (1e-8 + 0 = 0)
             # v̂ = 0 only where every gradient was 0 (so m = 0): a 0 step, not 0/0
             torch._foreach_clamp_min_(denoms, torch.finfo(denoms[0].dtype).tiny)
-        torch._foreach_addcdiv_(device_params, device_exp_avgs, denoms, step_sizes)
+        torch._foreach_addcdiv_(work, device_exp_avgs, denoms, step_sizes)
+        _write_back(device_params, work, wider)
+
+
+def _write_back(params: list[Tensor], work: list[Tensor], wider: list[bool]) -> None:
+    """Copy the float32 work copies of bf16/fp16 parameters back (one rounding each)."""
+    written = [i for i, w in enumerate(wider) if w]
+    if written:
+        torch._foreach_copy_([params[i] for i in written], [work[i] for i in written])
 
 
 def _compiled_multi_tensor_update(

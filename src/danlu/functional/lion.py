@@ -5,6 +5,12 @@
     m_t = β2·m_{t-1} + (1-β2)·g_t
 
 Decay uses the old parameter and is multiplied by the lr (google/automl lion_pytorch.py).
+
+The gradient is read saturated at half the largest value of the momentum's dtype
+(``functional.overflow.average_bound``; ±inf too): both averages then stay finite for every
+gradient, where +max followed by −max used to turn m into ±inf and the next step into NaN.
+Gradients within the bound (every one that training can meaningfully produce) are read
+unchanged, bit for bit.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from torch import Tensor
 
 from danlu.distributed import any_dtensor, local
 from danlu.functional._utils import group_by_device_and_dtype, select_path
+from danlu.functional.overflow import average_bound, average_bounds, saturate, saturate_all
 from danlu.functional.precision import needs_upcast_copies, upcast_step
 
 __all__ = ["lion"]
@@ -65,18 +72,22 @@ def lion(
         )
         return
     if needs_upcast_copies(path, params, grads, [exp_avgs], stochastic_rounding):
-        upcast_step(
-            _single_tensor_lion,
-            params,
-            grads,
-            [exp_avgs],
-            stochastic_rounding=stochastic_rounding,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=weight_decay,
-            maximize=maximize,
-        )
+        # one tensor at a time (as upcast_step goes anyway): the fp32 copies no longer show
+        # the momentum's own dtype, so its bound is passed along
+        for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
+            upcast_step(
+                _single_tensor_lion,
+                [param],
+                [grad],
+                [[exp_avg]],
+                stochastic_rounding=stochastic_rounding,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=weight_decay,
+                maximize=maximize,
+                grad_bound=average_bound(exp_avg.dtype, param.dtype),
+            )
         return
     fn = _implementation(path)
     fn(
@@ -115,10 +126,15 @@ def _single_tensor_lion(
     beta2: float,
     weight_decay: float,
     maximize: bool,
+    grad_bound: float | None = None,
 ) -> None:
+    """``grad_bound``: the saturation bound of every gradient (default: each momentum's
+    :func:`~danlu.functional.overflow.average_bound`)."""
     for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
         if maximize:
             grad = -grad
+        bound = average_bound(exp_avg.dtype, param.dtype) if grad_bound is None else grad_bound
+        grad = saturate(grad, bound, owned=maximize)
         update = torch.lerp(exp_avg, grad, 1 - beta1).sign_()
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
@@ -136,12 +152,17 @@ def _multi_tensor_lion(
     beta2: float,
     weight_decay: float,
     maximize: bool,
+    grad_bound: float | None = None,
 ) -> None:
     for (device_params, device_grads, device_exp_avgs), _ in group_by_device_and_dtype(
         [params, grads, exp_avgs]
     ):
         if maximize:
             device_grads = list(torch._foreach_neg(device_grads))
+        bounds = (
+            average_bounds(device_params, device_exp_avgs) if grad_bound is None else grad_bound
+        )
+        device_grads = saturate_all(device_grads, bounds, owned=maximize)
         updates = torch._foreach_lerp(device_exp_avgs, device_grads, 1 - beta1)
         torch._foreach_sign_(updates)
         if weight_decay != 0:

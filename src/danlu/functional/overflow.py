@@ -1,4 +1,4 @@
-"""Second-moment statistics that stay finite for every finite gradient.
+"""Second-moment statistics and momenta that stay finite for every finite gradient.
 
 The square of a float32 gradient beyond about 1.8e19 is not representable: g² overflows to
 inf, the statistic (v, v̂, AdaFactor's row and column means, Amos's mean square) stays inf,
@@ -10,6 +10,13 @@ within the bound, i.e. every gradient that training can meaningfully produce, ar
 unchanged, bit for bit; a larger one acts as a gradient of the bound's size with its sign, so
 the first moment and the second moment see the same number and their ratio keeps its
 designed range (e.g. Adam's first step is exactly lr·sign(g)).
+
+:func:`average_bound` is the same idea for a first moment alone (Lion's and Tiger's momentum
+m ← β·m + (1−β)·g, which torch.lerp computes as m + (1−β)·(g − m)): g − m overflows when m
+and g are huge with opposite signs (+max then −max), the momentum becomes ±inf and the next
+step inf − inf = NaN. With |g| ≤ half the largest value of the momentum's dtype, |m| stays
+within that half too (an average of such values), |g − m| within the whole range, and a
+low-precision momentum (fp16, bf16) never overflows when it is stored.
 
 :func:`finite_norm` is the 2-norm for quantities that are formed from the statistics and can
 legitimately exceed √max (AdaFactor's unit update in a row next to a huge one): the plain
@@ -25,6 +32,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "average_bound",
+    "average_bounds",
     "finite_norm",
     "finite_norms",
     "finite_sum_of_squares",
@@ -37,26 +46,60 @@ __all__ = [
 def square_bound(dtype: torch.dtype, count: int = 1, weight: float = 1.0) -> float:
     """The largest |g| for which ``count`` values ``weight``·g² sum to at most half of
     ``dtype``'s largest finite value (and g² itself stays below half of float32's, the
-    precision that fp16 and bf16 math runs in)."""
+    precision that fp16 and bf16 math runs in), and never beyond ``dtype``'s largest value (a
+    tiny ``weight`` such as 1 − β₂ = 1e-16 would allow more: a clamp bound that ``dtype``
+    cannot hold is an error in torch)."""
     finfo_max = torch.finfo(dtype).max
     opmath_max = torch.finfo(torch.promote_types(dtype, torch.float32)).max
     bound = math.sqrt(finfo_max / (2.0 * max(count, 1) * max(weight, 1e-300)))
-    return min(bound, math.sqrt(opmath_max / 2.0))
+    return min(bound, math.sqrt(opmath_max / 2.0), finfo_max)
+
+
+def _fit(bound: float, dtype: torch.dtype) -> float:
+    """``bound``, or ``dtype``'s largest value if that is smaller (torch refuses a clamp bound
+    that the tensor's dtype cannot hold)."""
+    return min(bound, torch.finfo(dtype).max)
+
+
+def average_bound(state_dtype: torch.dtype, param_dtype: torch.dtype | None = None) -> float:
+    """The largest |g| for which a moving average β·m + (1−β)·g (any form, torch.lerp's
+    included) of such values stays finite: half the largest value of the momentum's dtype
+    ``state_dtype``, or of the math's precision (``param_dtype`` promoted to fp32 at least)
+    where that is smaller."""
+    compute = torch.promote_types(param_dtype or state_dtype, torch.float32)
+    return min(torch.finfo(state_dtype).max, torch.finfo(compute).max) / 2.0
+
+
+def average_bounds(params: Sequence[Tensor], states: Sequence[Tensor]) -> float | list[float]:
+    """:func:`average_bound` of each (parameter, momentum) pair: one number when they agree
+    (the usual case: one dtype per group), else one per tensor (for :func:`saturate_all`)."""
+    bounds = [average_bound(s.dtype, p.dtype) for p, s in zip(params, states, strict=True)]
+    return bounds[0] if bounds and all(b == bounds[0] for b in bounds) else bounds
 
 
 def saturate(grad: Tensor, bound: float, *, owned: bool = False) -> Tensor:
     """``grad`` clamped to ±``bound`` (in place when ``owned``: a copy the caller made).
-    NaN is kept; ±inf becomes ±bound."""
+    NaN is kept; ±inf becomes ±bound (at most ±the largest value of ``grad``'s dtype)."""
+    bound = _fit(bound, grad.dtype)
     return grad.clamp_(-bound, bound) if owned else grad.clamp(-bound, bound)
 
 
-def saturate_all(grads: Sequence[Tensor], bounds: float | Sequence[float]) -> list[Tensor]:
-    """:func:`saturate` for a list (new tensors), one bound for all or one per tensor."""
+def saturate_all(
+    grads: Sequence[Tensor], bounds: float | Sequence[float], *, owned: bool = False
+) -> list[Tensor]:
+    """:func:`saturate` for a list, one bound for all or one per tensor: new tensors, or the
+    tensors themselves clamped in place when ``owned`` (copies the caller made)."""
     if isinstance(bounds, int | float):
-        clamped = list(torch._foreach_clamp_min(list(grads), -bounds))
+        if any(_fit(bounds, g.dtype) < bounds for g in grads):
+            return [saturate(g, bounds, owned=owned) for g in grads]
+        if owned:
+            clamped = list(grads)
+            torch._foreach_clamp_min_(clamped, -bounds)
+        else:
+            clamped = list(torch._foreach_clamp_min(list(grads), -bounds))
         torch._foreach_clamp_max_(clamped, bounds)
         return clamped
-    return [g.clamp(-b, b) for g, b in zip(grads, bounds, strict=True)]
+    return [saturate(g, b, owned=owned) for g, b in zip(grads, bounds, strict=True)]
 
 
 def _scaled_norm(x: Tensor) -> Tensor:

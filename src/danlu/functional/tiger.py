@@ -14,6 +14,11 @@ with the per-kind step size (the reference code's name rules, as explicit kinds)
 * ``"embedding"``: η = α·max(RMS(θ_row), rms_floor), one RMS per row (last axis).
 
 The decay is multiplied by the same η, RMS factor included, as in the reference code.
+
+The gradient is read saturated at half the largest value of the momentum's dtype
+(``functional.overflow.average_bound``), so the momentum stays finite for every finite
+gradient (+max then −max used to make it ±inf, then NaN); gradients within the bound are read
+unchanged, bit for bit. Non-finite gradients go to the non-finite policy as before.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from danlu.distributed import any_dtensor, is_dtensor, local, sharded_sums
 from danlu.functional._row_norm import row_norm
 from danlu.functional._utils import group_by_device_and_dtype, select_path
 from danlu.functional.nonfinite import shrink_
+from danlu.functional.overflow import average_bound, average_bounds, saturate, saturate_all
 from danlu.functional.precision import needs_upcast, needs_upcast_copies, upcast_step
 
 __all__ = ["KINDS", "tiger", "tiger_step_size"]
@@ -259,14 +265,18 @@ def _update(
         "maximize": maximize,
     }
     if needs_upcast_copies(path, params, grads, [exp_avgs], stochastic_rounding):
-        upcast_step(
-            _single_tensor_tiger,
-            params,
-            grads,
-            [exp_avgs],
-            stochastic_rounding=stochastic_rounding,
-            **settings,
-        )
+        # one tensor at a time (as upcast_step goes anyway): the fp32 copies no longer show
+        # the momentum's own dtype, so its bound is passed along
+        for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
+            upcast_step(
+                _single_tensor_tiger,
+                [param],
+                [grad],
+                [[exp_avg]],
+                stochastic_rounding=stochastic_rounding,
+                grad_bound=average_bound(exp_avg.dtype, param.dtype),
+                **settings,
+            )
         return
     _implementation(path)(list(params), list(grads), list(exp_avgs), **settings)
 
@@ -325,6 +335,7 @@ def _single_tensor_tiger(
     first_micro_step: bool,
     last_micro_step: bool,
     maximize: bool,
+    grad_bound: float | None = None,
 ) -> None:
     for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
         # η reads θ only, which the momentum update leaves alone: computed first
@@ -344,6 +355,7 @@ def _single_tensor_tiger(
             first_micro_step=first_micro_step,
             last_micro_step=last_micro_step,
             maximize=maximize,
+            grad_bound=grad_bound,
         )
 
 
@@ -361,12 +373,17 @@ def _multi_tensor_tiger(
     first_micro_step: bool,
     last_micro_step: bool,
     maximize: bool,
+    grad_bound: float | None = None,
 ) -> None:
     for (device_params, device_grads, device_exp_avgs), _ in group_by_device_and_dtype(
         [params, grads, exp_avgs]
     ):
         if maximize:
             device_grads = list(torch._foreach_neg(device_grads))
+        bounds = (
+            average_bounds(device_params, device_exp_avgs) if grad_bound is None else grad_bound
+        )
+        device_grads = saturate_all(device_grads, bounds, owned=maximize)
         if grad_accum_steps == 1:
             torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta)
         else:
@@ -444,6 +461,7 @@ def _dtensor_tiger(
             "first_micro_step": first_micro_step,
             "last_micro_step": last_micro_step,
             "maximize": maximize,
+            "grad_bound": average_bound(m.dtype, p.dtype),
         }
         if needs_upcast([p], [[m]], stochastic_rounding):
             upcast_step(
@@ -470,11 +488,16 @@ def _tiger_with_step_size(
     first_micro_step: bool,
     last_micro_step: bool,
     maximize: bool,
+    grad_bound: float | None = None,
 ) -> None:
-    """The ops of :func:`_single_tensor_tiger` with η given (already reduced over the ranks)."""
+    """The ops of :func:`_single_tensor_tiger` with η given (already reduced over the ranks).
+    ``grad_bound``: the saturation bound of every gradient (default: each momentum's
+    :func:`~danlu.functional.overflow.average_bound`)."""
     for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
         if maximize:
             grad = -grad
+        bound = average_bound(exp_avg.dtype, param.dtype) if grad_bound is None else grad_bound
+        grad = saturate(grad, bound, owned=maximize)
         if grad_accum_steps == 1:
             exp_avg.lerp_(grad, 1 - beta)
         else:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from danlu.functional.overflow import square_bound
+from danlu.functional.overflow import average_bound, square_bound
 from danlu.functional.precision import store_state_, upcast_step
 
 __all__ = ["CHUNK", "adax_chunked", "lion_chunked", "tiger_chunked"]
@@ -55,6 +55,14 @@ def _small(fn: Callable[..., None], param: Tensor, grad: Tensor, *states: Tensor
         fn([param], [grad], *[[state] for state in states], **kwargs)
 
 
+def _saturated(g: Tensor, bound: float, maximize: bool, out: Tensor) -> Tensor:
+    """A gradient slice negated (``maximize``) and clamped to ±``bound`` into ``out``: the
+    single-tensor loops' ``saturate(-grad)``, elementwise the same ops."""
+    if maximize:
+        return torch.neg(g, out=out).clamp_(-bound, bound)
+    return torch.clamp(g, -bound, bound, out=out)
+
+
 def lion_chunked(
     params: list[Tensor],
     grads: list[Tensor],
@@ -71,6 +79,7 @@ def lion_chunked(
     from danlu.functional.lion import _single_tensor_lion
 
     for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
+        bound = average_bound(exp_avg.dtype, param.dtype)
         if param.numel() <= chunk or not _all_contiguous(param, grad, exp_avg):
             _small(
                 _single_tensor_lion,
@@ -82,17 +91,17 @@ def lion_chunked(
                 beta2=beta2,
                 weight_decay=weight_decay,
                 maximize=maximize,
+                grad_bound=bound,
             )
             continue
         update_buf = scratch_buffer(param, chunk, slot=0)
-        neg_buf = scratch_buffer(grad, chunk, slot=1) if maximize else None
+        grad_buf = scratch_buffer(grad, chunk, slot=1)
         state_buf = scratch_buffer(param, chunk, slot=2) if exp_avg.dtype != param.dtype else None
         for p, g, m in zip(
             _slices(param, chunk), _slices(grad, chunk), _slices(exp_avg, chunk), strict=True
         ):
             n = p.numel()
-            if neg_buf is not None:
-                g = torch.neg(g, out=neg_buf[:n])
+            g = _saturated(g, bound, maximize, grad_buf[:n])
             work = m if state_buf is None else state_buf[:n].copy_(m)
             update = torch.lerp(work, g, 1 - beta1, out=update_buf[:n]).sign_()
             if weight_decay != 0:
@@ -130,6 +139,7 @@ def tiger_chunked(
     from danlu.functional.tiger import _single_tensor_tiger, tiger_step_size
 
     for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
+        bound = average_bound(exp_avg.dtype, param.dtype)
         if param.numel() <= chunk or not _all_contiguous(param, grad, exp_avg):
             _small(
                 _single_tensor_tiger,
@@ -145,6 +155,7 @@ def tiger_chunked(
                 first_micro_step=first_micro_step,
                 last_micro_step=last_micro_step,
                 maximize=maximize,
+                grad_bound=bound,
             )
             continue
         step_size = (
@@ -155,14 +166,13 @@ def tiger_chunked(
         width = param.shape[-1] if kind == "embedding" else 0
         size = max(width, chunk - chunk % width) if width else chunk
         update_buf = scratch_buffer(param, size, slot=0)
-        neg_buf = scratch_buffer(grad, size, slot=1) if maximize else None
+        grad_buf = scratch_buffer(grad, size, slot=1)
         state_buf = scratch_buffer(param, size, slot=2) if exp_avg.dtype != param.dtype else None
         for index, (p, g, m) in enumerate(
             zip(_slices(param, size), _slices(grad, size), _slices(exp_avg, size), strict=True)
         ):
             n = p.numel()
-            if neg_buf is not None:
-                g = torch.neg(g, out=neg_buf[:n])
+            g = _saturated(g, bound, maximize, grad_buf[:n])
             work = m if state_buf is None else state_buf[:n].copy_(m)
             if grad_accum_steps == 1:
                 work.lerp_(g, 1 - beta)

@@ -4,8 +4,10 @@ launch.
 Math in fp32 (fp64 for fp64 parameters) on the loaded values, with one rounding when storing:
 the momentum may have another dtype than its parameter (``state_dtype``, e.g. bf16 momentum
 for fp32 parameters; round to nearest) and bf16 parameters may be rounded stochastically.
-That is the fp32 upcast path of ``functional.precision`` in one pass. The lr is read from
-device memory, so a scheduler changes it without recompiling or synchronising.
+That is the fp32 upcast path of ``functional.precision`` in one pass. The gradient is read
+saturated at half the largest value of the momentum's dtype, as in ``functional.lion``. The
+lr is read from device memory, so a scheduler changes it without recompiling or
+synchronising.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from danlu.functional.overflow import average_bound
 from danlu.functional.precision import rounds_stochastically
 from danlu.kernels._triton import (
     BLOCK,
@@ -57,6 +60,9 @@ def _lion_block(
     m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
     if MAXIMIZE:
         g = -g
+    # read saturated at half the momentum dtype's range: the averages cannot overflow
+    bound = tl.load(hyper_ptr + 3)
+    g = tl.where(g > bound, bound, tl.where(g < -bound, -bound, g))  # NaN stays NaN
     update = sign(lerp(m, g, tl.load(hyper_ptr)))
     p = p * (1 - lr * tl.load(hyper_ptr + 2)) - update * lr
     m = lerp(m, g, tl.load(hyper_ptr + 1))
@@ -73,7 +79,7 @@ def _lion_kernel(
     block_tensor,
     block_index,
     lr_ptr,
-    hyper_ptr,  # 1 − β1, 1 − β2, λ in the compute dtype
+    hyper_ptr,  # 1 − β1, 1 − β2, λ, the gradient bound in the compute dtype
     seed_ptr,
     MAXIMIZE: tl.constexpr,
     STOCHASTIC: tl.constexpr,
@@ -135,7 +141,11 @@ def lion_triton(
             tables.block_index,
             lr_t,
             # 1 − β computed on the host in fp64, as the eager path does
-            device_scalars([1 - beta1, 1 - beta2, weight_decay], compute, device),
+            device_scalars(
+                [1 - beta1, 1 - beta2, weight_decay, average_bound(ms[0].dtype, dtype)],
+                compute,
+                device,
+            ),
             seed_tensor(device) if stochastic else lr_t,  # the seed is unused without SR
             MAXIMIZE=maximize,
             STOCHASTIC=stochastic,

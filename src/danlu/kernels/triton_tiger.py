@@ -3,7 +3,8 @@ RMS with ``torch._foreach_norm``, per-row RMS for embeddings), then one fused up
 covers every tensor of a dtype in one launch (embeddings: one launch each, with per-row step
 sizes). The per-tensor finite flags are read on the device, so a step never synchronises with
 the host: a tensor with a non-finite gradient is shrunk toward its centre (or skipped) inside
-the kernel, its momentum untouched.
+the kernel, its momentum untouched. Finite gradients are read saturated at half the largest
+value of the momentum's dtype, as in ``functional.tiger``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from danlu.functional.overflow import average_bound
 from danlu.functional.precision import rounds_stochastically
 from danlu.kernels._triton import (
     BLOCK,
@@ -73,6 +75,9 @@ def _tiger_block(
         m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
         if MAXIMIZE:
             g = -g
+        # read saturated at half the momentum dtype's range: the average cannot overflow
+        bound = tl.load(hyper_ptr + 6)
+        g = tl.where(g > bound, bound, tl.where(g < -bound, -bound, g))  # NaN stays NaN
         if K1:
             m = lerp(m, g, tl.load(hyper_ptr + 1))
         else:
@@ -108,7 +113,7 @@ def _tiger_kernel(
     block_index,
     eta_ptr,
     ok_ptr,
-    hyper_ptr,  # β, 1 − β, (1 − β)/k, λ, centre, shrink ratio in the compute dtype
+    hyper_ptr,  # β, 1 − β, (1 − β)/k, λ, centre, shrink ratio, gradient bound (compute dtype)
     seed_ptr,
     width,
     K1: tl.constexpr,
@@ -192,7 +197,15 @@ def tiger_triton(
         compute = compute_dtype(dtype)
         lr_t = lr_tensor(lr, compute, device)
         hyper = device_scalars(
-            [beta, 1 - beta, (1 - beta) / grad_accum_steps, weight_decay, center, shrink_ratio],
+            [
+                beta,
+                1 - beta,
+                (1 - beta) / grad_accum_steps,
+                weight_decay,
+                center,
+                shrink_ratio,
+                average_bound(ms[0].dtype, dtype),
+            ],
             compute,
             device,
         )

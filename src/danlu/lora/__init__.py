@@ -27,6 +27,7 @@ from danlu.lora.layers import (
     lora_triples,
 )
 from danlu.lora.pro import LoRAPro, LoRAProAdam, lora_pro_gradients
+from danlu.lora.save import save_lora_ga_adapter
 
 __all__ = [
     "LoRAAdapter",
@@ -43,4 +44,5 @@ __all__ = [
     "lora_ga_init_",
     "lora_pro_gradients",
     "lora_triples",
+    "save_lora_ga_adapter",
 ]

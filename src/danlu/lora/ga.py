@@ -34,8 +34,33 @@ SVD_METHODS = ("randomized", "full")
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
-#: Attribute on a LoRA module holding {adapter key: (lora_A_init, lora_B_init)}.
+#: Attribute on a LoRA module holding {adapter key: :class:`_GAInit`}. It lives in the module's
+#: ``__dict__`` (not its ``state_dict``): it follows ``copy.deepcopy`` and pickling of the module,
+#: not ``model.to(...)`` (readers move it to the adapter's device).
 _INIT_ATTR = "_danlu_lora_ga_init"
+
+
+@dataclass(frozen=True)
+class _GAInit:
+    """What :func:`lora_ga_init_` did to one adapter.
+
+    ``lora_A``, ``lora_B``, ``scale``: the factors it set (in the adapter's dtype) and the
+    adapter's scale s0 then, so the change against the function before the call is
+    s·BA − s0·B0A0. ``offset_A``, ``offset_B`` (fp32 or wider, out×k and k×in in PEFT naming,
+    (out, in) orientation) give the total shift of the base weight by every LoRA-GA call so far,
+    W_now = W_before_any_call − scale · offset_B @ offset_A (k = r for one call on a fresh
+    adapter; the shift is exact up to the rounding of W to its dtype)."""
+
+    lora_A: Tensor
+    lora_B: Tensor
+    scale: float
+    offset_A: Tensor
+    offset_B: Tensor
+
+
+def _ga_init(module: nn.Module, key: str) -> _GAInit | None:
+    record = module.__dict__.get(_INIT_ATTR, {}).get(key)
+    return record if isinstance(record, _GAInit) else None
 
 
 @dataclass(frozen=True)
@@ -342,11 +367,15 @@ def lora_ga_init_(
 
     5. In fp32: W0 ← W0 + s·B A − s·B0 A0, where B A is the adapter before the call (zero for
        a fresh adapter) and B0, A0 the new factors rounded to the adapter's dtype, so the
-       model computes the same function as before. B0 and A0 are kept on the module, so
-       :func:`export_lora_delta` can give the fine-tuned change against that function.
+       model computes the same function as before. B0, A0, s and the base weight's total shift
+       are kept on the layer object (not in its ``state_dict``), so :func:`export_lora_delta`
+       can give the fine-tuned change against that function and
+       :func:`save_lora_ga_adapter` can save a PEFT adapter for the original base model
+       (``save_pretrained`` alone saves one that is wrong there).
 
-    Every check (options, 2r ≤ min(in, out) for each layer, a finite gradient for each layer)
-    runs before anything is written: on error the model is unchanged.
+    Every check (options, 2r ≤ min(in, out) for each layer, a base weight that no other module
+    shares, e.g. no tied embedding, a finite gradient for each layer) runs before anything is
+    written: on error the model is unchanged.
 
     Deviations from the reference: the SVD is seeded (the reference's ``svd_lowrank`` uses the
     global RNG) and its signs are fixed; the offset uses the factors after rounding to the
@@ -373,6 +402,7 @@ def lora_ga_init_(
                 f"min({a.in_features}, {a.out_features}), got rank {a.rank}"
             )
     targets = _modules_and_weights(adapters)
+    _check_not_shared(model, targets)
     if gradients is None:
         if batches is None or loss_fn is None:
             raise ValueError("pass batches and loss_fn, or gradients")
@@ -426,6 +456,23 @@ def lora_ga_init_(
     return infos
 
 
+def _check_not_shared(model: nn.Module, targets: dict[str, tuple[Tensor, bool]]) -> None:
+    """LoRA-GA shifts each base weight; a weight that some other module also uses (tied input
+    and output embeddings, say) would change that module's output, so refuse it."""
+    names: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(pname)
+    for name, (w, _) in targets.items():
+        prefix = f"{name}." if name else ""
+        others = [n for n in names.get(id(w), []) if not n.startswith(prefix)]
+        if others:
+            raise ValueError(
+                f"{name!r}: its base weight is shared with {', '.join(map(repr, others))} (tied "
+                "weights); LoRA-GA shifts the base weight, which would change the other use too: "
+                "untie it (give the layer its own copy of the weight) or leave this layer out"
+            )
+
+
 def _checked_gradients(
     gradients: dict[str, Tensor], targets: dict[str, tuple[Tensor, bool]]
 ) -> dict[str, Tensor]:
@@ -447,14 +494,56 @@ def _apply(a: LoRAAdapter, lora_A: Tensor, lora_B: Tensor) -> None:
     w = weight.float()
     if a.fan_in_fan_out:
         w = w.mT
-    if bool(a.lora_B.any()) and bool(a.lora_A.any()):  # fold the adapter's current value in
-        w = w + a.scale * (a.lora_B.float() @ a.lora_A.float())
+    current_A, current_B = a.lora_A.detach().clone(), a.lora_B.detach().clone()
+    folded = bool(current_B.any()) and bool(current_A.any())
+    if folded:  # fold the adapter's current value in
+        w = w + a.scale * (current_B.float() @ current_A.float())
     w = w - a.scale * (lora_B.float() @ lora_A.float())
     weight.copy_(w.mT if a.fan_in_fan_out else w)
     a.lora_A.copy_(lora_A)
     a.lora_B.copy_(lora_B)
     store = a.module.__dict__.setdefault(_INIT_ATTR, {})
-    store[a.key] = (lora_A.detach().clone(), lora_B.detach().clone())
+    store[a.key] = _record(_ga_init(a.module, a.key), a, lora_A, lora_B, current_A, current_B)
+
+
+def _record(
+    old: _GAInit | None,
+    a: LoRAAdapter,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    current_A: Tensor,
+    current_B: Tensor,
+) -> _GAInit:
+    """The record after W ← W + s·(current B)(current A) − s·B0A0: the base shift so far is
+    old shift − s·(current B)(current A) + s·B0A0, kept as a low-rank factor pair."""
+    wide = torch.promote_types(lora_A.dtype, torch.float32)
+    folded = bool(current_B.any()) and bool(current_A.any())
+    # A second call right after the first (no training between) folds in exactly the adapter
+    # the first one recorded: the two terms cancel and the shift keeps rank r.
+    cancels = (
+        folded
+        and old is not None
+        and old.scale == a.scale
+        and torch.equal(old.offset_A, current_A.to(wide))
+        and torch.equal(old.offset_B, current_B.to(wide))
+    )
+    parts_A: list[Tensor] = []
+    parts_B: list[Tensor] = []
+    if old is not None and not cancels:
+        parts_A.append(old.offset_A.to(lora_A.device))
+        parts_B.append(old.offset_B.to(lora_A.device) * (old.scale / a.scale))
+    if folded and not cancels:
+        parts_A.append(current_A.to(wide))
+        parts_B.append(-current_B.to(wide))
+    parts_A.append(lora_A.detach().to(wide))
+    parts_B.append(lora_B.detach().to(wide))
+    return _GAInit(
+        lora_A=lora_A.detach().clone(),
+        lora_B=lora_B.detach().clone(),
+        scale=a.scale,
+        offset_A=torch.cat(parts_A, dim=0) if len(parts_A) > 1 else parts_A[0].clone(),
+        offset_B=torch.cat(parts_B, dim=1) if len(parts_B) > 1 else parts_B[0].clone(),
+    )
 
 
 def export_lora_delta(model: nn.Module) -> dict[str, LoRADelta]:
@@ -469,10 +558,13 @@ def export_lora_delta(model: nn.Module) -> dict[str, LoRADelta]:
     out = {}
     for a in find_lora_adapters(model):
         lora_A, lora_B = a.lora_A.detach(), a.lora_B.detach()
-        init = a.module.__dict__.get(_INIT_ATTR, {}).get(a.key)
+        init = _ga_init(a.module, a.key)
         if init is not None:
-            lora_A0, lora_B0 = (t.to(lora_A.device) for t in init)
+            lora_A0 = init.lora_A.to(device=lora_A.device, dtype=lora_A.dtype)
+            lora_B0 = init.lora_B.to(device=lora_B.device)
+            if init.scale != a.scale:  # the adapter's scale was changed since lora_ga_init_
+                lora_B0 = lora_B0.float() * (init.scale / a.scale)
             lora_A = torch.cat([lora_A, lora_A0], dim=0)
-            lora_B = torch.cat([lora_B, -lora_B0], dim=1)
+            lora_B = torch.cat([lora_B, -lora_B0.to(lora_B.dtype)], dim=1)
         out[a.label] = LoRADelta(lora_A.clone(), lora_B.clone(), a.scale)
     return out

@@ -8,8 +8,10 @@ and g_A, g_B the autograd gradients of A and B (they already contain s).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ from danlu.optim._base import (
     check_beta,
     check_choice,
     check_non_negative,
+    param_label,
 )
 
 __all__ = ["MODES", "X_MODES", "LoRAPro", "LoRAProAdam", "lora_pro_gradients"]
@@ -188,6 +191,17 @@ def _check_spectra(
 # Full mode: Adam with full (out×in) state on the equivalent gradient, SPEC §10.2 "With Adam".
 
 
+@dataclass
+class _FullModePlan:
+    """What a checked full-mode step updates: the adapters (group, A, B, base weight), their
+    fp32 (A, B, g_A, g_B) and spectra, and the plain groups."""
+
+    adapters: list[tuple[dict[str, Any], Tensor, Tensor, Tensor | None]]
+    compute: list[tuple[Tensor, Tensor, Tensor, Tensor]]
+    spectra: list[_Spectrum]
+    plain: list[GroupTensors]
+
+
 class LoRAProAdam(DanluOptimizer):
     r"""LoRA-Pro's full mode (the reference's ``mode="full"``; the blog's "LoRA-Pro with Adam").
 
@@ -204,9 +218,16 @@ class LoRAProAdam(DanluOptimizer):
 
     Usually built by :class:`LoRAPro` (``mode="full"``). State per adapter (keyed by its
     ``lora_A``): ``step``, ``exp_avg``, ``exp_avg_sq`` (out×in, fp32 even for bf16 params).
+
+    ``load_state_dict`` checks everything before it changes anything: moments of the shape
+    above (parameter-shaped in plain groups), all three keys together, no state under an
+    adapter's ``lora_B`` or base weight, each group's ``lora_scale`` unchanged; the moments
+    are loaded in fp32 (fp64 for fp64 params).
     """
 
     _display_name = "danlu.lora.LoRAPro(mode='full')"
+    _moment_keys = ("exp_avg", "exp_avg_sq")
+    _state_keys = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(
         self,
@@ -224,6 +245,9 @@ class LoRAProAdam(DanluOptimizer):
         check_non_negative("ridge", ridge)
         check_non_negative("rank_tol", rank_tol)
         self.x_mode, self.ridge, self.rank_tol = x_mode, float(ridge), float(rank_tol)
+        #: How load errors name a parameter beyond its position (``LoRAPro`` fills it in:
+        #: "lora_A of adapter 'layers.0.q_proj'"), by ``id``.
+        self.param_roles: dict[int, str] = {}
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -260,20 +284,75 @@ class LoRAProAdam(DanluOptimizer):
                     "(SPEC §10.2); give the adapter's base_weight"
                 )
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, but keeps the fp32 moments fp32 (torch casts state to the param dtype)."""
-        saved = state_dict["state"]
-        super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, entry in saved.items():
-            p = params[int(index)]
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in entry:
-                    self.state[p][key] = entry[key].to(
-                        device=p.device, dtype=_compute_dtype(entry[key].dtype), copy=True
-                    )
+    # -- checkpoints: DanluOptimizer's two-phase load, with this layout's checks --------------
+    def _state_dtype(self, group: dict[str, Any], key: str, param: Tensor) -> torch.dtype:
+        if key in self._moment_keys:  # the dtype the step computes in
+            return _compute_dtype(param.dtype)
+        return super()._state_dtype(group, key, param)
 
-    def _step(self, gathered: list[GroupTensors]) -> None:
+    def _expected_state_shape(
+        self, p: Tensor, group: dict[str, Any], key: str
+    ) -> tuple[int, ...] | None:
+        if key not in self._moment_keys:
+            return None
+        if group.get("lora_scale") is None:
+            return tuple(p.shape)
+        A, B = group["params"][0], group["params"][1]
+        if p is A:  # the adapter's out×in moments
+            return (B.shape[0], A.shape[1])
+        return None  # lora_B, base weight: no state (refused in _check_loaded_state)
+
+    def _role(self, p: Tensor, group: dict[str, Any]) -> str:
+        if group.get("lora_scale") is None:
+            return ""
+        position = next(i for i, q in enumerate(group["params"]) if q is p)
+        return ("lora_A", "lora_B", "base weight")[position]
+
+    def _loaded(self, state_dict: Any) -> tuple[list[dict[str, Any]], defaultdict[Any, Any]]:
+        where = f"{self._display_name}.load_state_dict: "
+        saved_groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if isinstance(saved_groups, Sequence) and len(saved_groups) == len(self.param_groups):
+            for index, (group, saved) in enumerate(
+                zip(self.param_groups, saved_groups, strict=True)
+            ):
+                if not isinstance(saved, Mapping) or "lora_scale" not in saved:
+                    continue  # no lora_scale saved: the group keeps its own
+                if saved["lora_scale"] != group["lora_scale"]:
+                    raise ValueError(
+                        f"{where}param_groups[{index}]: lora_scale={saved['lora_scale']!r} "
+                        f"in the state dict, but this group's adapter has lora_scale="
+                        f"{group['lora_scale']!r} (s = alpha/r of the model's forward pass: a "
+                        "checkpoint of another model?); nothing was modified"
+                    )
+        return super()._loaded(state_dict)
+
+    def _loaded_param_state(
+        self, p: Tensor, group: dict[str, Any], entry: Any, label: str
+    ) -> dict[str, Any]:
+        role = self.param_roles.get(id(p))
+        return super()._loaded_param_state(p, group, entry, f"{label}, {role}" if role else label)
+
+    def _check_loaded_state(
+        self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
+    ) -> None:
+        present = [key for key in self._state_keys if key in state]
+        role = self._role(p, group)
+        if present and role not in ("", "lora_A"):
+            raise ValueError(
+                f"{label}: has {', '.join(map(repr, present))}, but LoRA-Pro's full mode keeps "
+                f"an adapter's state under its lora_A, none under its {role} (a checkpoint of "
+                "mode='efficient' or of another optimizer?); nothing was modified"
+            )
+        missing = [key for key in self._state_keys if key not in state]
+        if present and missing:
+            raise ValueError(
+                f"{label}: has {', '.join(map(repr, present))} but not "
+                f"{', '.join(map(repr, missing))}; a LoRA-Pro state holds 'step', 'exp_avg' "
+                "and 'exp_avg_sq' together; nothing was modified"
+            )
+
+    def _prepare(self, gathered: list[GroupTensors]) -> _FullModePlan:
+        """Every check of a step (rank, missing or non-finite gradients), before any write."""
         adapters: list[tuple[dict[str, Any], Tensor, Tensor, Tensor | None]] = []
         plain: list[GroupTensors] = []
         raw_grads: list[tuple[Tensor, Tensor]] = []
@@ -312,11 +391,14 @@ class LoRAProAdam(DanluOptimizer):
                     raise FloatingPointError(
                         f"{self._display_name}: non-finite gradient in {name}; nothing was modified"
                     )
+        return _FullModePlan(adapters, compute, spectra, plain)  # type: ignore[arg-type]
+
+    def _apply(self, plan: _FullModePlan) -> None:
         for (group, A, B, base), (A32, B32, gA, gB), spec in zip(
-            adapters, compute, spectra, strict=True
+            plan.adapters, plan.compute, plan.spectra, strict=True
         ):
             self._step_adapter(group, A, B, base, A32, B32, gA, gB, spec)
-        for work in plain:
+        for work in plan.plain:
             self._step_plain(work)
 
     def _moments(
@@ -443,6 +525,94 @@ def _check_adam_settings(group: dict[str, Any], where: str = "") -> None:
     check_non_negative(f"{where}weight_decay", group["weight_decay"])
 
 
+_ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_ADAMW_FLAGS = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
+
+
+def _check_adamw_state_dict(inner: Optimizer, state_dict: Any, roles: dict[int, str]) -> None:
+    """Raise ValueError, naming the parameter, unless ``state_dict`` can drive ``inner`` (the
+    ``torch.optim.AdamW`` that LoRAPro builds for mode="efficient") without failing midway:
+    the structure torch checks, the loaded Adam settings, and each parameter's state (all of
+    ``step``, ``exp_avg``, ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``; moments
+    floating and parameter-shaped; the step a finite number >= 0). Reads only."""
+    where = "danlu.lora.LoRAPro.load_state_dict: "
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+        raise ValueError(f"{where}state_dict must be a dict with 'state' and 'param_groups'")
+    saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    if not isinstance(saved_groups, Sequence) or not all(
+        isinstance(g, Mapping) and isinstance(g.get("params"), Sequence) for g in saved_groups
+    ):
+        raise ValueError(f"{where}'param_groups' must be a list of dicts with 'params'")
+    if not isinstance(saved_state, Mapping):
+        raise ValueError(f"{where}'state' must be a dict")
+    if len(saved_groups) != len(inner.param_groups):
+        raise ValueError(
+            f"{where}the state dict has {len(saved_groups)} parameter groups, this optimizer "
+            f"{len(inner.param_groups)} (a checkpoint of mode='full'?)"
+        )
+    groups = []
+    for index, (group, saved) in enumerate(zip(inner.param_groups, saved_groups, strict=True)):
+        label = f"{where}param_groups[{index}]: "
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"{label}the state dict's group has {len(saved['params'])} parameters, this "
+                f"one {len(group['params'])}"
+            )
+        merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+        _check_adam_settings(merged, label)
+        for key in _ADAMW_FLAGS:
+            if not isinstance(merged.get(key, False), bool):
+                raise ValueError(f"{label}{key} must be True or False, got {merged[key]!r}")
+        groups.append(merged)
+    positions = [
+        (index, i) for index, g in enumerate(inner.param_groups) for i in range(len(g["params"]))
+    ]
+    by_id = dict(
+        zip(chain.from_iterable(g["params"] for g in saved_groups), positions, strict=True)
+    )
+    for saved_id, entry in saved_state.items():
+        if saved_id not in by_id:
+            continue  # kept as it is, as torch does
+        index, i = by_id[saved_id]
+        group, p = groups[index], inner.param_groups[index]["params"][i]
+        role = roles.get(id(p))
+        label = f"{where}state of {param_label(index, group, i, p)}" + (f", {role}" if role else "")
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{label} must be a dict, got {type(entry).__name__}")
+        if not entry:
+            continue
+        required = ("step", "exp_avg", "exp_avg_sq") + (
+            ("max_exp_avg_sq",) if group.get("amsgrad") else ()
+        )
+        missing = [key for key in required if key not in entry]
+        if missing:
+            raise ValueError(
+                f"{label}: has {', '.join(map(repr, entry))} but not "
+                f"{', '.join(map(repr, missing))}; nothing was modified"
+            )
+        for key in _ADAMW_MOMENTS:
+            value = entry.get(key)
+            if key not in entry:
+                continue
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{label}: {key!r} must be a floating tensor, got {got}")
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{label}: {key!r} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(p.shape)} (a resized adapter, or a checkpoint of another model or "
+                    "of mode='full'?)"
+                )
+        step = entry["step"]
+        number = None
+        if isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex():
+            number = float(step.item())
+        elif isinstance(step, int | float) and not isinstance(step, bool):
+            number = float(step)
+        if number is None or not (math.isfinite(number) and number >= 0):
+            raise ValueError(f"{label}: 'step' must be a finite number >= 0, got {step!r}")
+
+
 class LoRAPro(Optimizer):
     r"""LoRA-Pro (SPEC §10.2): LoRA steps that follow full fine-tuning's.
 
@@ -479,8 +649,10 @@ class LoRAPro(Optimizer):
 
     It behaves as the inner optimizer: ``param_groups``, ``state``, ``state_dict()`` and
     ``load_state_dict()`` are the inner optimizer's (LR schedulers work on it), and no state is
-    keyed by name. After an efficient step the ``.grad`` of the factors hold the adjusted
-    gradients.
+    keyed by name. ``load_state_dict()`` is checked against the parameters before anything
+    changes (except for an ``inner`` given by the user): ValueError naming the parameter, the
+    optimizer left as it was (docs/lora.md, "Checkpoints"). After an efficient step the
+    ``.grad`` of the factors hold the adjusted gradients.
 
     Under FSDP2 the factors and their gradients are gathered (r×(in+out) numbers per
     adapter), the adjustment is computed whole on every rank and each rank keeps its slice; the
@@ -525,6 +697,8 @@ class LoRAPro(Optimizer):
         weight_decay = 0.0 if weight_decay is None else weight_decay
         _check_adam_settings({"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self._check_full_rank()
+        # the default inner optimizer's layout is known: its loads are checked first
+        self._owns_inner = mode == "efficient" and inner is None
         if inner is not None:
             if mode == "full":
                 raise ValueError("inner is for mode='efficient'; mode='full' runs its own Adam")
@@ -565,6 +739,15 @@ class LoRAPro(Optimizer):
                 ridge=ridge,
                 rank_tol=rank_tol,
             )
+        #: How load errors name a parameter: "lora_A of adapter 'layers.0.q_proj'", by id.
+        self._roles: dict[int, str] = {}
+        for t, label in zip(triples, labels, strict=True):
+            self._roles[id(t.lora_A)] = f"lora_A of {label}"
+            self._roles[id(t.lora_B)] = f"lora_B of {label}"
+            if t.base_weight is not None:
+                self._roles[id(t.base_weight)] = f"base weight of {label}"
+        if isinstance(inner, LoRAProAdam):
+            inner.param_roles = self._roles
         self.inner: Optimizer = inner
         self._linked = False
         super().__init__(inner.param_groups, dict(inner.defaults))
@@ -640,6 +823,13 @@ class LoRAPro(Optimizer):
         return self.inner.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The inner optimizer's, all-or-nothing and checked against the parameters first: a
+        state dict that would fail a later step raises ValueError naming the parameter and
+        changes nothing. mode="full" checks in :class:`LoRAProAdam`; the default
+        mode="efficient" optimizer (torch.optim.AdamW) here; an ``inner`` given by the user
+        loads as it does itself."""
+        if self._owns_inner:
+            _check_adamw_state_dict(self.inner, state_dict, self._roles)
         self.inner.load_state_dict(state_dict)
         self._link()
 

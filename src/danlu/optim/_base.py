@@ -548,10 +548,15 @@ class DanluOptimizer(Optimizer):
             if key in self._counter_keys:
                 out[key] = self._loaded_counter(value, f"{label}: {key!r}")
                 continue
+            expected = self._expected_state_shape(p, group, key)
             if not isinstance(value, Tensor):
+                if expected is not None:  # a key the step reads as a tensor
+                    raise ValueError(
+                        f"{label}: {key!r} must be a floating tensor of shape {expected}, got "
+                        f"{type(value).__name__}"
+                    )
                 out[key] = copy.deepcopy(value)
                 continue
-            expected = self._expected_state_shape(p, group, key)
             if expected is None:
                 # a key this optimizer does not use (another library's): carried along, cast
                 # as torch casts it, except that a 0-d counter keeps its dtype

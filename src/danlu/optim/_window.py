@@ -93,6 +93,16 @@ class WindowedOptimizer(DanluOptimizer):
     def _last_seen_many(self, params: list[Tensor]) -> list[int]:
         return [self._last_seen(p) for p in params]
 
+    def _window_decays(self, p: Tensor) -> dict[str, Any]:
+        """{state key: factor} of the decay that opens a window for ``p`` (its group's betas):
+        the moments are multiplied by these on the parameter's first micro-step with a gradient
+        in a window. ``danlu.Lazy`` applies it to the rows of a table first seen later in the
+        window (the optimizer decays a tensor as a whole)."""
+        raise NotImplementedError
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
     def _carry_into_window(self, gathered: list[GroupTensors], t: int) -> None:
         """On the call that closes a window, add to ``gathered`` (with a zero gradient) every
         parameter that had a gradient earlier in the window but has none now, so that it moves
@@ -138,13 +148,15 @@ class WindowedOptimizer(DanluOptimizer):
 
 
 def counts_windows(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer`` (or one it wraps or holds) keeps an accumulation window, so that
-    its ``step()`` must be called once per micro-batch even when no parameter has a gradient."""
+    """Whether ``optimizer`` (or one it wraps or holds) keeps an accumulation window (the
+    optimizers' ``grad_accum_steps``, ``danlu.UpdateEvery``), so that its ``step()`` must be
+    called once per micro-batch even when no parameter has a gradient."""
     from danlu.wrappers._base import unwrap
+    from danlu.wrappers.accumulation import UpdateEvery
     from danlu.wrappers.multi import MultiOptimizer
 
     for opt in unwrap(optimizer):
-        if isinstance(opt, WindowedOptimizer):
+        if isinstance(opt, WindowedOptimizer) or (isinstance(opt, UpdateEvery) and opt.steps > 1):
             return True
         if isinstance(opt, MultiOptimizer):
             return any(counts_windows(part) for part in opt.optimizers.values())

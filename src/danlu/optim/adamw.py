@@ -24,7 +24,23 @@ from danlu.optim._base import (
 from danlu.optim._window import WindowedOptimizer
 from danlu.registry import register
 
-__all__ = ["AdamW"]
+__all__ = ["AdamW", "moment_dtype"]
+
+
+def moment_dtype(param_dtype: torch.dtype, key: str) -> torch.dtype:
+    """The dtype AdamW keeps moment ``key`` (``"exp_avg"`` or ``"exp_avg_sq"``) in for a
+    parameter of ``param_dtype``.
+
+    * ``exp_avg_sq``: at least float32. In fp16, (1 − β2)·g² (1e-9 for g = 1e-3) is below the
+      smallest subnormal and v stayed 0 while m did not, so m̂/(√v̂ + ε) exploded; in bf16,
+      β2·v rounds back to v (0.999 is within half a spacing of 1), so v never decayed.
+    * ``exp_avg``: float32 for fp16 parameters (fp16's range: m ≈ (1 − β1)·g is subnormal
+      for ordinary gradients); the parameter's dtype otherwise (bf16 resolves the update
+      (1 − β1)·(g − m), 10 % at the default β1).
+    """
+    if key == "exp_avg_sq" or param_dtype == torch.float16:
+        return torch.promote_types(param_dtype, torch.float32)
+    return param_dtype
 
 
 class AdamW(WindowedOptimizer):
@@ -73,6 +89,13 @@ class AdamW(WindowedOptimizer):
         maximize: ascend instead of descend (the user's gradients are not modified).
         foreach: use the multi-tensor path; ``None`` chooses like torch.optim.
 
+    State dtypes: ``exp_avg_sq`` is float32 for bf16 and fp16 parameters, and ``exp_avg``
+    float32 for fp16 ones (bf16 keeps a bf16 ``exp_avg``); otherwise both have the
+    parameter's dtype. In fp16, (1 − β2)·g² underflows to 0 for ordinary gradients and the
+    step explodes; in bf16, v stops decaying. Checkpoints with low-precision moments (older
+    danlu, torch.optim.AdamW) are upcast when loaded (docs/optimizers/adamw.md, "fp16 and
+    bf16 parameters").
+
     Deviations from the reference:
         * ``eps_inside_sqrt=False`` by default, to equal torch.optim.AdamW; the post puts ε
           inside the root (the two agree for ε = 0).
@@ -80,6 +103,12 @@ class AdamW(WindowedOptimizer):
 
     _display_name = "danlu.AdamW"
     _param_shaped_keys = ("exp_avg", "exp_avg_sq")
+
+    def _state_dtype(self, group: dict[str, Any], key: str, param: Tensor) -> torch.dtype:
+        # also what load_state_dict casts to: fp16 moments of older checkpoints are upcast
+        if key in self._param_shaped_keys:
+            return moment_dtype(param.dtype, key)
+        return super()._state_dtype(group, key, param)
 
     def __init__(
         self,
@@ -181,6 +210,10 @@ class AdamW(WindowedOptimizer):
         k = group.get("grad_accum_steps", self.defaults["grad_accum_steps"])
         return int(state["step"]) * k if "step" in state else 0
 
+    def _window_decays(self, p: Tensor) -> dict[str, Any]:
+        beta1, beta2 = self._group_of(p)["betas"]
+        return {"exp_avg": beta1, "exp_avg_sq": beta2}
+
     def _prepare_group(self, work: GroupTensors, t: int) -> tuple[Any, ...]:
         group = work.group
         k = group["grad_accum_steps"]
@@ -190,8 +223,12 @@ class AdamW(WindowedOptimizer):
         for p, g in zip(work.params, work.grads, strict=True):
             first = k == 1 or self._last_seen(p) <= start
             zeros = partial(torch.zeros_like, p, memory_format=torch.preserve_format)
-            exp_avg = self._state_tensor(p, "exp_avg", zeros)
-            exp_avg_sq = self._state_tensor(p, "exp_avg_sq", zeros)
+            exp_avg = self._state_tensor(
+                p, "exp_avg", partial(zeros, dtype=moment_dtype(p.dtype, "exp_avg"))
+            )
+            exp_avg_sq = self._state_tensor(
+                p, "exp_avg_sq", partial(zeros, dtype=moment_dtype(p.dtype, "exp_avg_sq"))
+            )
             step = self._state_tensor(p, "step", lambda: torch.tensor(0.0, dtype=torch.float32))
             bucket = partitions.setdefault((first, last), ([], [], [], [], []))
             for lst, tensor in zip(bucket, (p, g, exp_avg, exp_avg_sq, step), strict=True):

@@ -41,6 +41,10 @@ class Lion(DanluOptimizer):
     key and layout as ``lion_pytorch.Lion``. Lion cannot hide gradient accumulation in its
     momentum (SPEC §1(c)); wrap it in ``danlu.GradientAccumulation`` or use ``danlu.Tiger``.
 
+    Gradients beyond half the largest value of the momentum's dtype (±inf included) are read
+    saturated at that bound, so the momentum and the parameters stay finite; ordinary
+    gradients are read bit for bit (docs/optimizers/lion.md, "Huge gradients").
+
     Args:
         params: parameters, named parameters or param groups.
         lr: step size η (≥ 0).

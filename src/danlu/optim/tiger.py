@@ -70,7 +70,9 @@ class Tiger(WindowedOptimizer):
     ``"skip"`` leaves θ and the momentum untouched; ``"raise"`` raises FloatingPointError naming
     the parameter and modifies nothing. ``nonfinite_scope="tensor"`` acts per tensor (the
     reference code); ``"global"`` treats every tensor as non-finite when any is (like AMP's
-    GradScaler). The micro-step counter advances either way, so windows stay aligned.
+    GradScaler). The micro-step counter advances either way, so windows stay aligned. Finite
+    gradients beyond half the largest value of the momentum's dtype are read saturated at that
+    bound, so the momentum cannot overflow (docs/optimizers/tiger.md, "Huge gradients").
 
     Defaults are the reference code's (``lr=1e-3``, ``beta=0.965``, ``weight_decay=0.01``,
     ``shrink_ratio=0.99``). The blog recommends α between 1e-3 and 2e-3, β = 0.945 for vision
@@ -280,6 +282,9 @@ class Tiger(WindowedOptimizer):
     def _last_seen(self, p: Tensor) -> int:
         step = self.state[p].get("step") if p in self.state else None
         return 0 if step is None else int(step.item())  # a CPU tensor: no device sync
+
+    def _window_decays(self, p: Tensor) -> dict[str, Any]:
+        return {"exp_avg": self._group_of(p)["beta"]}
 
     def _last_seen_many(self, params: list[Tensor]) -> list[int]:
         steps = [self.state[p].get("step") if p in self.state else None for p in params]

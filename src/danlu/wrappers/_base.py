@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -108,10 +108,14 @@ def check_before_step(opt: Optimizer, who: str) -> None:
     before the inner step (divide the gradients, zero the lr) or step several optimizers."""
     from danlu.optim._base import DanluOptimizer
 
-    check_gradients(opt, who)
-    for inner in _optimizers_within(opt):
-        if isinstance(inner, DanluOptimizer):
-            inner._checked_step_inputs()
+    with ExitStack() as stack:
+        for inner in _optimizers_within(opt):
+            if isinstance(inner, OptimizerWrapper):
+                stack.enter_context(inner._checking())
+        check_gradients(opt, who)
+        for inner in _optimizers_within(opt):
+            if isinstance(inner, DanluOptimizer):
+                inner._checked_step_inputs()
 
 
 def run_state_dict_hooks(opt: Optimizer, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -196,6 +200,13 @@ class OptimizerWrapper(Optimizer):
             return None
         with torch.enable_grad():
             return closure()
+
+    def _checking(self) -> AbstractContextManager[Any]:
+        """The context in which an outer wrapper checks the optimizers inside this one before
+        stepping (``check_before_step``): what this wrapper would hand them (``Lazy``: a dense
+        stand-in for a table's sparse gradient). Raises ValueError for what its own step
+        would refuse."""
+        return nullcontext()
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _wrapper_state(self) -> dict[str, Any]:

@@ -137,6 +137,14 @@ class GradientAccumulation(OptimizerWrapper):
         self._set_sync()
         return loss
 
+    def _coming_gradient(self, p: Tensor, grad: Tensor | None) -> Tensor | None:
+        """The (undivided) sum this wrapper's next ``step()`` makes of ``p``'s running sum and
+        ``grad``, ``p``'s gradient now; computed, nothing written (for ``danlu.Lazy``)."""
+        running = self._sums.get(p)
+        if running is None or grad is running:
+            return grad
+        return running if grad is None else running + grad
+
     def _wrapper_state(self) -> dict[str, Any]:
         index = self._param_index()
         sums = {index[id(p)][0]: s for p, s in self._sums.items() if id(p) in index}
@@ -206,6 +214,15 @@ class UpdateEvery(OptimizerWrapper):
     weight decay is multiplied by the lr and is gated too. Bias correction in the inner optimizer
     counts micro-steps, which β̃ already accounts for (β̃^k ≈ β).
 
+    The window is the wrapper's, as for the optimizers' own ``grad_accum_steps``: a parameter
+    without a gradient on a micro-step adds nothing to the moments, and one with a gradient
+    earlier in the window but none on its last micro-step is stepped there with a zero
+    gradient (that micro-batch counts as zero in the window's mean, as in exact accumulation),
+    so it moves with the others instead of waiting for the next window with a gradient on its
+    last call. A sparse parameter gets an empty sparse gradient. Which parameters had a
+    gradient in the window so far is saved in ``state_dict()``. A parameter added with
+    ``add_param_group`` joins the window in progress.
+
     The lr is zeroed only during the inner ``step()`` and restored afterwards, so schedulers see
     and set the real lr.
 
@@ -219,14 +236,25 @@ class UpdateEvery(OptimizerWrapper):
         check_int_at_least("steps", steps, 1)
         self.steps = int(steps)
         self.micro_step = 0
+        # the parameters with a gradient in the window so far → whether it was sparse
+        self._seen: dict[Tensor, bool] = {}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = self._call_closure(closure)
+        check_before_step(self.optimizer, "danlu.UpdateEvery")  # the real lr, too
+        params = [p for _, p in iter_params(self)]
         if self.micro_step + 1 >= self.steps:
-            self.optimizer.step()
+            carried = [p for p in params if p.grad is None and p in self._seen]
+            try:
+                for p in carried:
+                    p.grad = _zero_gradient(p, sparse=self._seen[p])
+                self.optimizer.step()
+            finally:
+                for p in carried:
+                    p.grad = None
+            self._seen = {}
         else:
-            check_before_step(self.optimizer, "danlu.UpdateEvery")  # the real lr, too
             saved = [group["lr"] for group in self.param_groups]
             for group in self.param_groups:
                 lr = group["lr"]
@@ -236,11 +264,17 @@ class UpdateEvery(OptimizerWrapper):
             finally:
                 for group, lr in zip(self.param_groups, saved, strict=True):
                     group["lr"] = lr
+            for p in params:
+                if p.grad is not None:
+                    self._seen[p] = p.grad.is_sparse
         self.micro_step = (self.micro_step + 1) % self.steps
         return loss
 
     def _wrapper_state(self) -> dict[str, Any]:
-        return {"steps": self.steps, "micro_step": self.micro_step}
+        index = self._param_index()
+        seen = sorted(index[id(p)][0] for p in self._seen if id(p) in index)
+        sparse = sorted(index[id(p)][0] for p, is_sparse in self._seen.items() if is_sparse)
+        return {"steps": self.steps, "micro_step": self.micro_step, "seen": seen, "sparse": sparse}
 
     def _check_wrapper_state(self, record: dict[str, Any]) -> None:
         micro = record.get("micro_step")
@@ -248,9 +282,38 @@ class UpdateEvery(OptimizerWrapper):
             raise ValueError(
                 f"state_dict: UpdateEvery micro_step {micro!r} is not in [0, {self.steps})"
             )
+        count = sum(1 for _ in iter_params(self))
+        for key in ("seen", "sparse"):
+            indices = record.get(key, [])
+            if (
+                not isinstance(indices, list | tuple)
+                or not all(_is_count(i) and i < count for i in indices)
+                or len(set(indices)) != len(indices)
+            ):
+                raise ValueError(
+                    f"state_dict: UpdateEvery {key!r} must list distinct parameter indices in "
+                    f"[0, {count}), got {indices!r}"
+                )
+        if not set(record.get("sparse", [])) <= set(record.get("seen", [])):
+            raise ValueError(
+                "state_dict: UpdateEvery 'sparse' lists a parameter that 'seen' does not"
+            )
 
     def _load_wrapper_state(self, record: dict[str, Any]) -> None:
         self.micro_step = record["micro_step"]
+        params = [p for _, p in iter_params(self)]
+        sparse = set(record.get("sparse", []))
+        # a record of danlu 0.1.0 has no "seen": no parameter seen in the window so far
+        self._seen = {params[i]: i in sparse for i in record.get("seen", [])}
+
+
+def _zero_gradient(p: Tensor, *, sparse: bool) -> Tensor:
+    """A zero gradient for ``p``: dense, or sparse over rows with no row listed."""
+    if not sparse:
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+    indices = torch.empty((1, 0), dtype=torch.long, device=p.device)
+    values = torch.empty((0, *p.shape[1:]), dtype=p.dtype, device=p.device)
+    return torch.sparse_coo_tensor(indices, values, p.shape, check_invariants=True)
 
 
 @overload

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -19,6 +19,8 @@ __all__ = ["NonFiniteGuard"]
 MODES = ("skip", "shrink", "raise")
 SCOPES = ("tensor", "global")
 
+_Entry = tuple[int, dict[str, Any], Tensor]
+
 
 def _dense_values(grad: Tensor) -> Tensor:
     return grad.coalesce().values() if grad.is_sparse else grad
@@ -31,7 +33,8 @@ class NonFiniteGuard(OptimizerWrapper):
     ``mode``:
 
     * ``"skip"``: a tensor with a non-finite gradient is left exactly as it was, its optimizer
-      state included (the inner optimizer does not see its gradient);
+      state included (the inner optimizer does not see its gradient; under an accumulation
+      window, below, it may still move at the window's end on its earlier micro-batches);
     * ``"shrink"``: as "skip", and the parameter is pulled toward its init centre,
       θ ← (θ − c)·s + c with s = ``shrink_ratio`` and c the group's ``center`` (1 for norm gains
       when the groups come from ``danlu.param_groups``; 0 when absent): Tiger's fallback;
@@ -53,13 +56,13 @@ class NonFiniteGuard(OptimizerWrapper):
     shrinks or skips its own.
 
     The user's gradients are not modified. An inner optimizer with an accumulation window
-    (Tiger or danlu.AdamW with ``grad_accum_steps``) is stepped on every call, the skipped
-    tensors hidden (all of them with "global" scope), so its window stays aligned with your
-    micro-batches: a skipped micro-batch adds nothing to the window, and at the window's end
-    the tensors move on what the window's other micro-batches accumulated (Tiger's own
-    ``nonfinite`` option instead keeps a tensor whose last micro-batch is non-finite where it
-    is). Wrap a :class:`GradientAccumulation` from the outside (``GradientAccumulation(
-    NonFiniteGuard(opt), k)``), not the reverse.
+    (Tiger or danlu.AdamW with ``grad_accum_steps``, an :class:`UpdateEvery`) is stepped on
+    every call, the skipped tensors hidden (all of them with "global" scope), so its window
+    stays aligned with your micro-batches: a skipped micro-batch adds nothing to the window,
+    and at the window's end the tensors move on what the window's other micro-batches
+    accumulated (Tiger's own ``nonfinite`` option instead keeps a tensor whose last
+    micro-batch is non-finite where it is). Wrap a :class:`GradientAccumulation` from the
+    outside (``GradientAccumulation(NonFiniteGuard(opt), k)``), not the reverse.
     """
 
     def __init__(
@@ -92,15 +95,7 @@ class NonFiniteGuard(OptimizerWrapper):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = self._call_closure(closure)
-        entries = [
-            (index, group, p)
-            for index, (group, p) in enumerate(iter_params(self))
-            if p.grad is not None
-        ]
-        flags = finite_flags([_dense_values(p.grad) for _, _, p in entries])  # type: ignore[arg-type]
-        bad = [entry for entry, ok in zip(entries, flags, strict=True) if not ok]
-        if bad and self.scope == "global":
-            bad = entries
+        entries, bad = self._find_nonfinite()
         names = [self._name(index, group, p) for index, group, p in bad]
         if bad and self.mode == "raise":
             raise FloatingPointError(
@@ -131,6 +126,30 @@ class NonFiniteGuard(OptimizerWrapper):
         self.skipped_steps += 1
         self.skipped_tensors += len(bad)
         return loss
+
+    def _find_nonfinite(
+        self,
+        gradient: Callable[[Tensor], Tensor | None] | None = None,
+        among: Collection[Tensor] | None = None,
+    ) -> tuple[list[_Entry], list[_Entry]]:
+        """(the entries with a gradient, those the coming step skips): (index, group, param)
+        in state-dict order. ``gradient(p)`` is the gradient the step will see for ``p``
+        (default ``p.grad``; ``danlu.Lazy`` asks ahead of a GradientAccumulation's sum);
+        ``among``: only these parameters matter to the caller (with "tensor" scope only they
+        are checked)."""
+        read = gradient if gradient is not None else (lambda p: p.grad)
+        wanted = None if among is None or self.scope == "global" else {id(p) for p in among}
+        grads = [
+            (index, group, p, read(p))
+            for index, (group, p) in enumerate(iter_params(self))
+            if wanted is None or id(p) in wanted
+        ]
+        entries = [(index, group, p) for index, group, p, g in grads if g is not None]
+        flags = finite_flags([_dense_values(g) for _, _, _, g in grads if g is not None])
+        bad = [entry for entry, ok in zip(entries, flags, strict=True) if not ok]
+        if bad and self.scope == "global":
+            bad = entries
+        return entries, bad
 
     @staticmethod
     def _name(index: int, group: dict[str, Any], p: Tensor) -> str:
