@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
 import platform
 import shutil
+import signal
+import stat
 import sys
 import tempfile
 import time
@@ -27,6 +30,11 @@ from danlu.cli.common import OPTIMIZERS, Context, ProgressHandle, TaskResult
 from danlu.cli.tasks import DEFAULT_TASKS, TASKS
 
 DEFAULT_OUT = "danlu-compare"
+#: The ranges the command line accepts (a float32 lr beyond them overflows or underflows the
+#: optimizers' arithmetic; seeds are 32-bit so that every derived seed fits torch's generator).
+LR_RANGE = (1e-6, 1.0)
+SEED_MAX = 2**32 - 1
+STEPS_MAX = 1_000_000
 
 
 class UsageError(Exception):
@@ -118,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_int(name: str, value: str | None, minimum: int) -> int | None:
+def _parse_int(name: str, value: str | None, minimum: int, maximum: int) -> int | None:
     if value is None:
         return None
     try:
@@ -127,7 +135,51 @@ def _parse_int(name: str, value: str | None, minimum: int) -> int | None:
         raise UsageError(f"argument {name}: expected an integer, got {value!r}") from None
     if number < minimum:
         raise UsageError(f"argument {name}: must be >= {minimum}, got {number}")
+    if number > maximum:
+        raise UsageError(f"argument {name}: must be <= {maximum}, got {number}")
     return number
+
+
+def _check_text(path: str) -> None:
+    """A readable regular file of at least 2000 bytes (a FIFO or a device would block or never
+    end: refused before opening)."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise UsageError(f"argument --text: cannot read {path!r} ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise UsageError(f"argument --text: {path!r} is {kind} (give a text file)")
+    try:
+        with open(path, "rb") as f:
+            sample = f.read(1 << 16)
+    except OSError as exc:
+        raise UsageError(f"argument --text: cannot read {path!r} ({exc.strerror or exc})") from None
+    if len(sample) < 2_000:
+        raise UsageError(f"argument --text: {path!r} is too short (at least 2000 bytes are needed)")
+
+
+def _check_out(value: str) -> Path:
+    """--out names a directory that exists or can be created: every existing part of the path is
+    a directory and the deepest existing one is writable (creation itself is tried in
+    ``prepare_out``, still before any training)."""
+    if not value.strip():
+        raise UsageError("argument --out: must not be empty (give a directory)")
+    out = Path(value)
+    probe = out
+    while True:
+        if probe.exists():
+            if not probe.is_dir():
+                raise UsageError(
+                    f"argument --out: {str(probe)!r} exists and is not a directory"
+                    + ("" if probe == out else f" (in {str(out)!r})")
+                )
+            if not os.access(probe, os.W_OK | os.X_OK):
+                raise UsageError(f"argument --out: {str(probe)!r} is not writable")
+            return out
+        if probe.parent == probe:
+            return out
+        probe = probe.parent
 
 
 def validate(args: argparse.Namespace) -> dict[str, Any]:
@@ -171,10 +223,15 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(
                 f"argument --lr: {name}'s value must be a finite number > 0, got {value!r}"
             )
+        low, high = LR_RANGE
+        if not low <= lr <= high:
+            raise UsageError(
+                f"argument --lr: {name}'s value must be in [{low:g}, {high:g}], got {value!r}"
+            )
         lrs[name] = lr
 
-    steps = _parse_int("--steps", args.steps, 1)
-    seed = _parse_int("--seed", args.seed, 0)
+    steps = _parse_int("--steps", args.steps, 1, STEPS_MAX)
+    seed = _parse_int("--seed", args.seed, 0, SEED_MAX)
 
     device_name = args.device.lower()
     if device_name not in ("auto", "cpu", "cuda"):
@@ -185,21 +242,9 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
 
     if args.text is not None:
-        try:
-            with open(args.text, "rb") as f:
-                sample = f.read(1 << 16)
-        except OSError as exc:
-            raise UsageError(
-                f"argument --text: cannot read {args.text!r} ({exc.strerror or exc})"
-            ) from None
-        if len(sample) < 2_000:
-            raise UsageError(
-                f"argument --text: {args.text!r} is too short (at least 2000 bytes are needed)"
-            )
+        _check_text(args.text)
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"argument --out: {str(out)!r} exists and is not a directory")
+    out = _check_out(args.out)
 
     return {
         "tasks": tasks,
@@ -306,15 +351,100 @@ def print_tables(console: Any, results: Sequence[TaskResult]) -> None:
 # Files
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: Path, write: Any, mode: int = 0o666) -> None:
+    """Write through a temporary file in the same directory and rename it into place, so a
+    reader never sees half a file; the file gets ``mode`` less the umask, as ``open`` would give
+    it (``mkstemp`` alone creates it 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode & ~_umask())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+class OutDir:
+    """``--out``, created (with any missing parents) and probed for writing before any training;
+    what was created is removed again if the run ends without writing its results."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.created: list[Path] = []
+
+    def prepare(self) -> None:
+        missing = []
+        probe = self.path
+        while not probe.exists() and probe.parent != probe:
+            missing.append(probe)
+            probe = probe.parent
+        try:
+            for directory in reversed(missing):
+                directory.mkdir()
+                self.created.append(directory)
+            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".danlu-probe-")
+            os.close(fd)
+            os.remove(tmp)
+        except OSError as exc:
+            self.discard()
+            reason = exc.strerror or str(exc)
+            where = (
+                f" ({exc.filename!s})" if exc.filename and exc.filename != str(self.path) else ""
+            )
+            raise UsageError(
+                f"argument --out: cannot write into {str(self.path)!r}: {reason}{where}"
+            ) from None
+
+    def discard(self) -> None:
+        """Remove the directories this run created, if they are still empty."""
+        for directory in reversed(self.created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        self.created = []
+
+
+#: Where libraries write caches by default (the home directory, the system's temporary
+#: directory): pointed into a scratch directory inside --out for the run.
+SCRATCH_VARIABLES = {
+    "MPLCONFIGDIR": "matplotlib",  # matplotlib's config and font cache (~/.config/matplotlib)
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor",  # created when torch._dynamo is imported
+    "TRITON_CACHE_DIR": "triton",
+    "TMPDIR": "tmp",
+}
+
+
+@contextlib.contextmanager
+def scratch_in(out: Path) -> Iterator[Path]:
+    """A temporary directory inside --out for everything libraries would write elsewhere
+    (matplotlib's config and cache, torch's compile cache, temporary files), removed at the
+    end, so that the run writes into --out and nowhere else. matplotlib and torch read these
+    variables once, when first imported, so this is entered before anything imports them;
+    worker processes inherit them."""
+    scratch = Path(tempfile.mkdtemp(dir=out, prefix=".danlu-scratch-")).resolve()
+    previous = {name: os.environ.get(name) for name in SCRATCH_VARIABLES}
+    previous_tempdir = tempfile.tempdir
+    for name, sub in SCRATCH_VARIABLES.items():
+        (scratch / sub).mkdir()
+        os.environ[name] = str(scratch / sub)
+    tempfile.tempdir = str(scratch / "tmp")
+    try:
+        yield scratch
+    finally:
+        tempfile.tempdir = previous_tempdir
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def results_json(
@@ -337,22 +467,6 @@ def results_json(
     }
 
 
-@contextlib.contextmanager
-def _matplotlib_config_in(out: Path) -> Iterator[None]:
-    """Keep matplotlib's cache out of the user's home: a temporary directory inside --out."""
-    previous = os.environ.get("MPLCONFIGDIR")
-    tmp = tempfile.mkdtemp(dir=out, prefix=".matplotlib-")
-    os.environ["MPLCONFIGDIR"] = tmp
-    try:
-        yield
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if previous is None:
-            os.environ.pop("MPLCONFIGDIR", None)
-        else:
-            os.environ["MPLCONFIGDIR"] = previous
-
-
 def write_outputs(
     out: Path, settings: dict[str, Any], results: Sequence[TaskResult], seconds: float
 ) -> list[Path]:
@@ -362,52 +476,68 @@ def write_outputs(
     path = out / "results.json"
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
     written.append(path)
-    with _matplotlib_config_in(out):
-        from danlu.cli.plots import plot_compare, plot_drift
+    from danlu.cli.plots import plot_compare, plot_drift
 
-        path = out / "compare.png"
-        _atomic_write(path, lambda tmp: plot_compare(results, tmp))
+    path = out / "compare.png"
+    _atomic_write(path, lambda tmp: plot_compare(results, tmp))
+    written.append(path)
+    drift = [t for t in results if t.name == "embedding-drift"]
+    if drift:
+        path = out / "drift.png"
+        _atomic_write(path, lambda tmp: plot_drift(drift[0], tmp))
         written.append(path)
-        drift = [t for t in results if t.name == "embedding-drift"]
-        if drift:
-            path = out / "drift.png"
-            _atomic_write(path, lambda tmp: plot_drift(drift[0], tmp))
-            written.append(path)
     return written
 
 
 # ---------------------------------------------------------------------------------------------
 
 
+def _error(message: str) -> int:
+    print(f"danlu compare: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run(argv: Sequence[str] | None = None) -> int:
+    """``danlu compare``: 0 on success, 2 for bad input (one line on stderr, nothing written),
+    130 when interrupted (one line, nothing written)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         settings = validate(args)
     except UsageError as exc:
-        print(f"danlu compare: error: {exc} (see danlu compare --help)", file=sys.stderr)
-        return 2
+        return _error(f"{exc} (see danlu compare --help)")
+    for module in ("rich", "matplotlib", "sklearn"):
+        if importlib.util.find_spec(module) is None:
+            return _error(f"{module} is missing (pip install 'danlu[compare]')")
+    out = OutDir(settings["out"])
     try:
-        from rich.console import Console
-    except ImportError:
-        print(
-            "danlu compare: error: the compare extra is not installed "
-            "(pip install 'danlu[compare]')",
-            file=sys.stderr,
-        )
-        return 2
+        out.prepare()
+    except UsageError as exc:
+        return _error(f"{exc} (see danlu compare --help)")
+    finished = False
     try:
-        import matplotlib  # noqa: F401
-        import sklearn  # noqa: F401
-    except ImportError as exc:
-        print(
-            f"danlu compare: error: {exc.name} is missing (pip install 'danlu[compare]')",
-            file=sys.stderr,
-        )
-        return 2
+        with scratch_in(out.path):
+            _run(settings)
+        finished = True
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while cleaning up
+        print("danlu compare: interrupted; nothing written", file=sys.stderr)
+        return 130
+    finally:
+        if not finished:
+            out.discard()
+    return 0
+
+
+def _run(settings: dict[str, Any]) -> None:
+    from rich.console import Console
 
     # a wide table even when the output is not a terminal (CI logs, files)
     console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(
+        f"danlu compare: {', '.join(settings['tasks'])} on {settings['device']}; "
+        f"writing into {settings['out']}"
+    )
     start = time.perf_counter()
     results: list[TaskResult] = []
     with _RichProgress(console) as progress:
@@ -430,4 +560,3 @@ def run(argv: Sequence[str] | None = None) -> int:
         f"{seconds:.0f} s on {settings['device']} "
         f"({torch.get_num_threads()} threads); wrote " + ", ".join(str(p) for p in written)
     )
-    return 0
