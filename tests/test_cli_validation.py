@@ -146,7 +146,7 @@ def test_results_follow_the_umask(umask, mode, tmp_path):
     out = tmp_path / "out"
     previous = os.umask(umask)
     try:
-        code = run(["--task", "embedding-drift", "--steps", "2", "--out", str(out)])
+        code = run(["--task", "embedding-drift", "--steps", "2", "--jobs", "1", "--out", str(out)])
     finally:
         os.umask(previous)
     assert code == 0
@@ -183,7 +183,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     included): one line, exit code 130, nothing written."""
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "danlu", "compare", "--task", "charlm",
+        [sys.executable, "-m", "danlu", "compare", "--task", "charlm", "--jobs", "2",
          "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
         start_new_session=True,
