@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=available_cores())
     parser.add_argument("--centre", action="append", default=[], metavar="NAME=LR")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE")
+    parser.add_argument("--only-variants", action="store_true")
     parser.add_argument("--out", default="compare_centres.json")
     args = parser.parse_args()
 
@@ -59,7 +60,9 @@ def main() -> None:
         seeds=args.seeds,
     )
     factors = [float(f) for f in args.factors.split(",")]
-    variants: list[tuple[str, str, dict[str, Any]]] = [(n, n, {}) for n in ctx.optimizers]
+    variants: list[tuple[str, str, dict[str, Any]]] = []
+    if not args.only_variants:
+        variants = [(n, n, {}) for n in ctx.optimizers]
     for item in args.variant:
         name, _, setting = item.partition(":")
         key, _, value = setting.partition("=")

@@ -137,7 +137,7 @@ def test_metric_names_and_directions(quick_run):
         "digits": ("test accuracy", True),
         "charlm": ("validation bits/char", False),
         "embedding-drift": ("max |θ|·λ of rare rows", False),
-        "accumulation": ("training loss (mean of the last 10 updates)", False),
+        "accumulation": ("training loss (last 10 updates)", False),
     }
     for name, (metric, higher) in expected.items():
         assert (tasks[name]["metric"], tasks[name]["higher_is_better"]) == (metric, higher)
@@ -178,8 +178,8 @@ def test_embedding_drift_figures(quick_run):
     _, results, _ = quick_run
     runs = {r["label"]: r for r in results["tasks"]["embedding-drift"]["runs"]}
     assert runs["tiger"]["final_metric"] > 0.5  # rare rows past half of 1/λ
-    assert runs["tiger+lazy"]["final_metric"] < 0.1
-    assert runs["adam-embeddings"]["final_metric"] < 0.1
+    assert runs["tiger+lazy"]["final_metric"] < 0.25
+    assert runs["adam-embeddings"]["final_metric"] < 0.25
     # Tied embeddings: measured and reported, not claimed bounded (see the task's notes).
     assert 0 <= runs["tied+halfswap"]["final_metric"] <= 1.0 + 1e-6
 

@@ -313,7 +313,7 @@ def test_rule_claim_says_when_the_blogs_setting_loses():
     tasks = [_task("charlm", False, sweeps, [], {"quality_tolerance": 0.1})]
     claim = claims_module.rule_claim("tiger", tasks)
     assert claim.verdict == "not reproduced"
-    assert "+0.300" in claim.measured
+    assert "0.3 bits/char worse than the best" in claim.measured
     sweeps = {"tiger": _sweep("tiger", 2.7, 2.75)}
     tasks = [_task("charlm", False, sweeps, [], {"quality_tolerance": 0.1})]
     assert claims_module.rule_claim("tiger", tasks).verdict == "reproduced"
@@ -385,3 +385,16 @@ def test_no_spec_citations_in_what_users_see():
     root = Path(danlu.cli.__file__).parent
     for path in root.rglob("*.py"):
         assert "SPEC" not in path.read_text(encoding="utf-8"), path
+
+
+def test_best_at_edge_needs_three_grid_points():
+    def sweep(lrs, best):
+        points = [
+            GridPoint(lr, 1.0, False, {"lr": lr}, 1.0, [1.0], [1], [1.0], [1.0]) for lr in lrs
+        ]
+        return OptimizerSweep("adamw", lrs[len(lrs) // 2], points, best, {"lr": 1.0}, "")
+
+    assert sweep([1e-3, 2e-3, 4e-3], 0).best_at_edge
+    assert sweep([1e-3, 2e-3, 4e-3], 2).best_at_edge
+    assert not sweep([1e-3, 2e-3, 4e-3], 1).best_at_edge
+    assert not sweep([1e-3, 2e-3], 0).best_at_edge  # --quick: both points are edges

@@ -12,15 +12,15 @@ from danlu.cli.common import TaskResult
 
 REPRODUCED, PARTLY, NOT_REPRODUCED = "reproduced", "partly", "not reproduced"
 
-BLOG = "https://kexue.fm/archives/"
+BLOG = "kexue.fm/archives/"
 SOURCES = {
-    "lion": f"{BLOG}9473; docs: optimizers/lion.md",
-    "tiger": f"{BLOG}9512; docs: optimizers/tiger.md",
-    "accumulation": f"{BLOG}8634; docs: optimizers/tiger.md",
-    "adafactor": f"{BLOG}7302; docs: optimizers/adafactor.md",
-    "adax": f"{BLOG}7387; docs: optimizers/adax.md",
-    "amos": f"{BLOG}9344; docs: optimizers/amos.md",
-    "drift": f"{BLOG}9736; docs: optimizers/tiger.md, wrappers.md",
+    "lion": f"{BLOG}9473 · docs: optimizers/lion.md",
+    "tiger": f"{BLOG}9512 · docs: optimizers/tiger.md",
+    "accumulation": f"{BLOG}8634 · docs: optimizers/tiger.md",
+    "adafactor": f"{BLOG}7302 · docs: optimizers/adafactor.md",
+    "adax": f"{BLOG}7387 · docs: optimizers/adax.md",
+    "amos": f"{BLOG}9344 · docs: optimizers/amos.md",
+    "drift": f"{BLOG}9736 · docs: optimizers/tiger.md, wrappers.md",
 }
 
 #: AdaFactor factors a matrix whose two largest dimensions are both at least this (its default
@@ -28,8 +28,9 @@ SOURCES = {
 FACTOR_THRESHOLD = 128
 #: the accumulation claim: parameters equal up to float32 rounding over the run
 EXACT_TOLERANCE = 1e-5
-#: the drift claims: a row "at the limit" is within 10 % of 1/λ; "stopped" is under 10 % of it
-DRIFT_AT_LIMIT, DRIFT_STOPPED = 0.9, 0.1
+#: the drift claims: a row "at the limit" is within 10 % of 1/λ; "stopped" stays under a quarter
+#: of it (the initialisation alone puts the largest rare-row entry near 0.06 of it)
+DRIFT_AT_LIMIT, DRIFT_STOPPED = 0.9, 0.25
 
 
 @dataclass

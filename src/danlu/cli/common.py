@@ -6,9 +6,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -176,9 +174,11 @@ class OptimizerSweep:
 
     @property
     def best_at_edge(self) -> bool:
-        """The best grid point is the smallest or the largest lr of the grid: the optimum may
-        lie outside it."""
+        """The best grid point is the smallest or the largest lr of a grid of three or more:
+        the optimum may lie outside it."""
         grid = [p.lr for p in self.points if p.factor is not None]
+        if len(grid) < 3:  # --quick's two points are both edges: nothing to flag
+            return False
         return self.chosen.factor is not None and self.chosen.lr in (min(grid), max(grid))
 
     def to_json(self) -> dict[str, Any]:
@@ -326,17 +326,6 @@ def warmup_steps(steps: int) -> int:
     """Steps left out of the time per step: the first ones pay for thread pools, allocator
     growth and lazy initialisation."""
     return min(5, steps // 5)
-
-
-@contextmanager
-def timer() -> Iterator[list[float]]:
-    """Accumulates wall time into the yielded one-element list."""
-    box = [0.0]
-    start = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box[0] += time.perf_counter() - start
 
 
 def seed_everything(seed: int) -> torch.Generator:

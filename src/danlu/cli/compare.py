@@ -301,15 +301,15 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
 
 def _fmt_hparams(hparams: dict[str, Any]) -> str:
     parts = []
-    for key in ("lr", "weight_decay", "beta", "betas"):
+    for key, name in (("lr", "lr"), ("weight_decay", "wd"), ("beta", "β"), ("betas", "β")):
         if key in hparams:
             value = hparams[key]
             if isinstance(value, list | tuple):
-                value = "(" + ", ".join(f"{v:g}" for v in value) + ")"
+                text = "(" + ",".join(f"{v:g}" for v in value) + ")"
             else:
-                value = f"{value:.3g}"
-            parts.append(f"{'wd' if key == 'weight_decay' else key}={value}")
-    return " ".join(parts)
+                text = f"{value:.3g}"
+            parts.append(f"{name} {text}")
+    return ", ".join(parts)
 
 
 def _direction(task: TaskResult) -> str:
@@ -342,14 +342,14 @@ def _sweep_table(task: TaskResult) -> Any:
     from rich.table import Table
 
     table = Table(title=f"{task.name}: {task.description}", title_justify="left", show_lines=False)
-    table.add_column("optimizer")
-    table.add_column("best lr", justify="right")
-    table.add_column(f"{task.metric} ({_direction(task)})", justify="right")
-    table.add_column("Δ vs AdamW", justify="right")
-    table.add_column("grid lr:metric (*the blog's rule)", no_wrap=True)
-    table.add_column("ms/step", justify="right")
-    table.add_column("state B/param", justify="right")
-    table.add_column("peak MiB", justify="right")
+    table.add_column("optimizer", no_wrap=True)
+    table.add_column("best lr", justify="right", min_width=8)
+    table.add_column(f"{task.metric} ({_direction(task)})", justify="right", min_width=11)
+    table.add_column("Δ vs AdamW", justify="right", min_width=8)
+    table.add_column("grid lr:metric (*the blog's rule)", ratio=1)
+    table.add_column("ms/step", justify="right", min_width=7)
+    table.add_column("state B/param", justify="right", min_width=7)
+    table.add_column("peak MiB", justify="right", min_width=6)
     runs = {r.label: r for r in task.runs}
     finals = [s.chosen.final_metric for s in task.sweeps.values()]
     best = None
@@ -387,14 +387,14 @@ def _runs_table(task: TaskResult) -> Any:
     from rich.table import Table
 
     table = Table(title=f"{task.name}: {task.description}", title_justify="left")
-    table.add_column("run")
+    table.add_column("run", no_wrap=True)
     table.add_column(f"{task.metric} ({_direction(task)})", justify="right")
     for header, _, _ in task.columns:
         table.add_column(header, justify="right")
     table.add_column("ms/step", justify="right")
     table.add_column("state B/param", justify="right")
     table.add_column("peak MiB", justify="right")
-    table.add_column("hyper-parameters")
+    table.add_column("hyper-parameters", no_wrap=True)
     for run in task.runs:
         cells = []
         for _, key, fmt in task.columns:

@@ -137,7 +137,7 @@ def _plot_drift(ax: Any, task: TaskResult) -> None:
     for run in task.runs:
         ax.plot(run.eval_steps, run.metrics, label=run.extra.get("description", run.label))
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    ax.axhline(0.1, color="grey", lw=0.8, ls=":")
+    ax.axhline(0.25, color="grey", lw=0.8, ls=":")
     ax.set_ylim(0, 1.08)
     ax.set_xlabel("step")
     ax.set_ylabel("max |θ|·λ over the rare rows\n(1 = at ∓1/λ; lower is better)")

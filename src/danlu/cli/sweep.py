@@ -29,7 +29,7 @@ from danlu.cli.common import (
 
 #: Multiples of the centre lr that every optimizer is run at; --quick runs two of them.
 GRID_FACTORS = (0.5, 1.0, 2.0)
-QUICK_GRID_FACTORS = (1.0, 2.0)
+QUICK_GRID_FACTORS = (0.5, 1.0)
 
 Report = Callable[[int], None]
 
@@ -168,12 +168,9 @@ class SweepTask(Task):
         return transfer_hparams(name, self.baseline(ctx), None)
 
     def grid_hparams(self, name: str, ctx: Context) -> dict[str, Any]:
-        hparams = {**self.rule(name, ctx), **self.grid_overrides.get(name, {})}
-        if name == "lion":
-            # the blog's invariant for Lion: lr × weight decay equals AdamW's (at the centre)
-            base = self.baseline(ctx)
-            hparams["weight_decay"] = base.lr * base.weight_decay / self.centre(name, ctx)
-        return hparams
+        """The grid's hyper-parameters other than the lr: the rule's (the weight decay
+        included), with the task's ``grid_overrides``."""
+        return {**self.rule(name, ctx), **self.grid_overrides.get(name, {})}
 
     def centre(self, name: str, ctx: Context) -> float:
         """--lr NAME=VALUE, else the task's measured centre, else (None) the rule's lr."""

@@ -75,7 +75,7 @@ TAIL = 10  # the final metric: the mean training loss of the last TAIL updates
 class AccumulationTask(Task):
     name = NAME
     description = DESCRIPTION
-    metric = f"training loss (mean of the last {TAIL} updates)"
+    metric = f"training loss (last {TAIL} updates)"
     higher_is_better = False
 
     def updates(self, ctx: Context) -> int:

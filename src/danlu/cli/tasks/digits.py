@@ -18,7 +18,7 @@ DESCRIPTION = "8×8 digits (scikit-learn), MLP 64-128-64-10, batch 64; test accu
 BATCH = 64
 STEPS, QUICK_STEPS = 1500, 300
 #: seconds per training step on one core (measured; for the ETA)
-STEP_SECONDS = 0.0008
+STEP_SECONDS = 0.0018
 
 
 @functools.lru_cache(maxsize=4)
@@ -76,13 +76,13 @@ class DigitsTask(SweepTask):
     #: centres of the lr grids, measured with benchmarks/compare_centres.py (docs/compare.md)
     centres: ClassVar[dict[str, float | None]] = {
         "adamw": 3e-3,  # flat: 97.6–98.2 % from 3.75e-4 to 2.4e-2
-        "lion": 1.5e-4,
+        "lion": 3e-4,  # = the rule: 1.5e-4 scored 0.4 points higher, within the seeds' noise
         "tiger": 1e-3,  # β = 0.945, the blog's value for vision
         "adafactor": 2e-3,
         "adax": 3e-3,  # flat, like AdamW
         "amos": 6.7e-3,  # ξ = 1/√N is 0.21 here: 32 times too large for 1500 steps
     }
-    timing_steps = 300
+    timing_steps = 150
     tolerance = 0.015  # 1.5 points of accuracy: about 5 of the 360 test images
 
     def baseline(self, ctx: Context) -> Baseline:
