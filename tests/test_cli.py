@@ -1,5 +1,6 @@
 """``danlu compare``: bad input is refused in one line with exit code 2 and nothing written; a
-``--quick`` run writes its files and its numbers are sane (issue: the main job)."""
+``--quick`` run (the smoke run: two grid points per optimizer) writes its files, picks each
+optimizer's best point in the metric's direction and reproduces the exact-accumulation claim."""
 
 import json
 import math
@@ -25,6 +26,9 @@ BAD_ARGS = [
     (["--steps", "ten"], "expected an integer"),
     (["--seed", "-3"], ">= 0"),
     (["--device", "tpu"], "expected auto, cpu or cuda"),
+    (["--seeds", "0"], ">= 1"),
+    (["--seeds", "many"], "expected an integer"),
+    (["--jobs", "0"], ">= 1"),
     (["--bogus"], "unrecognized arguments"),
 ]
 
@@ -71,6 +75,8 @@ def test_help_explains_every_option(capsys):
         "--quick",
         "--lr",
         "--text",
+        "--seeds",
+        "--jobs",
     ):
         assert option in text
     for task in ("digits", "charlm", "embedding-drift", "accumulation"):
@@ -120,6 +126,39 @@ def test_quick_run_writes_its_files_and_only_them(quick_run):
     assert set(results["tasks"]) == {"digits", "charlm", "embedding-drift", "accumulation"}
     for task in ("digits", "charlm", "embedding-drift", "accumulation"):
         assert task in stdout
+    assert "The blog's claims" in stdout
+    assert "SPEC" not in stdout and "SPEC" not in json.dumps(results)
+
+
+def test_metric_names_and_directions(quick_run):
+    _, results, stdout = quick_run
+    tasks = results["tasks"]
+    expected = {
+        "digits": ("test accuracy", True),
+        "charlm": ("validation bits/char", False),
+        "embedding-drift": ("max |θ|·λ of rare rows", False),
+        "accumulation": ("training loss (last 10 updates)", False),
+    }
+    for name, (metric, higher) in expected.items():
+        assert (tasks[name]["metric"], tasks[name]["higher_is_better"]) == (metric, higher)
+    # the tables' metric columns say which way is better
+    assert "higher is" in stdout and "lower is" in stdout
+
+
+@pytest.mark.parametrize("task", ["digits", "charlm"])
+def test_each_optimizer_is_reported_at_its_best_grid_point(quick_run, task):
+    _, results, _ = quick_run
+    data = results["tasks"][task]
+    assert list(data["optimizers"]) == ["adamw", "lion", "tiger", "adafactor", "adax", "amos"]
+    pick = max if data["higher_is_better"] else min
+    for name, sweep in data["optimizers"].items():
+        finals = [p["final_metric"] for p in sweep["grid"] if math.isfinite(p["final_metric"])]
+        assert sweep["chosen_final_metric"] == pick(finals), name
+        assert len([p for p in sweep["grid"] if p["factor"] is not None]) == 2  # --quick
+        assert sum(p["rule"] for p in sweep["grid"]) == 1
+        run = next(r for r in data["runs"] if r["label"] == name)
+        assert run["hparams"]["lr"] == sweep["chosen_lr"]
+        assert run["seconds_per_step"] > 0 and run["peak_memory_bytes"] is not None
 
 
 @pytest.mark.parametrize("task", ["digits", "charlm"])
@@ -139,19 +178,43 @@ def test_embedding_drift_figures(quick_run):
     _, results, _ = quick_run
     runs = {r["label"]: r for r in results["tasks"]["embedding-drift"]["runs"]}
     assert runs["tiger"]["final_metric"] > 0.5  # rare rows past half of 1/λ
-    assert runs["tiger+lazy"]["final_metric"] < 0.1
-    assert runs["adam-embeddings"]["final_metric"] < 0.1
+    assert runs["tiger+lazy"]["final_metric"] < 0.25
+    assert runs["adam-embeddings"]["final_metric"] < 0.25
     # Tied embeddings: measured and reported, not claimed bounded (see the task's notes).
     assert 0 <= runs["tied+halfswap"]["final_metric"] <= 1.0 + 1e-6
 
 
-def test_tiger_accumulation_curves_agree(quick_run):
+def test_tiger_accumulation_is_exact_and_the_claim_says_so(quick_run):
     _, results, _ = quick_run
     task = results["tasks"]["accumulation"]
     runs = {r["label"]: r for r in task["runs"]}
     a, b = runs["tiger batch 64"]["losses"], runs["tiger 4×16 hidden"]["losses"]
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
     assert task["settings"]["tiger_max_param_difference"] < 1e-5
+    claims = {c["id"]: c for c in results["claims"]}
+    assert claims["tiger-accumulation-exact"]["verdict"] == "reproduced"
+    assert runs["tiger 4×16 hidden"]["extra"]["max_param_difference"] < 1e-5
+
+
+def test_claims_cover_the_blogs_checkable_claims(quick_run):
+    _, results, _ = quick_run
+    ids = [c["id"] for c in results["claims"]]
+    assert ids == [
+        "lion-matches-adamw",
+        "tiger-matches-adamw",
+        "lion-rule",
+        "tiger-rule",
+        "adafactor-rule",
+        "adax-rule",
+        "amos-rule",
+        "tiger-accumulation-exact",
+        "drift-tiger",
+        "drift-lazy-adam",
+        "drift-tying",
+    ]
+    for claim in results["claims"]:
+        assert claim["verdict"] in ("reproduced", "partly", "not reproduced")
+        assert claim["tolerance"] and claim["measured"]
 
 
 def test_lora_task_runs(tmp_path):

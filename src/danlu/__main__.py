@@ -2,4 +2,6 @@
 
 from danlu.cli import main
 
-raise SystemExit(main())
+# guarded: ``danlu compare``'s worker processes are spawned and import this module again
+if __name__ == "__main__":
+    raise SystemExit(main())

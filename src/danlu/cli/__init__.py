@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -24,8 +25,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"danlu {danlu.__version__}")
         return 0
     if args[0] == "compare":
-        from danlu.cli.compare import run
+        try:
+            from danlu.cli.compare import run
 
-        return run(args[1:])
+            return run(args[1:])
+        except KeyboardInterrupt:  # before or after run() catches it itself
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            print("danlu compare: interrupted; nothing written", file=sys.stderr)
+            return 130
     print(f"danlu: error: unknown command {args[0]!r} (try: danlu compare --help)", file=sys.stderr)
     return 2

@@ -6,9 +6,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,8 +22,8 @@ OPTIMIZERS = ("adamw", "lion", "tiger", "adafactor", "adax", "amos")
 
 @dataclass(frozen=True)
 class Baseline:
-    """A task's AdamW setting, from which the others are derived (SPEC §1(b), §2(b), §5(b),
-    §7.2)."""
+    """A task's AdamW setting, from which the blog's transfer rules derive the others (the
+    blog articles kexue.fm/archives/9473, 9512, 7302 and 9344; docs: each optimizer's page)."""
 
     lr: float
     weight_decay: float
@@ -37,11 +35,12 @@ def transfer_hparams(name: str, base: Baseline, lr_override: float | None) -> di
     """Keyword arguments for optimizer ``name`` derived from the AdamW baseline:
 
     * AdamW, AdaX: the baseline lr and weight decay (AdaX has no weight decay of its own);
-    * Lion: lr ÷ 10, weight decay × 10 (SPEC §1(b), ``danlu.recipes.adamw_to_lion``);
+    * Lion: lr ÷ 10, weight decay × 10 (blog 9473, ``danlu.recipes.adamw_to_lion``);
     * Tiger: the relative lr α = 2e-3 at the top of the blog's range [1e-3, 2e-3], λ = 0.01,
-      β = 0.965 for language and 0.945 for vision (SPEC §2(b));
-    * AdaFactor: lr 1e-3, the blog's advice even for fine-tuning (SPEC §5(b));
-    * Amos: ξ = 1/√N with N the number of batches in the training data (SPEC §7.2).
+      β = 0.965 for language and 0.945 for vision (blog 9512);
+    * AdaFactor: lr 1e-3, the blog's advice even for fine-tuning (blog 7302);
+    * Amos: ξ = 1/√N with N the number of batches in the training data (blog 9344, the Amos
+      paper).
     """
     if name == "adamw":
         kw: dict[str, Any] = {"lr": base.lr, "weight_decay": base.weight_decay}
@@ -71,24 +70,133 @@ def make_optimizer(name: str, model: nn.Module, hparams: dict[str, Any]) -> torc
     return danlu.create_optimizer(name, groups, **kw)
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run to do: picklable, so that a worker process can do it. ``factor`` is the
+    grid point's multiple of the optimizer's centre lr (None for a point off the grid, such as
+    the blog's transfer rule when it lies outside it); ``rule`` marks the run whose settings are
+    the blog's; ``purpose`` is "sweep" (the run that gives the metric) or "timing" (a short run
+    alone on the machine for the time per step and the peak memory)."""
+
+    task: str
+    label: str
+    optimizer: str
+    hparams: dict[str, Any]
+    seed: int
+    steps: int
+    quick: bool
+    device: str
+    text: str | None = None
+    factor: float | None = None
+    rule: bool = False
+    purpose: str = "sweep"
+    cost: float = 1.0  # estimated seconds on one core: for scheduling and the ETA
+    index: int = 0
+
+
 @dataclass
 class RunResult:
     """One optimizer (or variant) on one task."""
 
     label: str
     hparams: dict[str, Any]
+    optimizer: str = ""
+    seed: int = 0
+    factor: float | None = None
+    rule: bool = False
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
     metrics: list[float] = field(default_factory=list)
     final_metric: float = float("nan")
     seconds_per_step: float = float("nan")
+    cpu_seconds_per_step: float = float("nan")
     state_bytes_per_param: float = float("nan")
     peak_memory_bytes: int | None = None
+    #: the whole run (evaluation included): wall and CPU seconds of the process that did it
+    run_seconds: float = float("nan")
+    run_cpu_seconds: float = float("nan")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class GridPoint:
+    """One learning rate of an optimizer's grid: the metric averaged over the seeds."""
+
+    lr: float
+    factor: float | None
+    rule: bool
+    hparams: dict[str, Any]
+    final_metric: float
+    seed_metrics: list[float]
+    eval_steps: list[int]
+    metrics: list[float]
+    losses: list[float]
+    cpu_seconds: list[float] = field(default_factory=list)  # per seed, the whole run
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "factor": self.factor,
+            "rule": self.rule,
+            "hparams": self.hparams,
+            "final_metric": self.final_metric,
+            "seed_metrics": self.seed_metrics,
+            "curve": {"steps": self.eval_steps, "metric": self.metrics},
+            "losses": self.losses,
+            "cpu_seconds": self.cpu_seconds,
+        }
+
+
+@dataclass
+class OptimizerSweep:
+    """An optimizer's lr grid on one task, the point chosen (the best) and the blog's rule."""
+
+    name: str
+    centre: float
+    points: list[GridPoint]
+    best: int  # index into points
+    rule_hparams: dict[str, Any]
+    rule_note: str
+    gap_to_adamw: float | None = None
+    rule_gap_to_best: float | None = None
+
+    @property
+    def chosen(self) -> GridPoint:
+        return self.points[self.best]
+
+    @property
+    def rule_point(self) -> GridPoint | None:
+        return next((p for p in self.points if p.rule), None)
+
+    @property
+    def best_at_edge(self) -> bool:
+        """The best grid point is the smallest or the largest lr of a grid of three or more:
+        the optimum may lie outside it."""
+        grid = [p.lr for p in self.points if p.factor is not None]
+        if len(grid) < 3:  # --quick's two points are both edges: nothing to flag
+            return False
+        return self.chosen.factor is not None and self.chosen.lr in (min(grid), max(grid))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "centre_lr": self.centre,
+            "grid": [p.to_json() for p in self.points],
+            "chosen_lr": self.chosen.lr,
+            "chosen_hparams": self.chosen.hparams,
+            "chosen_final_metric": self.chosen.final_metric,
+            "best_at_grid_edge": self.best_at_edge,
+            "gap_to_adamw": self.gap_to_adamw,
+            "rule": {
+                "hparams": self.rule_hparams,
+                "note": self.rule_note,
+                "final_metric": None if self.rule_point is None else self.rule_point.final_metric,
+                "gap_to_best": self.rule_gap_to_best,
+            },
+        }
 
 
 @dataclass
@@ -100,9 +208,20 @@ class TaskResult:
     runs: list[RunResult]
     settings: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    sweeps: dict[str, OptimizerSweep] = field(default_factory=dict)
+    #: extra table columns: (header, key in run.extra, format)
+    columns: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def better(self, a: float, b: float) -> bool:
+        """a is strictly better than b (NaN is worse than anything)."""
+        if math.isnan(a):
+            return False
+        if math.isnan(b):
+            return True
+        return a > b if self.higher_is_better else a < b
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "description": self.description,
             "metric": self.metric,
@@ -111,6 +230,9 @@ class TaskResult:
             "notes": self.notes,
             "runs": [r.to_json() for r in self.runs],
         }
+        if self.sweeps:
+            out["optimizers"] = {name: sweep.to_json() for name, sweep in self.sweeps.items()}
+        return out
 
 
 @dataclass
@@ -124,17 +246,7 @@ class Context:
     quick: bool
     lr: dict[str, float]
     text: str | None
-    progress: Callable[[str, int], ProgressHandle]
-
-
-class ProgressHandle:
-    """A progress bar for one run: ``advance()`` per step, ``close()`` at the end."""
-
-    def advance(self, n: int = 1) -> None:  # pragma: no cover - interface
-        pass
-
-    def close(self) -> None:  # pragma: no cover - interface
-        pass
+    seeds: int = 1
 
 
 def state_bytes_per_param(opt: torch.optim.Optimizer, model: nn.Module) -> float:
@@ -214,17 +326,6 @@ def warmup_steps(steps: int) -> int:
     """Steps left out of the time per step: the first ones pay for thread pools, allocator
     growth and lazy initialisation."""
     return min(5, steps // 5)
-
-
-@contextmanager
-def timer() -> Iterator[list[float]]:
-    """Accumulates wall time into the yielded one-element list."""
-    box = [0.0]
-    start = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box[0] += time.perf_counter() - start
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -1,14 +1,31 @@
-"""The figures of ``danlu compare`` (matplotlib, Agg backend)."""
+"""The figures of ``danlu compare`` (matplotlib, Agg backend). Every axis says which way is
+better; legends sit outside the axes so that they cover no curve."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from danlu.cli.common import TaskResult
 
+#: One colour per optimizer, the same in every panel.
+COLOURS = {
+    "adamw": "#1f77b4",
+    "lion": "#ff7f0e",
+    "tiger": "#2ca02c",
+    "adafactor": "#d62728",
+    "adax": "#9467bd",
+    "amos": "#8c564b",
+}
+SOURCES = {
+    "embedding-drift": "blog: kexue.fm/archives/9736",
+    "accumulation": "blog: kexue.fm/archives/8634",
+    "lora": "blog: kexue.fm/archives/10226, 10266",
+}
 
-def _pyplot():
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,42 +44,149 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
+def _direction(task: TaskResult) -> str:
+    return "higher is better" if task.higher_is_better else "lower is better"
+
+
+def _legend_right(ax: Any) -> None:
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+def _legend_below(ax: Any, ncol: int = 2) -> None:
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol, frameon=False)
+
+
+def _plot_curves(ax: Any, task: TaskResult) -> None:
+    for run in task.runs:
+        colour = COLOURS.get(run.label)
+        lr = run.hparams.get("lr")
+        label = f"{run.label} (lr {lr:.2g})" if lr is not None else run.label
+        ax.plot(run.eval_steps, run.metrics, marker=".", color=colour, label=label, lw=1.3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{task.metric}\n({_direction(task)})")
+    ax.set_title(f"{task.name}: each optimizer at its best lr", loc="left", fontsize=10)
+    _legend_below(ax, ncol=3)
+
+
+def _plot_grid(ax: Any, task: TaskResult) -> None:
+    """Final metric against lr, one line per optimizer: ● the best point, ☆ the blog's rule.
+    Points far worse than every optimizer's best are drawn at the edge (▲/▼) with their
+    value, so that they do not squash the rest."""
+    finals = [s.chosen.final_metric for s in task.sweeps.values()]
+    finals = [f for f in finals if math.isfinite(f)]
+    if not finals:
+        return
+    spread = max(finals) - min(finals)
+    margin = max(3 * spread, 0.05 * abs(max(finals)), 1e-3)
+    if task.higher_is_better:
+        low, high = min(finals) - margin, max(finals) + 0.25 * margin
+    else:
+        low, high = min(finals) - 0.25 * margin, max(finals) + margin
+    for name, sweep in task.sweeps.items():
+        colour = COLOURS.get(name)
+        lrs = [p.lr for p in sweep.points]
+        worst = low if task.higher_is_better else high
+        values = [
+            min(max(p.final_metric, low), high) if math.isfinite(p.final_metric) else worst
+            for p in sweep.points
+        ]
+        ax.plot(lrs, values, "-", color=colour, lw=1.0, alpha=0.8, label=name)
+        for i, (point, value) in enumerate(zip(sweep.points, values, strict=True)):
+            clipped = value != point.final_metric
+            if clipped:
+                marker = "^" if value == high else "v"
+                ax.plot(point.lr, value, marker, color=colour, ms=6)
+                shown = f"{point.final_metric:.3g}" if math.isfinite(point.final_metric) else "nan"
+                ax.annotate(
+                    shown,
+                    (point.lr, value),
+                    textcoords="offset points",
+                    xytext=(0, -10 if value == high else 4),
+                    ha="center",
+                    fontsize=6,
+                    color=colour,
+                )
+            if point.rule:
+                ax.plot(point.lr, value, "*", ms=11, mfc="none", mec=colour, mew=1.2)
+            if i == sweep.best:
+                ax.plot(point.lr, value, "o", ms=5, color=colour)
+    ax.plot([], [], "*", ms=9, mfc="none", mec="black", label="the blog's rule")
+    ax.plot([], [], "o", ms=5, color="black", label="best of the grid")
+    ax.set_xscale("log")
+    ax.set_ylim(low, high)
+    ax.set_xlabel("learning rate (Tiger, AdaFactor: relative; Amos: ξ)")
+    ax.set_ylabel(f"final {task.metric}\n({_direction(task)})")
+    ax.set_title(f"{task.name}: the lr grid (×½, ×1, ×2)", loc="left", fontsize=10)
+    _legend_right(ax)
+
+
+def _plot_accumulation(ax: Any, task: TaskResult) -> None:
+    for run in task.runs:
+        style = "--" if "4×16" in run.label else "-"
+        ax.plot(run.steps, _smooth(run.losses, 5), style, label=run.label, lw=1.3)
+    ax.set_yscale("log")
+    ax.set_xlabel("update")
+    ax.set_ylabel("training loss, mean of 5 updates\n(lower is better)")
+    ax.set_title(
+        f"accumulation: k = 4 × 16 vs 64 ({SOURCES['accumulation']})", loc="left", fontsize=10
+    )
+    _legend_below(ax)
+
+
+def _plot_drift(ax: Any, task: TaskResult) -> None:
+    for run in task.runs:
+        ax.plot(run.eval_steps, run.metrics, label=run.extra.get("description", run.label))
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.axhline(0.25, color="grey", lw=0.8, ls=":")
+    ax.set_ylim(0, 1.08)
+    ax.set_xlabel("step")
+    ax.set_ylabel("max |θ|·λ over the rare rows\n(1 = at ∓1/λ; lower is better)")
+    ax.set_title(f"embedding drift ({SOURCES['embedding-drift']})", loc="left", fontsize=10)
+    _legend_below(ax, ncol=1)
+
+
+def _plot_other(ax: Any, task: TaskResult) -> None:
+    for run in task.runs:
+        ax.plot(run.eval_steps, run.metrics, marker=".", label=run.label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{task.metric}\n({_direction(task)})")
+    source = SOURCES.get(task.name)
+    ax.set_title(f"{task.name}" + (f" ({source})" if source else ""), loc="left", fontsize=10)
+    _legend_below(ax)
+
+
 def plot_compare(results: Sequence[TaskResult], path: str) -> None:
-    """One panel per task: the evaluation metric over steps (for accumulation: the training
-    loss per update, where the curves that must coincide do)."""
+    """A row per optimizer-sweep task (the best runs' curves, and the lr grid with the blog's
+    rule marked), then the other tasks two to a row."""
     plt = _pyplot()
-    n = len(results)
-    cols = 2 if n > 1 else 1
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.2 * rows), squeeze=False)
-    for ax, task in zip(axes.flat, results, strict=False):
+    sweeps = [t for t in results if t.sweeps]
+    others = [t for t in results if not t.sweeps]
+    rows = len(sweeps) + math.ceil(len(others) / 2)
+    fig, axes = plt.subplots(
+        rows, 2, figsize=(13.0, 4.6 * rows), squeeze=False, layout="constrained"
+    )
+    for row, task in enumerate(sweeps):
+        _plot_curves(axes[row][0], task)
+        _plot_grid(axes[row][1], task)
+    cells = [ax for r in range(len(sweeps), rows) for ax in axes[r]]
+    for ax, task in zip(cells, others, strict=False):
         if task.name == "accumulation":
-            for run in task.runs:
-                style = "--" if "4×16" in run.label else "-"
-                ax.plot(run.steps, _smooth(run.losses, 5), style, label=run.label, lw=1.4)
-            ax.set_yscale("log")
-            ax.set_xlabel("update")
-            ax.set_ylabel("training loss (5-update mean)")
+            _plot_accumulation(ax, task)
         elif task.name == "embedding-drift":
-            for run in task.runs:
-                ax.plot(run.eval_steps, run.metrics, label=run.extra.get("description", run.label))
-            ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-            ax.axhline(0.1, color="grey", lw=0.8, ls=":")
-            ax.set_ylim(0, 1.08)
-            ax.set_xlabel("step")
-            ax.set_ylabel("max |θ|·λ over rare rows (1 = ∓1/λ)")
+            _plot_drift(ax, task)
         else:
-            for run in task.runs:
-                ax.plot(run.eval_steps, run.metrics, marker=".", label=run.label)
-            ax.set_xlabel("step")
-            ax.set_ylabel(task.metric)
-        ax.set_title(f"{task.name}", loc="left", fontsize=11)
+            _plot_other(ax, task)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[n:]:
+    for ax in cells[len(others) :]:
         ax.axis("off")
-    fig.suptitle("danlu compare", fontsize=13)
-    fig.tight_layout()
+    for row in range(len(sweeps)):
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+    fig.suptitle(
+        "danlu compare: each optimizer over an lr grid (×½, ×1, ×2 of a measured centre, same "
+        "seeds); ☆ the blog's transfer rule from AdamW",
+        fontsize=11,
+    )
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
@@ -72,7 +196,12 @@ def plot_drift(task: TaskResult, path: str) -> None:
     climbs to the limit 1 (θ = ∓1/λ)."""
     plt = _pyplot()
     fig, axes = plt.subplots(
-        1, len(task.runs), figsize=(3.6 * len(task.runs), 3.4), sharey=True, squeeze=False
+        1,
+        len(task.runs),
+        figsize=(3.6 * len(task.runs), 3.6),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
     )
     for ax, run in zip(axes.flat, task.runs, strict=True):
         rows = list(zip(*run.extra["rare_rows"], strict=True))
@@ -83,11 +212,11 @@ def plot_drift(task: TaskResult, path: str) -> None:
         ax.set_title(run.extra.get("description", run.label), fontsize=8)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes.flat[0].set_ylabel("|θ|·λ of each rare row")
+    axes.flat[0].set_ylabel("|θ|·λ of each rare row\n(1 = at ∓1/λ; lower is better)")
     fig.suptitle(
-        f"Embedding drift (SPEC §4): rows of tokens seen once, λ = {task.settings['lambda']:g}",
+        "Embedding drift (blog: kexue.fm/archives/9736; docs: optimizers/tiger.md): rows of "
+        f"tokens seen once, λ = {task.settings['lambda']:g}",
         fontsize=10,
     )
-    fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

@@ -1,124 +1,97 @@
-"""The training loop the per-optimizer tasks share."""
+"""The training loop the optimizer-sweep tasks share."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable, Iterator
-from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from danlu.cli.common import (
-    Baseline,
-    Context,
     PeakMemory,
     RunResult,
-    make_optimizer,
-    seed_everything,
+    RunSpec,
     state_bytes_per_param,
-    timer,
-    transfer_hparams,
     warmup_steps,
 )
-
-
-def warm_up(
-    make_model: Callable[[], nn.Module],
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
-    steps: int = 3,
-) -> None:
-    """A few unrecorded steps on a throwaway model, so that one-time costs (thread pools, the
-    autograd engine, allocator growth) do not land in the first optimizer's time and memory."""
-    model = make_model()
-    opt = torch.optim.AdamW(model.parameters())
-    for _ in range(steps):
-        x, y = next(batches)
-        opt.zero_grad()
-        loss_fn(model, x, y).backward()
-        opt.step()
+from danlu.cli.sweep import Report
 
 
 def train(
-    ctx: Context,
+    spec: RunSpec,
     *,
-    label: str,
     model: nn.Module,
     opt: torch.optim.Optimizer,
-    hparams: dict[str, Any],
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
-    steps: int,
     evaluate: Callable[[], float],
     eval_every: int,
-    progress_title: str,
+    report: Report,
+    device: torch.device,
+    extra: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Train for ``steps`` steps; record the loss every step and ``evaluate()`` every
-    ``eval_every`` steps and at the end. Time per step excludes evaluation."""
-    result = RunResult(label=label, hparams=hparams)
-    bar = ctx.progress(progress_title, steps)
-    elapsed = 0.0
-    with PeakMemory(ctx.device) as memory:
+    """Train for ``spec.steps`` steps; record the loss every step and ``evaluate()`` every
+    ``eval_every`` steps and at the end. A timing run (``spec.purpose == "timing"``) skips the
+    evaluation and measures the time per step (wall and CPU, leaving out the first few steps)
+    and the peak memory; a sweep run measures neither (it shares the machine with others)."""
+    timing = spec.purpose == "timing"
+    result = RunResult(
+        label=spec.label,
+        hparams=spec.hparams,
+        optimizer=spec.optimizer,
+        seed=spec.seed,
+        factor=spec.factor,
+        rule=spec.rule,
+        extra=dict(extra or {}),
+    )
+    steps = spec.steps
+    skip = warmup_steps(steps)
+    wall = cpu = 0.0
+    memory = PeakMemory(device) if timing else contextlib.nullcontext()
+    with memory:
         for step in range(1, steps + 1):
             x, y = next(batches)
-            with timer() as t:
-                model.train()
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model, x, y)
-                loss.backward()
-                opt.step()
-                loss_value = loss.item()
-            if step > warmup_steps(steps):
-                elapsed += t[0]
+            t0, c0 = time.perf_counter(), time.thread_time()
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model, x, y)
+            loss.backward()
+            opt.step()
+            loss_value = loss.item()
+            if step > skip:
+                wall += time.perf_counter() - t0
+                cpu += time.thread_time() - c0
             result.steps.append(step)
             result.losses.append(loss_value)
-            if step % eval_every == 0 or step == steps:
+            if not timing and (step % eval_every == 0 or step == steps):
                 model.eval()
                 with torch.no_grad():
                     result.eval_steps.append(step)
                     result.metrics.append(evaluate())
-            bar.advance()
-    bar.close()
-    result.final_metric = result.metrics[-1]
-    result.seconds_per_step = elapsed / (steps - warmup_steps(steps))
+            report(1)
+    if result.metrics:
+        result.final_metric = result.metrics[-1]
+    if timing:
+        result.seconds_per_step = wall / max(steps - skip, 1)
+        result.cpu_seconds_per_step = cpu / max(steps - skip, 1)
+        if isinstance(memory, PeakMemory):
+            result.peak_memory_bytes = memory.peak
     result.state_bytes_per_param = state_bytes_per_param(opt, model)
-    result.peak_memory_bytes = memory.peak
     return result
 
 
-def compare_optimizers(
-    ctx: Context,
-    *,
-    task: str,
-    base: Baseline,
-    make_model: Callable[[], nn.Module],
-    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
-    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
-    evaluate: Callable[[nn.Module], float],
-    steps: int,
-) -> list[RunResult]:
-    """Warm up, then train a fresh model (same seed, same batches) with each of
-    ``ctx.optimizers`` under the hyper-parameters transferred from ``base``."""
-    warm_up(make_model, batches(), loss_fn)
-    runs = []
-    for name in ctx.optimizers:
-        seed_everything(ctx.seed)
-        model = make_model()
-        hparams = transfer_hparams(name, base, ctx.lr.get(name))
-        runs.append(
-            train(
-                ctx,
-                label=name,
-                model=model,
-                opt=make_optimizer(name, model, hparams),
-                hparams=hparams,
-                batches=batches(),
-                loss_fn=loss_fn,
-                steps=steps,
-                evaluate=partial(evaluate, model),
-                eval_every=max(steps // 10, 1),
-                progress_title=f"{task} · {name}",
-            )
+def factored_state(opt: torch.optim.Optimizer, model: nn.Module) -> list[dict[str, Any]]:
+    """For every parameter with two or more dimensions: its shape and the number of entries of
+    its optimizer state (the step counter left out), to check AdaFactor's n + m claim."""
+    rows = []
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or p not in opt.state:
+            continue
+        entries = sum(
+            v.numel() for v in opt.state[p].values() if torch.is_tensor(v) and v.dim() > 0
         )
-    return runs
+        rows.append({"name": name, "shape": list(p.shape), "state_entries": entries})
+    return rows

@@ -1,11 +1,15 @@
-"""``embedding-drift``: SPEC §4 on the user's machine. Rows of tokens seen once drift toward
-∓1/λ under Tiger (the momentum they left never reaches 0, so sign(m) keeps moving them), next to
-the blog's countermeasures: lazy updates, Adam for the embeddings, tied embeddings + HalfSwap."""
+"""``embedding-drift``: the embedding anomaly of Lion and Tiger (blog: kexue.fm/archives/9736;
+docs: the Tiger page and ``danlu.Lazy``) on the user's machine. Rows of tokens seen once drift
+toward ∓1/λ under Tiger (the momentum they left never reaches 0, so sign(m) keeps moving them),
+next to the blog's countermeasures: lazy updates, Adam for the embeddings, tied embeddings +
+HalfSwap."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -15,12 +19,13 @@ from danlu.cli.common import (
     Context,
     PeakMemory,
     RunResult,
+    RunSpec,
     TaskResult,
     seed_everything,
     state_bytes_per_param,
-    timer,
     warmup_steps,
 )
+from danlu.cli.sweep import Report, Task
 from danlu.diagnostics import embedding_drift
 
 NAME = "embedding-drift"
@@ -97,75 +102,129 @@ def rare_ratios(model: nn.Module) -> torch.Tensor:
     return embed.weight.detach()[COMMON:].abs().amax(dim=1).cpu() * LAMBDA
 
 
-def run(ctx: Context) -> TaskResult:
-    steps = ctx.steps or (200 if ctx.quick else 400)
-    every = max(steps // 40, 1)
-    runs = []
-    for variant, label in VARIANTS.items():
-        seed_everything(ctx.seed)
-        model = ZipfLM(tied=variant == "tied+halfswap").to(ctx.device)
+STEPS, QUICK_STEPS, TIMING_STEPS = 400, 200, 60
+#: seconds per step on one core (measured; for the ETA)
+STEP_SECONDS = 0.003
+
+
+class DriftTask(Task):
+    name = NAME
+    description = DESCRIPTION
+    metric = "max |θ|·λ of rare rows"
+    higher_is_better = False
+
+    def steps(self, ctx: Context) -> int:
+        return ctx.steps or (QUICK_STEPS if ctx.quick else STEPS)
+
+    def _spec(self, ctx: Context, variant: str, steps: int, purpose: str) -> RunSpec:
+        return RunSpec(
+            task=NAME,
+            label=variant,
+            optimizer="tiger",
+            hparams={"lr": ALPHA, "weight_decay": LAMBDA},
+            seed=ctx.seed,
+            steps=steps,
+            quick=ctx.quick,
+            device=str(ctx.device),
+            purpose=purpose,
+            cost=0.2 + steps * STEP_SECONDS,
+        )
+
+    def plan(self, ctx: Context) -> list[RunSpec]:
+        return [self._spec(ctx, v, self.steps(ctx), "sweep") for v in VARIANTS]
+
+    def timing_specs(self, ctx: Context, result: TaskResult | None) -> list[RunSpec]:
+        steps = min(TIMING_STEPS, self.steps(ctx))
+        return [self._spec(ctx, v, steps, "timing") for v in VARIANTS]
+
+    def timing_cost(self, ctx: Context) -> float:
+        return sum(s.cost for s in self.timing_specs(ctx, None))
+
+    def execute(self, spec: RunSpec, report: Report) -> RunResult:
+        device = torch.device(spec.device)
+        variant, steps, timing = spec.label, spec.steps, spec.purpose == "timing"
+        every = max(steps // 40, 1)
+        seed_everything(spec.seed)
+        model = ZipfLM(tied=variant == "tied+halfswap").to(device)
         opt = make(variant, model)
         result = RunResult(
             label=variant,
-            hparams={"lr": ALPHA, "weight_decay": LAMBDA},
-            extra={"description": label, "rare_rows": []},
+            hparams=dict(spec.hparams),
+            optimizer="tiger",
+            seed=spec.seed,
+            extra={"description": VARIANTS[variant], "rare_rows": []},
         )
-        batches = zipf_batches(ctx.seed, ctx.device)
-        bar = ctx.progress(f"{NAME} · {variant}", steps)
-        elapsed = 0.0
-        with PeakMemory(ctx.device) as memory:
+        batches = zipf_batches(spec.seed, device)
+        skip = warmup_steps(steps)
+        wall = cpu = 0.0
+        memory = PeakMemory(device) if timing else contextlib.nullcontext()
+        with memory:
             for step in range(1, steps + 1):
                 x, y = next(batches)
-                with timer() as t:
-                    opt.zero_grad(set_to_none=True)
-                    logits = model(x)
-                    loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
-                    loss.backward()
-                    opt.step()
-                if step > warmup_steps(steps):
-                    elapsed += t[0]
+                t0, c0 = time.perf_counter(), time.thread_time()
+                opt.zero_grad(set_to_none=True)
+                logits = model(x)
+                loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
+                loss.backward()
+                opt.step()
+                loss_value = loss.item()
+                if step > skip:
+                    wall += time.perf_counter() - t0
+                    cpu += time.thread_time() - c0
                 result.steps.append(step)
-                result.losses.append(loss.item())
-                if step % every == 0 or step == steps:
+                result.losses.append(loss_value)
+                if not timing and (step % every == 0 or step == steps):
                     ratios = rare_ratios(model)
                     result.eval_steps.append(step)
                     result.metrics.append(ratios.max().item())
                     result.extra["rare_rows"].append(ratios.tolist())
-                bar.advance()
-        bar.close()
-        report = embedding_drift(model.embed.weight.detach()[COMMON:], LAMBDA, threshold=0.5)
-        result.final_metric = result.metrics[-1]
-        result.seconds_per_step = elapsed / (steps - warmup_steps(steps))
+                report(1)
         result.state_bytes_per_param = state_bytes_per_param(opt, model)
-        result.peak_memory_bytes = memory.peak
+        if timing:
+            result.seconds_per_step = wall / max(steps - skip, 1)
+            result.cpu_seconds_per_step = cpu / max(steps - skip, 1)
+            if isinstance(memory, PeakMemory):
+                result.peak_memory_bytes = memory.peak
+            return result
+        report_ = embedding_drift(model.embed.weight.detach()[COMMON:], LAMBDA, threshold=0.5)
+        result.final_metric = result.metrics[-1]
         result.extra.update(
             mean_ratio=float(rare_ratios(model).mean()),
-            rows_past_half=report.num_drifting,
-            report=str(report),
+            rows_past_half=report_.num_drifting,
+            report=str(report_),
         )
-        runs.append(result)
-    return TaskResult(
-        name=NAME,
-        description=DESCRIPTION,
-        metric="max |θ|·λ of rare rows",
-        higher_is_better=False,
-        runs=runs,
-        settings={
-            "steps": steps,
-            "lambda": LAMBDA,
-            "limit": 1 / LAMBDA,
-            "tiger_lr": ALPHA,
-            "common_tokens": COMMON,
-            "rare_tokens": RARE,
-            "dim": DIM,
-            "tied_init_std": danlu.nn.tied_embedding_std(VOCAB, DIM),
-            "steps_per_unit_growth": math.log(1 / LAMBDA / 0.1) / ALPHA,
-        },
-        notes=[
-            "1.0 means a row sits at the limit ∓1/λ; Tiger's untied rare rows run there.",
-            "Lazy updates and Adam for the embeddings keep them near their init.",
-            "Tied embeddings give the rows a gradient every step (their momentum is not frozen), "
-            "but for a token that is never predicted the softmax push has a consistent sign, so "
-            "a sign optimizer still drives the row outward: in our runs tying does not bound it.",
-        ],
-    )
+        return result
+
+    def summarize(
+        self, ctx: Context, specs: Sequence[RunSpec], results: Sequence[RunResult]
+    ) -> TaskResult:
+        return TaskResult(
+            name=NAME,
+            description=DESCRIPTION,
+            metric=self.metric,
+            higher_is_better=False,
+            runs=list(results),
+            settings={
+                "steps": self.steps(ctx),
+                "lambda": LAMBDA,
+                "limit": 1 / LAMBDA,
+                "tiger_lr": ALPHA,
+                "common_tokens": COMMON,
+                "rare_tokens": RARE,
+                "dim": DIM,
+                "tied_init_std": danlu.nn.tied_embedding_std(VOCAB, DIM),
+                "steps_per_unit_growth": math.log(1 / LAMBDA / 0.1) / ALPHA,
+            },
+            notes=[
+                "1.0 means a row sits at the limit ∓1/λ; Tiger's untied rare rows run there.",
+                "Lazy updates and Adam for the embeddings keep them near their init.",
+                "Tied embeddings give the rows a gradient every step (their momentum is not "
+                "frozen), but for a token that is never predicted the softmax push has a "
+                "consistent sign, so a sign optimizer still drives the row outward: in our runs "
+                "tying does not bound it.",
+            ],
+            columns=[("rows past ½", "rows_past_half", "d")],
+        )
+
+
+TASK = DriftTask()

@@ -1,9 +1,9 @@
 """Fine-tuning a small char-level causal transformer: full, LoRA, LoRA-GA, LoRA-GA + LoRA-Pro.
 
-SPEC.md §10 (issue 8, item 4). A model is pretrained on the first part of a text, then
-fine-tuned on the second part with each method for the same number of steps, on the same
-batches; the table gives the validation bits per character on held-out text of the second
-part and the number of trainable parameters.
+Blog: kexue.fm/archives/10226 (LoRA-GA) and 10266 (LoRA-Pro); docs: lora.md. A model is
+pretrained on the first part of a text, then fine-tuned on the second part with each method
+for the same number of steps, on the same batches; the table gives the validation bits per
+character on held-out text of the second part and the number of trainable parameters.
 
 The default text is a slice of the Python standard library read from disk: Python code
 (``json``, ``collections``, ``argparse``, ...) for pretraining and the prose of
