@@ -3,6 +3,8 @@
 Kept apart from the test module so that the spawned processes import only torch and danlu.
 """
 
+import gc
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -42,5 +44,12 @@ def run(rank, world, init_file, out_dir, micro, local_passes, x, y, weight, bias
                 loss.backward()
         est = monitor.update()
         torch.save({"trace": est.trace_sigma, "g2": est.grad_sq_norm}, f"{out_dir}/{rank}.pt")
+        # Every collective done, and DDP's reducer freed while the process group is still
+        # registered: freeing it last (at the function's return) could deadlock in torch's
+        # teardown (the reducer's destructor holds the GIL while joining a gloo thread that is
+        # waiting for the GIL to free the all-gather's tensors).
+        dist.barrier()
+        del model, monitor, est
+        gc.collect()
     finally:
         dist.destroy_process_group()

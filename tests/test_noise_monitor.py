@@ -2,6 +2,7 @@
 against the NumPy estimate from explicitly computed micro-batch gradients (tests/reference.py)."""
 
 import math
+import time
 
 import distributed_noise_worker
 import numpy as np
@@ -147,7 +148,15 @@ def test_ddp_two_processes_gloo(tmp_path):
     world, local_passes = 2, 2
     x, y, weight, bias = _problem(world * local_passes * MICRO, seed=3)
     args = (world, str(tmp_path / "store"), str(tmp_path), MICRO, local_passes, x, y, weight, bias)
-    mp.start_processes(distributed_noise_worker.run, args=args, nprocs=world, start_method="spawn")
+    context = mp.start_processes(
+        distributed_noise_worker.run, args=args, nprocs=world, start_method="spawn", join=False
+    )
+    deadline = time.monotonic() + 300  # a hang fails the test instead of the whole run
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two gloo ranks did not finish within 300 s")
     trace, g2 = reference.noise_scale_from_micro_grads(
         _micro_grads(x, y, weight, bias, MICRO), MICRO
     )
