@@ -23,6 +23,7 @@ unchanged, bit for bit. Non-finite gradients go to the non-finite policy as befo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -177,6 +178,20 @@ def tiger(
             stochastic_rounding=stochastic_rounding,
         )
         return
+    update = functools.partial(
+        _update,
+        path,
+        lr=lr,
+        beta=beta,
+        weight_decay=weight_decay,
+        kind=kind,
+        rms_floor=rms_floor,
+        grad_accum_steps=grad_accum_steps,
+        first_micro_step=first_micro_step,
+        last_micro_step=last_micro_step,
+        maximize=maximize,
+        stochastic_rounding=stochastic_rounding,
+    )
     if finite is not None and torch.compiler.is_compiling():
         # inside torch.compile the flags are not read to the host (a graph break, and a
         # recompile whenever they change): every tensor is updated and the non-finite ones
@@ -185,22 +200,7 @@ def tiger(
             params,
             exp_avgs,
             finite,
-            lambda: _update(
-                path,
-                params,
-                grads,
-                exp_avgs,
-                lr=lr,
-                beta=beta,
-                weight_decay=weight_decay,
-                kind=kind,
-                rms_floor=rms_floor,
-                grad_accum_steps=grad_accum_steps,
-                first_micro_step=first_micro_step,
-                last_micro_step=last_micro_step,
-                maximize=maximize,
-                stochastic_rounding=stochastic_rounding,
-            ),
+            lambda: update(params, grads, exp_avgs),
             nonfinite=nonfinite,
             center=center,
             shrink_ratio=shrink_ratio,
@@ -217,22 +217,7 @@ def tiger(
         exp_avgs = [exp_avgs[i] for i in keep]
         if not params:
             return
-    _update(
-        path,
-        params,
-        grads,
-        exp_avgs,
-        lr=lr,
-        beta=beta,
-        weight_decay=weight_decay,
-        kind=kind,
-        rms_floor=rms_floor,
-        grad_accum_steps=grad_accum_steps,
-        first_micro_step=first_micro_step,
-        last_micro_step=last_micro_step,
-        maximize=maximize,
-        stochastic_rounding=stochastic_rounding,
-    )
+    update(params, grads, exp_avgs)
 
 
 def _update(
