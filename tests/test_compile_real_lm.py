@@ -15,8 +15,8 @@ both runs): each optimizer compiles one graph, which keeps the file short on a C
 from __future__ import annotations
 
 import pytest
+import tiny_models
 import torch
-import transformers
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import danlu
@@ -52,19 +52,10 @@ def _fresh_dynamo():
 
 
 def tiny_llama(tied: bool) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-        attention_bias=True,  # bias parameters, the "elementwise" kind with centre 0
-        tie_word_embeddings=tied,
+    # attention_bias: bias parameters, the "elementwise" kind with centre 0
+    return tiny_models.tiny_llama(
+        VOCAB, hidden=32, heads=4, attention_bias=True, tie_word_embeddings=tied
     )
-    return transformers.LlamaForCausalLM(config)
 
 
 def groups_of(model: torch.nn.Module, tied: bool) -> list[dict]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+import tiny_models
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -163,19 +164,7 @@ def train_one_step(ns: dict[str, Any]) -> None:
 
 
 def tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=DIM,
-        intermediate_size=2 * DIM,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_models.tiny_llama(VOCAB, hidden=DIM)
 
 
 def token_dicts(count: int) -> list[dict[str, torch.Tensor]]:

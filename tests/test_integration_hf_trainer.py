@@ -4,6 +4,7 @@
 import copy
 
 import pytest
+import tiny_models
 import torch
 import transformers
 
@@ -13,18 +14,7 @@ VOCAB, SEQ, BATCH, STEPS = 32, 8, 8, 12
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=SEQ,
-        attention_dropout=0.0,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return tiny_models.tiny_llama(VOCAB, positions=SEQ, attention_dropout=0.0)
 
 
 class Batches(torch.utils.data.Dataset):

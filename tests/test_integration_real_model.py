@@ -12,10 +12,12 @@ import os
 import shutil
 
 import pytest
+import tiny_models
 import torch
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+
 
 import danlu  # noqa: E402
 from danlu.functional.precision import rounds_stochastically  # noqa: E402
@@ -38,17 +40,7 @@ def quiet():
 
 def tiny_llama():
     """The same bf16 weights on every call."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=SEQ,
-    )
-    return transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    return tiny_models.tiny_llama(VOCAB, positions=SEQ, dtype=torch.bfloat16)
 
 
 class Sequences(torch.utils.data.Dataset):

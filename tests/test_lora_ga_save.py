@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+import tiny_models
 import torch
 
 transformers = pytest.importorskip("transformers")
@@ -26,17 +27,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 def base_model(dtype=torch.float32):
     """The same random weights on every call (the 'original base model' of a reload)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
-    return transformers.LlamaForCausalLM(config).to(dtype)
+    return tiny_models.tiny_llama(VOCAB, layers=2, dtype=dtype)
 
 
 def batches(count=3):
@@ -286,18 +277,7 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
 def test_tied_lm_head_is_refused():
     """A Llama with tied input and output embeddings: LoRA-GA on lm_head would shift the
     embedding too (the logits moved by ~0.4 here before danlu refused it)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-        tie_word_embeddings=True,
-    )
-    base = transformers.LlamaForCausalLM(config)
+    base = tiny_models.tiny_llama(VOCAB, tie_word_embeddings=True)
     assert base.lm_head.weight is base.model.embed_tokens.weight
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
     before = logits(model.eval())
