@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from lora_models import batch, two_adapter_model
 from reference import (
     adamw_step,
     lora_pro_blog,
@@ -172,26 +173,6 @@ def test_one_sgd_step_matches_spec(x_mode):
     H_A, H_B = lora_pro_blog(G, B0, A0, choice)
     expected = -eta * (H_A @ A0 + B0 @ H_B) + eta**2 / layer.scale * H_A @ H_B
     np.testing.assert_allclose(effective_weight(layer).numpy() - W0, expected, atol=1e-12)
-
-
-def two_adapter_model(dtype=F64):
-    torch.manual_seed(1)
-    model = nn.Sequential(
-        LoRALinear(nn.Linear(6, 8, dtype=dtype), 2, alpha=4),
-        nn.Tanh(),
-        LoRALinear(nn.Linear(8, 5, dtype=dtype), 3, alpha=3),
-    )
-    with torch.no_grad():
-        for layer in (model[0], model[2]):
-            layer.lora_B.normal_(std=0.5)
-    return model
-
-
-def batch(dtype=F64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(10, 6, generator=gen, dtype=dtype), torch.randn(
-        10, 5, generator=gen, dtype=dtype
-    )
 
 
 def loss_of(model, data):

@@ -12,30 +12,11 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from lora_models import batch, two_adapter_model
 
-from danlu.lora import LoRALinear, LoRAPro
+from danlu.lora import LoRAPro
 
 F64 = torch.float64
-
-
-def two_adapter_model(dtype=F64):
-    torch.manual_seed(1)
-    model = nn.Sequential(
-        LoRALinear(nn.Linear(6, 8, dtype=dtype), 2, alpha=4),
-        nn.Tanh(),
-        LoRALinear(nn.Linear(8, 5, dtype=dtype), 3, alpha=3),
-    )
-    with torch.no_grad():
-        for layer in (model[0], model[2]):
-            layer.lora_B.normal_(std=0.5)
-    return model
-
-
-def batch(dtype=F64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(10, 6, generator=gen, dtype=dtype)
-    return x, torch.randn(10, 5, generator=gen, dtype=dtype)
 
 
 def train(model, opt, seeds, dtype=F64):
