@@ -1,6 +1,6 @@
 """Fine-tuning a small char-level causal transformer: full, LoRA, LoRA-GA, LoRA-GA + LoRA-Pro
-(SPEC.md §10). The experiment lives in ``danlu.cli.tasks.lora_experiment`` (it is also the
-``lora`` task of ``danlu compare``); this script prints its table.
+(docs/reference/algorithms.md#lora). The experiment lives in ``danlu.cli.tasks.lora_experiment`` (it
+is also the ``lora`` task of ``danlu compare``); this script prints its table.
 
     python benchmarks/lora_finetune.py [--steps 200] [--seed 0] [--device cpu] [--threads 1]
 """

@@ -1,12 +1,13 @@
-"""Optimizer-step time of LoRA-Pro (SPEC §10.2) against plain AdamW on the same adapters.
+"""Optimizer-step time of LoRA-Pro (docs/reference/algorithms.md#lora-pro) against plain AdamW on
+the same adapters.
 
 Reports ratios measured in the same run (DESIGN.md "Performance"):
 
 * ``LoRAPro(mode="efficient")`` / ``torch.optim.AdamW`` on the LoRA factors: the cost of the
   gradient adjustment (batched r×r eigen-decompositions, one host sync per step);
-* a per-adapter adjustment written the way SPEC §10.2 describes the reference code (two
-  ``pinv(M + 1e-8 I)`` and a complex ``torch.linalg.eig`` Sylvester solve per adapter, then
-  AdamW) / AdamW: what the batched symmetric solve saves;
+* a per-adapter adjustment written the way docs/reference/algorithms.md#lora-pro describes the
+  reference code (two ``pinv(M + 1e-8 I)`` and a complex ``torch.linalg.eig`` Sylvester solve per
+  adapter, then AdamW) / AdamW: what the batched symmetric solve saves;
 * ``LoRAPro(mode="full")`` / ``torch.optim.AdamW`` on full weights of the same shapes (full
   fine-tuning): both keep out×in moments.
 
@@ -25,7 +26,8 @@ import danlu
 
 
 def _reference_style_adjust(triples: list[tuple[Tensor, Tensor, float]]) -> None:
-    """The reference's recipe per adapter (SPEC §10.2 "Inverses", "Sylvester solver")."""
+    """The reference's recipe per adapter (docs/reference/algorithms.md#lora-pro "Inverses",
+    "Sylvester solver")."""
     for A, B, s in triples:
         gA, gB = A.grad, B.grad
         eye = torch.eye(A.shape[0], device=A.device, dtype=A.dtype)

@@ -1,4 +1,5 @@
-"""Independent NumPy float64 re-implementations of the algorithms, written from SPEC.md.
+"""Independent NumPy float64 re-implementations of the algorithms, written from
+docs/reference/algorithms.md.
 
 These never call danlu; tests compare danlu against them.
 """
@@ -11,7 +12,7 @@ import numpy as np
 
 
 def lion_step(theta, m, g, *, lr, beta1, beta2, wd):
-    """SPEC §1(a). Returns (theta, m)."""
+    """docs/reference/algorithms.md#lion-rule. Returns (theta, m)."""
     theta, m, g = (np.asarray(x, dtype=np.float64) for x in (theta, m, g))
     c = beta1 * m + (1 - beta1) * g
     new_theta = theta - lr * (np.sign(c) + wd * theta)
@@ -30,7 +31,8 @@ def tiger_eta(theta, *, lr, kind, rms_floor):
 
 
 def tiger_step(theta, m, g, *, lr, beta, wd, kind, rms_floor=0.0):
-    """SPEC §2(a), k = 1, written as the reference code: u = (sign(m) + d·θ)·η."""
+    """docs/reference/algorithms.md#tiger-rule, k = 1, written as the reference code: u = (sign(m) +
+    d·θ)·η."""
     theta, m, g = (np.asarray(x, dtype=np.float64) for x in (theta, m, g))
     if kind == "elementwise":
         wd = 0.0
@@ -41,8 +43,9 @@ def tiger_step(theta, m, g, *, lr, beta, wd, kind, rms_floor=0.0):
 
 
 def tiger_accumulated(theta, micro_grads, *, k, lr, beta, wd, kind, rms_floor=0.0):
-    """SPEC §2(a)/§3(a) literally, 1-based t: decay at the first micro-step of each window,
-    add (1-β)g/k every micro-step, update when k | t. Returns the (θ, m) history per micro-step."""
+    """docs/reference/algorithms.md#tiger-rule/#hidden-accumulation-rule literally, 1-based t: decay
+    at the first micro-step of each window, add (1-β)g/k every micro-step, update when k | t.
+    Returns the (θ, m) history per micro-step."""
     theta = np.asarray(theta, dtype=np.float64)
     m = np.zeros_like(theta)
     history = []
@@ -59,7 +62,9 @@ def tiger_accumulated(theta, micro_grads, *, k, lr, beta, wd, kind, rms_floor=0.
 
 
 # ----------------------------------------------------------------------------------------------
-# Recipes: SPEC §8 (init) and §9 (lr vs batch size), by quadrature and by the moment matrices.
+# Recipes: docs/reference/algorithms.md#initialisation (init) and
+# docs/reference/algorithms.md#lr-batch-size (lr vs batch size), by quadrature and by the moment
+# matrices.
 
 
 @functools.cache
@@ -79,7 +84,7 @@ def normal_pdf(x):
 
 
 def truncated_normal_variance(c):
-    """SPEC §8(a): γ = ∫x²φ / ∫φ over [-c, c]."""
+    """docs/reference/algorithms.md#initialisation: γ = ∫x²φ / ∫φ over [-c, c]."""
     return gauss_legendre(lambda x: x * x * normal_pdf(x), -c, c) / gauss_legendre(
         normal_pdf, -c, c
     )
@@ -96,8 +101,9 @@ def clip_mean_by_quadrature(a, b, reach=14.0):
 
 
 def softsign_opt_lr(batch, g, sigma2, hessian, eps):
-    """SPEC §9(a) from the moment matrices: E[φ] = βν, E[φφᵀ] = β²ννᵀ + (1-β²)I, and
-    η* = E[φ]·g / Σ_ij H_ij E[φφᵀ]_ij (the maximiser of η E[φ]·g - η²/2 E[φᵀHφ])."""
+    """docs/reference/algorithms.md#lr-batch-size from the moment matrices: E[φ] = βν, E[φφᵀ] =
+    β²ννᵀ + (1-β²)I, and η* = E[φ]·g / Σ_ij H_ij E[φφᵀ]_ij (the maximiser of η E[φ]·g - η²/2
+    E[φᵀHφ])."""
     g, sigma2, h = (np.asarray(x, dtype=np.float64) for x in (g, sigma2, hessian))
     nu = g / np.sqrt(g * g + eps * eps)
     kappa2 = np.mean(sigma2 / (g * g + eps * eps))
@@ -109,7 +115,8 @@ def softsign_opt_lr(batch, g, sigma2, hessian, eps):
 
 def noise_scale_from_micro_grads(grads, micro_batch):
     """(tr Σ, |g|²) from K micro-batch gradients of ``micro_batch`` samples each, by the
-    across-gradient variance (SPEC §9(b)): tr Σ = b·Σ_i s_i², |g|² = |ḡ|² - tr Σ/(K b)."""
+    across-gradient variance (docs/reference/algorithms.md#lr-batch-size-helpers): tr Σ = b·Σ_i
+    s_i², |g|² = |ḡ|² - tr Σ/(K b)."""
     grads = np.asarray(grads, dtype=np.float64)
     k = grads.shape[0]
     trace = micro_batch * float(np.sum(np.var(grads, axis=0, ddof=1)))
@@ -120,10 +127,10 @@ def noise_scale_from_micro_grads(grads, micro_batch):
 def adam_accumulated(
     theta, micro_grads, *, k, lr, beta1, beta2, eps, wd=0.0, eps_inside_sqrt=False
 ):
-    """SPEC §3(a) literally, 1-based micro-step t: decay the moments when (t-1) % k == 0, add
-    (1-β)/k of g (of g² for v) every micro-step, update when k | t with bias correction over the
-    update count n = t/k and decoupled decay θ(1 - ηλ). With k = 1 this is AdamW.
-    Returns the (θ, m, v) history per micro-step."""
+    """docs/reference/algorithms.md#hidden-accumulation-rule literally, 1-based micro-step t: decay
+    the moments when (t-1) % k == 0, add (1-β)/k of g (of g² for v) every micro-step, update when k
+    | t with bias correction over the update count n = t/k and decoupled decay θ(1 - ηλ). With k = 1
+    this is AdamW. Returns the (θ, m, v) history per micro-step."""
     theta = np.asarray(theta, dtype=np.float64)
     m = np.zeros_like(theta)
     v = np.zeros_like(theta)
@@ -146,7 +153,8 @@ def adam_accumulated(
 
 
 def adam_lazy_rows(theta, grads, *, lr, beta1, beta2, eps, variant):
-    """Adam on a table (rows × dim) with the row mask r_i = any_j(g_ij != 0) of SPEC §4(a'):
+    """Adam on a table (rows × dim) with the row mask r_i = any_j(g_ij != 0) of
+    docs/reference/algorithms.md#lazy-updates:
 
     * ``"dense"``: plain Adam;
     * ``"masked"`` (bojone's lazy): moments of every row updated, the parameter delta of absent
@@ -181,8 +189,9 @@ def _rms(x):
 
 
 def adafactor_axes(shape, *, factored_dims="two_largest", min_dim=128):
-    """SPEC §5(a) code specifics: the two largest dims (ties: the later axis counts as larger),
-    not factored below ``min_dim``; or torch/transformers' last two dims with no threshold."""
+    """docs/reference/algorithms.md#adafactor-rule code specifics: the two largest dims (ties: the
+    later axis counts as larger), not factored below ``min_dim``; or torch/transformers' last two
+    dims with no threshold."""
     if len(shape) < 2:
         return None
     if factored_dims == "last_two":
@@ -212,9 +221,9 @@ def adafactor_run(
     min_dim=128,
     momentum_mode="unit",
 ):
-    """SPEC §5(a) in the blog's form with *sums* (the code uses means; the v̂ is the same),
-    float64. ``lr_multipliers[t-1]`` scales lr at step t (an LR scheduler). Returns θ after
-    each step."""
+    """docs/reference/algorithms.md#adafactor-rule in the blog's form with *sums* (the code uses
+    means; the v̂ is the same), float64. ``lr_multipliers[t-1]`` scales lr at step t (an LR
+    scheduler). Returns θ after each step."""
     theta = np.array(theta, dtype=np.float64)
     axes = adafactor_axes(theta.shape, factored_dims=factored_dims, min_dim=min_dim)
     v_row = v_col = v_full = 0.0
@@ -227,7 +236,8 @@ def adafactor_run(
         if axes is not None:
             largest, second = axes
             # v_r[i] = EMA of Σ_j (g² + ε1) over the largest axis, v_c[j] over the second;
-            # v̂ = v_r v_c / Σ_j v_c[j]  (the rank-1 I-divergence fit, SPEC §5(a)).
+            # v̂ = v_r v_c / Σ_j v_c[j]  (the rank-1 I-divergence fit,
+            # docs/reference/algorithms.md#adafactor-rule).
             v_row = b2 * v_row + (1 - b2) * sq.sum(axis=largest, keepdims=True)
             v_col = b2 * v_col + (1 - b2) * sq.sum(axis=second, keepdims=True)
             v_hat = v_row * v_col / v_col.sum(axis=largest, keepdims=True)
@@ -254,8 +264,8 @@ def adafactor_run(
 
 
 def adax_run(theta, grads, *, lr, beta1, beta2, eps, eps_inside_sqrt=False, wd=0.0):
-    """SPEC §6(a) in the blog's *unnormalised* form v_t = (1+β2)v + β2 g², v̂ = v/((1+β2)^t−1),
-    float64. Returns θ after each step (and the final m, v̂)."""
+    """docs/reference/algorithms.md#adax-rule in the blog's *unnormalised* form v_t = (1+β2)v + β2
+    g², v̂ = v/((1+β2)^t−1), float64. Returns θ after each step (and the final m, v̂)."""
     theta = np.array(theta, dtype=np.float64)
     m = np.zeros_like(theta)
     v = np.zeros_like(theta)
@@ -287,8 +297,8 @@ def amos_run(
     clip=None,
     eps=2.0**-125,
 ):
-    """SPEC §7.2 (jestimator's scale_by_amos) literally, float64, with v and b of
-    ``slot_shape``. Returns θ after each step (and the final v, b)."""
+    """docs/reference/algorithms.md#amos-optimizer (jestimator's scale_by_amos) literally, float64,
+    with v and b of ``slot_shape``. Returns θ after each step (and the final v, b)."""
     theta = np.array(theta, dtype=np.float64)
     v = np.zeros(slot_shape)
     b = np.full(slot_shape, float(init_b))
@@ -319,8 +329,9 @@ def amos_run(
 
 
 # ----------------------------------------------------------------------------------------------
-# LoRA-GA and LoRA-Pro, SPEC §10. PEFT naming for LoRA-GA (W = W0 + s·B_p A_p); LoRA-Pro is
-# written in the blog's notation (W = W0 + A B, A n×r left, B r×m right) and mapped to PEFT's.
+# LoRA-GA and LoRA-Pro, docs/reference/algorithms.md#lora. PEFT naming for LoRA-GA (W = W0 + s·B_p
+# A_p); LoRA-Pro is written in the blog's notation (W = W0 + A B, A n×r left, B r×m right) and
+# mapped to PEFT's.
 
 
 def svd_signed(G):
@@ -333,7 +344,8 @@ def svd_signed(G):
 
 
 def lora_ga_factors(G, r, *, direction, scale, lora_scale, gamma=16.0):
-    """SPEC §10.1(b) (and PEERS.md for the PEFT variant). Returns (lora_A, lora_B)."""
+    """docs/reference/algorithms.md#lora-ga-code (and PEERS.md for the PEFT variant). Returns
+    (lora_A, lora_B)."""
     U, S, Vh = svd_signed(G)
     if direction == "ArB2r":
         A, B, s_b = Vh[:r], U[:, r : 2 * r], S[r : 2 * r]
@@ -355,10 +367,10 @@ def lora_ga_factors(G, r, *, direction, scale, lora_scale, gamma=16.0):
 
 
 def lora_pro_blog(G, A, B, choice):
-    """SPEC §10.2(a), blog notation, s = 1. Returns (H_A, H_B) for the C chosen by ``choice``:
-    "sylvester" (AᵀA C + C BBᵀ = −Aᵀ G_A (BBᵀ)^{-1}, solved with SciPy's Bartels–Stewart),
-    "symmetric" (C = −½(AᵀA)^{-1} G_B Bᵀ(BBᵀ)^{-1}), "c_zero" (C = 0, the blog's), or
-    "zero_paper" (the C that is X = 0 in the paper's form: matching ĝ_A = H_B term by term gives
+    """docs/reference/algorithms.md#lora-pro-rule, blog notation, s = 1. Returns (H_A, H_B) for the
+    C chosen by ``choice``: "sylvester" (AᵀA C + C BBᵀ = −Aᵀ G_A (BBᵀ)^{-1}, solved with SciPy's
+    Bartels–Stewart), "symmetric" (C = −½(AᵀA)^{-1} G_B Bᵀ(BBᵀ)^{-1}), "c_zero" (C = 0, the blog's),
+    or "zero_paper" (the C that is X = 0 in the paper's form: matching ĝ_A = H_B term by term gives
     X = −C − (AᵀA)^{-1} G_B Bᵀ (BBᵀ)^{-1}, so C = −(AᵀA)^{-1} G_B Bᵀ (BBᵀ)^{-1})."""
     from scipy.linalg import solve_sylvester
 
@@ -396,15 +408,15 @@ def lora_pro_c_by_least_squares(G, A, B):
 
 def lora_pro_paper_from_blog(G, lora_A, lora_B, s, choice):
     """PEFT-named adjusted gradients from the blog form: blog A = lora_B, blog B = lora_A; for
-    a fixed full gradient G every adjusted gradient scales by 1/s (SPEC §10.2(e)), so
-    ĝ_A = H_B / s and ĝ_B = H_A / s."""
+    a fixed full gradient G every adjusted gradient scales by 1/s
+    (docs/reference/algorithms.md#lora-pro-tests), so ĝ_A = H_B / s and ĝ_B = H_A / s."""
     H_A, H_B = lora_pro_blog(G, lora_B, lora_A, choice)
     return H_B / s, H_A / s
 
 
 def lora_pro_full_adam(W0, A, B, grad_fn, steps, *, s, lr, betas, eps, wd, choice):
-    """LoRA-Pro's full mode, SPEC §10.2 "With Adam": ``steps`` steps where ``grad_fn(W)`` is
-    the full-weight gradient at W = W0 + s·B A. Returns (W0, A, B)."""
+    """LoRA-Pro's full mode, docs/reference/algorithms.md#lora-pro "With Adam": ``steps`` steps
+    where ``grad_fn(W)`` is the full-weight gradient at W = W0 + s·B A. Returns (W0, A, B)."""
     W0, A, B = (np.asarray(x, dtype=np.float64).copy() for x in (W0, A, B))
     m = np.zeros_like(W0)
     v = np.zeros_like(W0)

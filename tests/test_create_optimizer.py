@@ -47,7 +47,8 @@ def decay_of_each_parameter(opt, model):
     return {names[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
 
 
-# Amos has no λ (its decay is adaptive, SPEC §7.2), so it takes no weight_decay argument.
+# Amos has no λ (its decay is adaptive, docs/reference/algorithms.md#amos-optimizer), so it takes no
+# weight_decay argument.
 DECAYING = sorted(n for n, info in REGISTRY.items() if "weight_decay" in info.defaults)
 
 

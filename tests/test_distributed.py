@@ -6,7 +6,7 @@ resume bit for bit on 2 ranks and on 1.
 The 2-process half runs once (gloo on CPU, one process group for every scenario:
 tests/distributed_worker.py); the references are single-process runs of the same cases
 (tests/distributed_cases.py), so the oracle is the unsharded algorithm, whose own correctness
-the functional tests establish against SPEC.md and the NumPy references.
+the functional tests establish against docs/reference/algorithms.md and the NumPy references.
 
 Tolerance: 1e-6 relative (‖sharded − single‖ / ‖single‖ per tensor, float32). Two ranks
 average their gradients exactly as a single process averaging the two half-batch gradients

@@ -40,7 +40,8 @@ def test_page_matches_script_output():
         code, output = shown[name]
         assert code == item["code"], f"code of example {name!r} differs: {stale}"
         assert output == item["output"], f"output of example {name!r} differs: {stale}"
-    # spot checks against SPEC §8(e) and §7(e)3, independent of the script
+    # spot checks against docs/reference/algorithms.md#initialisation-tests and #amos-tests item 3,
+    # independent of the script
     assert "0.0175925" in shown["init_std"][1]
     assert "lr = 4.005e-05, weight_decay = 0.0154" in shown["sign_optimizer_lr"][1]
     assert "27.71" in shown["tied_embeddings"][1]

@@ -1,6 +1,7 @@
-"""The Lion/Tiger embedding drift (SPEC §4) reproduced, and its countermeasures: Lazy updates,
-Adam for the embeddings (MultiOptimizer), tied embeddings with HalfSwap. Plus the diagnostics
-and the tied-embedding helpers of danlu.nn (SPEC §8(a))."""
+"""The Lion/Tiger embedding drift (docs/reference/algorithms.md#embedding-drift) reproduced, and its
+countermeasures: Lazy updates, Adam for the embeddings (MultiOptimizer), tied embeddings with
+HalfSwap. Plus the diagnostics and the tied-embedding helpers of danlu.nn
+(docs/reference/algorithms.md#initialisation)."""
 
 import math
 
@@ -87,15 +88,17 @@ def rare_ratios(model):
 
 
 def test_tiger_drifts_the_rare_row_to_minus_sign_m_over_lambda(runs):
-    # SPEC §4(a): after its single appearance the row keeps moving by η per step toward
-    # θ* = −sign(m)/λ, m frozen at (1 − β)·g0 up to decay: every component ends near ∓1/λ = ∓5.
+    # docs/reference/algorithms.md#embedding-drift-mechanism: after its single appearance the row
+    # keeps moving by η per step toward θ* = −sign(m)/λ, m frozen at (1 − β)·g0 up to decay: every
+    # component ends near ∓1/λ = ∓5.
     model, g0 = runs["tiger"]
     row = model.embed.weight.detach()[RARE]
     assert (g0 != 0).all()
     torch.testing.assert_close(row * LAMBDA, -torch.sign(g0), rtol=0, atol=0.05)
     report = embedding_drift(model.embed.weight, LAMBDA, threshold=0.9)
     assert report.worst_rows[0] == RARE or report.row_ratios[RARE] >= 0.95
-    assert report.max_ratio <= 1.0 + 1e-6  # never past the fixed point (SPEC §1(e)4)
+    # never past the fixed point (docs/reference/algorithms.md#lion-tests item 4)
+    assert report.max_ratio <= 1.0 + 1e-6
 
 
 def test_lazy_keeps_the_rare_row_where_it_was_seen(runs):
@@ -122,9 +125,10 @@ def test_tied_embeddings_with_half_swap_remove_the_frozen_momentum_drift(runs):
 
 
 def test_lion_equilibrium_spec_4e1():
-    # SPEC §4(e)1: η = 0.01, λ = 0.01, s = +1, θ0 = 0: after 1000 steps θ = −9.51671064
-    # (= −100·(1 − 0.9999^1000)). A Lion parameter that sees g > 0 once and then g = 0 keeps
-    # sign(c) = +1 (c = β1·m never reaches 0 here), so it follows exactly this recursion.
+    # docs/reference/algorithms.md#embedding-drift-tests item 1: η = 0.01, λ = 0.01, s = +1, θ0 = 0:
+    # after 1000 steps θ = −9.51671064 (= −100·(1 − 0.9999^1000)). A Lion parameter that sees g > 0
+    # once and then g = 0 keeps sign(c) = +1 (c = β1·m never reaches 0 here), so it follows exactly
+    # this recursion.
     p = nn.Parameter(torch.zeros(1, dtype=torch.float64))
     opt = danlu.Lion([p], lr=0.01, weight_decay=0.01)
     p.grad = torch.ones(1, dtype=torch.float64)
@@ -162,7 +166,7 @@ def test_half_swap():
 
 
 def test_tied_embedding_init_spec_8():
-    # SPEC §8(e): ln(50000)/768 = 0.0140883
+    # docs/reference/algorithms.md#initialisation-tests: ln(50000)/768 = 0.0140883
     assert danlu.nn.tied_embedding_std(50000, 768) == pytest.approx(0.0140883, abs=1e-7)
     weight = torch.empty(1000, 64)
     danlu.nn.init_tied_embedding_(weight, generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""AdaFactor against SPEC.md §5(e) and the NumPy reference."""
+"""AdaFactor against docs/reference/algorithms.md#adafactor-tests and the NumPy reference."""
 
 import math
 
@@ -62,7 +62,7 @@ def run(theta, grads, *, foreach=False, factored_dims="two_largest", min_dim=128
     return history, states
 
 
-# --- SPEC §5(e) oracles -------------------------------------------------------------------------
+# --- docs/reference/algorithms.md#adafactor-tests oracles -----------------------------------------
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -153,7 +153,7 @@ def test_oracle_5_factored_shapes():
     assert adafactor_factored_axes((5, 3, 2), factored_dims="last_two") == (2, 1)
 
 
-# --- edge cases (SPEC §5(c)) ----------------------------------------------------------------------
+# --- edge cases (docs/reference/algorithms.md#adafactor-edge-cases) -------------------------------
 
 
 @pytest.mark.parametrize("foreach", [False, True])

@@ -1,4 +1,5 @@
-"""danlu.AdamW against SPEC.md §3(e) and the NumPy reference (tests/reference.py)."""
+"""danlu.AdamW against docs/reference/algorithms.md#hidden-accumulation-tests and the NumPy
+reference (tests/reference.py)."""
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ F64 = torch.float64
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_spec_3e_hidden_accumulation_scalar(foreach):
-    # SPEC §3(e): k=2, β=(0.9, 0.999), ε=0, micro-grads 1 then 3, m0=v0=0, lr=1:
-    # m = 0.05 then 0.2 (= 0.1·mean), v = 0.0005 then 0.005, update 2/√5 = 0.894427.
+    # docs/reference/algorithms.md#hidden-accumulation-tests: k=2, β=(0.9, 0.999), ε=0, micro-grads
+    # 1 then 3, m0=v0=0, lr=1: m = 0.05 then 0.2 (= 0.1·mean), v = 0.0005 then 0.005, update 2/√5 =
+    # 0.894427.
     p = nn.Parameter(torch.zeros(1, dtype=F64))
     opt = danlu.AdamW([p], lr=1.0, eps=0.0, weight_decay=0.0, grad_accum_steps=2, foreach=foreach)
     p.grad = torch.tensor([1.0], dtype=F64)
@@ -71,8 +73,9 @@ def test_against_numpy_reference(foreach, k, eps_inside_sqrt):
 
 
 def test_hidden_momentum_is_the_momentum_of_the_mean_gradient():
-    # SPEC §3(a): m after a window equals one k=1 step on the mean gradient, exactly in float64
-    # up to reassociation; v uses the mean of squares (larger than the square of the mean).
+    # docs/reference/algorithms.md#hidden-accumulation-rule: m after a window equals one k=1 step on
+    # the mean gradient, exactly in float64 up to reassociation; v uses the mean of squares (larger
+    # than the square of the mean).
     rng = np.random.default_rng(3)
     grads = [torch.tensor(rng.normal(size=5)) for _ in range(8)]
     acc = nn.Parameter(torch.zeros(5, dtype=F64))

@@ -1,4 +1,5 @@
-"""AdaX against SPEC.md §6(e), the blog's unnormalised form (NumPy reference) and long runs."""
+"""AdaX against docs/reference/algorithms.md#adax-tests, the blog's unnormalised form (NumPy
+reference) and long runs."""
 
 import math
 
@@ -16,7 +17,7 @@ SHAPES = [(6, 9), (7,), (3, 4, 5), (8, 4, 3, 3)]
 
 
 def test_oracle_beta2_hat():
-    # SPEC §6(e) with β2 = 1e-4
+    # docs/reference/algorithms.md#adax-tests with β2 = 1e-4
     assert adax_beta2_hat(1, 1e-4) == 0.0
     assert adax_beta2_hat(2, 1e-4) == pytest.approx(0.500025, abs=1e-7)
     assert adax_beta2_hat(3, 1e-4) == pytest.approx(0.6667, abs=1e-4)
@@ -110,8 +111,8 @@ def test_matches_blog_form_over_ten_steps(config, foreach):
 
 
 def test_eps_placement_differs():
-    # SPEC §6(f): √v̂ + ε (code, default) vs √(v̂ + ε) (blog); with ε = 1 and g = 0.5 at t = 1:
-    # Δθ = −α·0.05/(0.5 + 1) vs −α·0.05/√1.25.
+    # docs/reference/algorithms.md#adax-differences: √v̂ + ε (code, default) vs √(v̂ + ε) (blog);
+    # with ε = 1 and g = 0.5 at t = 1: Δθ = −α·0.05/(0.5 + 1) vs −α·0.05/√1.25.
     for inside, denom in ((False, 1.5), (True, math.sqrt(1.25))):
         p = nn.Parameter(torch.zeros(1, dtype=F64))
         opt = danlu.AdaX([p], lr=1.0, eps=1.0, eps_inside_sqrt=inside)

@@ -1,4 +1,5 @@
-"""Amos against SPEC.md §7(e)1 and the NumPy reference (jestimator semantics), plus the shell."""
+"""Amos against docs/reference/algorithms.md#amos-tests item 1 and the NumPy reference (jestimator
+semantics), plus the shell."""
 
 import math
 
@@ -21,8 +22,8 @@ def t64(x):
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_oracle_1_two_steps(foreach):
-    # SPEC §7(e)1: scalar v, ξ = 0.01, η = 0.5, β = 0.999, ζ = 0.25, θ0 = [1, −1], g = [3, 4]
-    # twice (g2 = 12.5).
+    # docs/reference/algorithms.md#amos-tests item 1: scalar v, ξ = 0.01, η = 0.5, β = 0.999, ζ =
+    # 0.25, θ0 = [1, −1], g = [3, 4] twice (g2 = 12.5).
     p = t64([1.0, -1.0])
     v, b = torch.zeros((), dtype=F64), torch.zeros((), dtype=F64)
     g = t64([3.0, 4.0])
@@ -44,7 +45,8 @@ def test_oracle_1_two_steps(foreach):
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_zero_gradient_moves_nothing(foreach):
-    # SPEC §7.2(c): v = 0 is clamped to ε, so the update is 0, and γ = 0 (no decay, b unchanged).
+    # docs/reference/algorithms.md#amos-edge-cases: v = 0 is clamped to ε, so the update is 0, and γ
+    # = 0 (no decay, b unchanged).
     p = t64([[0.5, -0.25], [1.0, 2.0]])
     v, b = torch.zeros(2, 1, dtype=F64), torch.full((2, 1), 0.3, dtype=F64)
     amos(
@@ -72,7 +74,8 @@ def test_slot_shapes():
 
 
 def test_default_eta():
-    # SPEC §7.2: bias 0.5; hidden √(2/fan_in); output √(1/fan_in); fan_in in PyTorch's layout
+    # docs/reference/algorithms.md#amos-optimizer: bias 0.5; hidden √(2/fan_in); output √(1/fan_in);
+    # fan_in in PyTorch's layout
     assert amos_default_eta((64,)) == 0.5
     assert amos_default_eta((32, 64)) == pytest.approx(math.sqrt(2 / 64))
     assert amos_default_eta((16, 8, 3, 3)) == pytest.approx(math.sqrt(2 / 72))

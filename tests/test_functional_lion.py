@@ -1,4 +1,5 @@
-"""Lion's functional core against SPEC.md §1(e) and the NumPy reference."""
+"""Lion's functional core against docs/reference/algorithms.md#lion-tests and the NumPy
+reference."""
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def run_lion(theta, grads, *, lr, betas, wd, foreach=False, dtype=torch.float64)
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_oracle_1_single_step(foreach):
-    # SPEC §1(e)1
+    # docs/reference/algorithms.md#lion-tests item 1
     p, m = run_lion(
         [0.5, -0.5, 1.0], [[1.0, -2.0, 0.0]], lr=0.1, betas=(0.9, 0.99), wd=0.0, foreach=foreach
     )
@@ -40,7 +41,7 @@ def test_oracle_1_single_step(foreach):
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_oracle_2_two_steps_with_decay(foreach):
-    # SPEC §1(e)2; step 2 derived by hand from the equations:
+    # docs/reference/algorithms.md#lion-tests item 2; step 2 derived by hand from the equations:
     # c2 = 0.9·[0.01,-0.02,0] + 0.1·[-3,1,0] = [-0.291, 0.082, 0] → sign [-1, 1, 0]
     # θ2 = 0.95·θ1 - 0.1·sign = [0.9075, -0.9075, 1.805]
     # m2 = 0.99·m1 + 0.01·g2 = [-0.0201, -0.0098, 0]
@@ -62,7 +63,7 @@ def test_oracle_2_two_steps_with_decay(foreach):
 
 
 def test_zero_gradient_and_momentum_only_decays():
-    # SPEC §1(c): c = 0 → sign 0 → only decay acts
+    # docs/reference/algorithms.md#lion-edge-cases: c = 0 → sign 0 → only decay acts
     p, _ = run_lion([2.0, -3.0], [[0.0, 0.0]], lr=0.1, betas=(0.9, 0.99), wd=0.5)
     torch.testing.assert_close(p, torch.tensor([2.0 * 0.95, -3.0 * 0.95], dtype=torch.float64))
 
@@ -97,7 +98,8 @@ def test_matches_numpy_reference(shape, steps, lr, beta1, beta2, wd, seed):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_invariant_bounded_by_inverse_decay(theta0, lr, wd, steps, seed):
-    # SPEC §1(e)4: with ηλ ≤ 1, |θ_t| ≤ max(|θ_0|, 1/λ) for every coordinate and every t.
+    # docs/reference/algorithms.md#lion-tests item 4: with ηλ ≤ 1, |θ_t| ≤ max(|θ_0|, 1/λ) for every
+    # coordinate and every t.
     if lr * wd > 1:
         wd = 1 / lr
     theta0 = np.array(theta0)
@@ -120,8 +122,9 @@ def test_invariant_bounded_by_inverse_decay(theta0, lr, wd, steps, seed):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_lion_with_equal_betas_is_tiger_core(n, steps, beta, eta, wd, seed):
-    # SPEC §1(e)3: Lion(β, β) equals Tiger's core. A matrix-kind Tiger whose rms_floor exceeds
-    # the RMS has η = α·rms_floor, so α = η / floor reproduces a fixed step size.
+    # docs/reference/algorithms.md#lion-tests item 3: Lion(β, β) equals Tiger's core. A matrix-kind
+    # Tiger whose rms_floor exceeds the RMS has η = α·rms_floor, so α = η / floor reproduces a fixed
+    # step size.
     rng = np.random.default_rng(seed)
     theta = rng.uniform(-1, 1, size=n)
     grads = [rng.normal(size=n) for _ in range(steps)]

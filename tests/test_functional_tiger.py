@@ -1,4 +1,5 @@
-"""Tiger against SPEC.md §2(e), §3(e) and the NumPy reference."""
+"""Tiger against docs/reference/algorithms.md#tiger-tests, #hidden-accumulation-tests and the NumPy
+reference."""
 
 import math
 
@@ -39,7 +40,8 @@ def one_step(theta, g, *, kind, lr, beta, wd, rms_floor=0.0, foreach=False):
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_oracle_1_matrix(foreach):
-    # SPEC §2(e)1: θ=[3,-4,0,0] (RMS 2.5), α=0.01, β=0.9, λ=0.01, g=[1,1,-1,0]
+    # docs/reference/algorithms.md#tiger-tests item 1: θ=[3,-4,0,0] (RMS 2.5), α=0.01, β=0.9,
+    # λ=0.01, g=[1,1,-1,0]
     p, m = one_step(
         [3.0, -4.0, 0.0, 0.0],
         [1.0, 1.0, -1.0, 0.0],
@@ -55,7 +57,7 @@ def test_oracle_1_matrix(foreach):
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_oracle_2_elementwise(foreach):
-    # SPEC §2(e)2: λ is ignored for elementwise, η = 0.5·α
+    # docs/reference/algorithms.md#tiger-tests item 2: λ is ignored for elementwise, η = 0.5·α
     p, _ = one_step(
         [0.1, -0.1], [2.0, -3.0], kind="elementwise", lr=0.01, beta=0.9, wd=0.5, foreach=foreach
     )
@@ -74,7 +76,8 @@ def test_oracle_3_shrink_functional():
 @pytest.mark.parametrize("wd,ratio", [(0.0, 5.0), (0.01, None)])
 @pytest.mark.parametrize("foreach", [False, True])
 def test_oracle_4_embedding_rowwise(wd, ratio, foreach):
-    # SPEC §2(e)4: rows [3,4] and [0,1] have RMS 3.5355 and 0.7071
+    # docs/reference/algorithms.md#tiger-tests item 4: rows [3,4] and [0,1] have RMS 3.5355 and
+    # 0.7071
     theta = [[3.0, 4.0], [0.0, 1.0]]
     g = [[1.0, 1.0], [1.0, 1.0]]
     eta = tiger_step_size(t64(theta), lr=0.01, kind="embedding", rms_floor=0.0)
@@ -92,8 +95,8 @@ def test_oracle_4_embedding_rowwise(wd, ratio, foreach):
 
 
 def test_oracle_5_accumulation_equals_pair_means():
-    # SPEC §2(e)5: k=2, β=0.9, α=0.01, λ=0.01, θ0=[1,2]; the values come from the NumPy
-    # reference run with k=1 on the pair means.
+    # docs/reference/algorithms.md#tiger-tests item 5: k=2, β=0.9, α=0.01, λ=0.01, θ0=[1,2]; the
+    # values come from the NumPy reference run with k=1 on the pair means.
     micro = [[1.0, -1.0], [-3.0, 0.5], [0.2, 0.2], [0.2, -1.0]]
     means = [np.mean(micro[0:2], axis=0), np.mean(micro[2:4], axis=0)]
     ref = tiger_accumulated([1.0, 2.0], means, k=1, lr=0.01, beta=0.9, wd=0.01, kind="matrix")
@@ -120,7 +123,8 @@ def test_oracle_5_accumulation_equals_pair_means():
 
 
 def test_oracle_5_literal_micro_step_form():
-    # The same run through the literal micro-step equations of §3(a).
+    # The same run through the literal micro-step equations of
+    # docs/reference/algorithms.md#hidden-accumulation-rule.
     micro = [[1.0, -1.0], [-3.0, 0.5], [0.2, 0.2], [0.2, -1.0]]
     literal = tiger_accumulated([1.0, 2.0], micro, k=2, lr=0.01, beta=0.9, wd=0.01, kind="matrix")
     means = [np.mean(micro[0:2], axis=0), np.mean(micro[2:4], axis=0)]
@@ -131,7 +135,8 @@ def test_oracle_5_literal_micro_step_form():
 
 
 def test_oracle_7_lamb_identity():
-    # SPEC §2(e)7: ‖Δθ‖ = α‖θ‖ when m has no zero entries and λ = 0
+    # docs/reference/algorithms.md#tiger-tests item 7: ‖Δθ‖ = α‖θ‖ when m has no zero entries and λ
+    # = 0
     theta = t64([3.0, -4.0, 1.0, 2.0])
     p, _ = one_step(
         theta.tolist(), [1.0, -2.0, 3.0, -0.5], kind="matrix", lr=0.01, beta=0.9, wd=0.0
@@ -146,7 +151,8 @@ def test_sign_of_zero_moves_nothing_but_decay():
 
 
 def test_rms_floor_lets_zero_matrix_train():
-    # SPEC §2(c): RMS = 0 means η = 0 under the reference; the floor keeps it trainable.
+    # docs/reference/algorithms.md#tiger-edge-cases: RMS = 0 means η = 0 under the reference; the
+    # floor keeps it trainable.
     p, _ = one_step(
         [[0.0, 0.0], [0.0, 0.0]],
         [[1.0, -1.0], [2.0, 0.0]],
@@ -184,7 +190,8 @@ def test_rms_floor_lets_zero_matrix_train():
 def test_accumulation_equals_mean_gradient(
     k, windows, kind, rows, cols, beta, lr, wd, foreach, seed
 ):
-    # SPEC §2(a)/§3: k micro-steps per update equal k = 1 on the mean of each window.
+    # docs/reference/algorithms.md#tiger-rule/#hidden-accumulation: k micro-steps per update equal k
+    # = 1 on the mean of each window.
     rng = np.random.default_rng(seed)
     theta = rng.normal(size=(rows, cols))
     micro = [rng.normal(size=(rows, cols)) for _ in range(k * windows)]

@@ -1,5 +1,6 @@
 """Regression tests for what the fuzz tests (tests/test_fuzz_*.py) found, one reproduction each.
-Expected values are worked out by hand from the SPEC equations, as noted per test."""
+Expected values are worked out by hand from docs/reference/algorithms.md equations, as noted per
+test."""
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ F16_MAX = torch.finfo(torch.float16).max  # 65504
 @pytest.mark.parametrize("foreach", [False, True])
 def test_adamw_eps_zero_leaves_a_never_seen_coordinate_alone(foreach):
     # Finding: ε = 0 and a coordinate whose gradient was always 0 gave 0/0 = NaN.
-    # SPEC §1(d): with ε = 0 Adam's first step is exactly lr·sign(g); a zero gradient: no step.
+    # docs/reference/algorithms.md#lion-claims: with ε = 0 Adam's first step is exactly lr·sign(g);
+    # a zero gradient: no step.
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
     opt = danlu.AdamW([p], lr=0.1, eps=0.0, weight_decay=0.0, foreach=foreach)
     p.grad = torch.tensor([0.5, 0.0, -2.0])
@@ -38,7 +40,8 @@ def test_adamw_fp16_default_eps_does_not_vanish_into_nan(foreach):
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_adax_eps_zero_leaves_a_never_seen_coordinate_alone(foreach):
-    # SPEC §6(e): the first step is −0.1·α·sign(g₁) (no bias correction on m); 0 for g = 0.
+    # docs/reference/algorithms.md#adax-tests: the first step is −0.1·α·sign(g₁) (no bias correction
+    # on m); 0 for g = 0.
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
     opt = danlu.AdaX([p], lr=0.1, eps=0.0, foreach=foreach)
     p.grad = torch.tensor([0.5, 0.0, -2.0])
@@ -49,8 +52,8 @@ def test_adax_eps_zero_leaves_a_never_seen_coordinate_alone(foreach):
 @pytest.mark.parametrize("foreach", [False, True])
 def test_adafactor_eps1_zero_with_zero_gradients(foreach):
     # Finding: ε1 = 0 and a zero gradient gave rsqrt(0)·0 = NaN.
-    # Vector (SPEC §5(e)2 with ε1 = 0): t = 1, v = g², u = g/|g| = [1, 0], RMS(u) = 0.707 < 1,
-    # no parameter scale: Δθ = −0.01·u.
+    # Vector (docs/reference/algorithms.md#adafactor-tests item 2 with ε1 = 0): t = 1, v = g², u =
+    # g/|g| = [1, 0], RMS(u) = 0.707 < 1, no parameter scale: Δθ = −0.01·u.
     p = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
     opt = danlu.AdaFactor(
         [p], lr=0.01, eps1=0.0, multiply_by_parameter_scale=False, foreach=foreach
@@ -192,7 +195,8 @@ def test_fp16_adafactor_momentum_saturates_instead_of_overflowing():
     # Finding (after the kernels merge): fp16 parameters keep AdaFactor's momentum in fp16; with
     # an explicit β2 ≈ 1 the first v̂ is (1 − β2)·g² ≈ 5e-16, the unit update g/√v̂ ≈ 6.7e7
     # overflowed fp16 to inf, and lerp(m, inf, 0.5) gave NaN. Now the cast saturates at 65504:
-    # m = 0.5·65504 = 32752 (SPEC §5(a) with the update rounded to the largest fp16 value).
+    # m = 0.5·65504 = 32752 (docs/reference/algorithms.md#adafactor-rule with the update rounded to
+    # the largest fp16 value).
     for foreach in (False, True):
         p = torch.nn.Parameter(torch.tensor(1.541, dtype=torch.float16))
         opt = danlu.AdaFactor(
@@ -223,9 +227,9 @@ def test_finite_mask_is_exact_when_a_sum_of_finite_values_overflows():
 @pytest.mark.parametrize("foreach", [False, True])
 def test_adafactor_eps1_below_the_smallest_normal_number(foreach):
     # Found in review: the floor applied only for ε1 == 0, but ε1 = 1e-46 is lost in fp32
-    # (g² + ε1 = 0 for g = 0) and gave NaN all the same. By hand (SPEC §5(a), t = 1, β̂ = 0):
-    # v = g² = [1, 0], u = [1, 0], RMS(u) = 0.707 (no clipping), RMS(θ) = √2.5, so
-    # θ0 = 1 − 0.01·√2.5 and θ1 stays 2.
+    # (g² + ε1 = 0 for g = 0) and gave NaN all the same. By hand
+    # (docs/reference/algorithms.md#adafactor-rule, t = 1, β̂ = 0): v = g² = [1, 0], u = [1, 0],
+    # RMS(u) = 0.707 (no clipping), RMS(θ) = √2.5, so θ0 = 1 − 0.01·√2.5 and θ1 stays 2.
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     opt = danlu.AdaFactor([p], lr=1e-2, eps1=1e-46, foreach=foreach)
     p.grad = torch.tensor([1.0, 0.0])

@@ -2,10 +2,12 @@
 available devices and the whole valid hyper-parameter ranges.
 
 * valid arguments, finite gradients: no exception, finite parameters and state, dtypes and
-  shapes kept, parameters without a gradient untouched, lr = 0 moves nothing, and the SPEC
-  invariants: Lion's bound |θ_t| ≤ max(|θ_0|, 1/λ) (§1(e)4), the sign-update magnitudes of
-  Lion and Tiger (§1(a), §2(a)), AdaFactor's clipping bound RMS(û) ≤ d (§5(a)), Tiger's
-  exact accumulation (§2(a), §3(a));
+  shapes kept, parameters without a gradient untouched, lr = 0 moves nothing, and
+  docs/reference/algorithms.md invariants: Lion's bound |θ_t| ≤ max(|θ_0|, 1/λ)
+  (docs/reference/algorithms.md#lion-tests item 4), the sign-update magnitudes of Lion and Tiger
+  (docs/reference/algorithms.md#lion-rule, #tiger-rule), AdaFactor's clipping bound RMS(û) ≤ d
+  (docs/reference/algorithms.md#adafactor-rule), Tiger's exact accumulation
+  (docs/reference/algorithms.md#tiger-rule, #hidden-accumulation-rule);
 * extreme valid magnitudes (up to 1e300): no exception;
 * invalid arguments, at construction, in ``add_param_group`` or in a group before ``step()``:
   ``ValueError`` naming the argument, and nothing modified.
@@ -66,13 +68,14 @@ def state_tensors(opt):
 
 
 # ----------------------------------------------------------------------------------------------
-# SPEC invariants, checked on every step: (opt, group, params, old values, new values, grads,
-# counts) where counts[i] is the number of earlier step() calls (the optimizer's micro-step
-# counter, which places every parameter in the same accumulation window).
+# docs/reference/algorithms.md invariants, checked on every step: (opt, group, params, old values,
+# new values, grads, counts) where counts[i] is the number of earlier step() calls (the optimizer's
+# micro-step counter, which places every parameter in the same accumulation window).
 
 
 def lion_bound(opt, group, params, old, new, grads, counts):
-    """SPEC §1(e)4: with ηλ ≤ 1, |θ_t| ≤ max(|θ_{t−1}|, 1/λ) for every coordinate.
+    """docs/reference/algorithms.md#lion-tests item 4: with ηλ ≤ 1, |θ_t| ≤ max(|θ_{t−1}|, 1/λ) for
+    every coordinate.
 
     The decay factor 1 − ηλ is formed in the lr's dtype, as torch.optim and lion-pytorch do:
     a float32 tensor lr rounds it to a multiple of 2⁻²⁴ (to 1 when ηλ < 3e-8), so a float64
@@ -88,7 +91,8 @@ def lion_bound(opt, group, params, old, new, grads, counts):
 
 
 def sign_magnitude(step_size):
-    """|Δθ| ∈ {0, η} per coordinate without weight decay (sign updates, SPEC §1(a), §2(a))."""
+    """|Δθ| ∈ {0, η} per coordinate without weight decay (sign updates,
+    docs/reference/algorithms.md#lion-rule, #tiger-rule)."""
 
     def check(opt, group, params, old, new, grads, counts):
         if group["weight_decay"] != 0:
@@ -126,8 +130,8 @@ def tiger_step(group, p, count):
 
 
 def adafactor_clipping(opt, group, params, old, new, grads, counts):
-    """SPEC §5(a): û = u / max(1, RMS(u)/d), so RMS(Δθ) ≤ α_t·s·d without decay and momentum
-    (s = max(ε2, RMS(θ)) with parameter scaling, else 1)."""
+    """docs/reference/algorithms.md#adafactor-rule: û = u / max(1, RMS(u)/d), so RMS(Δθ) ≤ α_t·s·d
+    without decay and momentum (s = max(ε2, RMS(θ)) with parameter scaling, else 1)."""
     d = group["clip_threshold"]
     if d is None or group["weight_decay"] != 0 or group["beta1"] != 0:
         return
@@ -234,9 +238,10 @@ def test_extreme_valid_magnitudes_do_not_crash(name, data):
 
 @given(data=st.data())
 def test_tiger_accumulation_equals_the_mean_gradient(data):
-    """SPEC §2(a)/§3(a): k micro-steps of Tiger(grad_accum_steps=k) equal one Tiger step on the
-    mean gradient (float64, two windows; coordinates where the momentum is ~0 may round to a
-    different sign and are allowed to differ by 2η)."""
+    """docs/reference/algorithms.md#tiger-rule/#hidden-accumulation-rule: k micro-steps of
+    Tiger(grad_accum_steps=k) equal one Tiger step on the mean gradient (float64, two windows;
+    coordinates where the momentum is ~0 may round to a different sign and are allowed to differ by
+    2η)."""
     k = data.draw(st.integers(2, 4))
     kwargs = data.draw(hyperparameters("tiger"))
     kwargs.update(grad_accum_steps=1, state_dtype=None, stochastic_rounding=False)

@@ -2,14 +2,17 @@
 0-d included), dtypes, devices and valid hyper-parameters. Each wrapper is compared with what
 it promises in terms of the bare optimizer, bit for bit:
 
-* GradientAccumulation(opt, k): one step of ``opt`` on ((g₁ + g₂) + …)/k per window (SPEC §11);
-* UpdateEvery(opt, k): the parameters move only on every k-th call (SPEC §3(b));
+* GradientAccumulation(opt, k): one step of ``opt`` on ((g₁ + g₂) + …)/k per window
+  (docs/reference/algorithms.md#gradient-accumulation);
+* UpdateEvery(opt, k): the parameters move only on every k-th call
+  (docs/reference/algorithms.md#hidden-accumulation-defaults);
 * NonFiniteGuard: tensors with NaN/Inf gradients skipped, shrunk (θ ← (θ − c)·s + c) or a
   FloatingPointError with nothing modified; the others as ``opt`` on the finite gradients
   (with an accumulation window ``opt`` steps on every call, the skipped gradients hidden);
 * Lazy: rows with an all-zero gradient on every micro-step of the accumulation window so
   far keep their values (and their moments with ``lazy_moments=True``), the other parameters
-  step as with ``opt`` (SPEC §4(a'); the window is the optimizer's ``grad_accum_steps``);
+  step as with ``opt`` (docs/reference/algorithms.md#lazy-updates; the window is the optimizer's
+  ``grad_accum_steps``);
 * MultiOptimizer: the same as stepping each inner optimizer on its own;
 * step_in_backward: the same as ``backward(); step()``;
 

@@ -1,4 +1,5 @@
-"""danlu.init against SPEC.md §8(e) and NumPy quadrature (tests/reference.py)."""
+"""danlu.init against docs/reference/algorithms.md#initialisation-tests and NumPy quadrature
+(tests/reference.py)."""
 
 import math
 
@@ -30,8 +31,8 @@ def test_gamma_matches_quadrature(bound):
 
 
 def test_trunc_normal_tf_spec_sample():
-    """SPEC §8(e): 10⁶ draws with σ = 0.02 have std ≈ 0.017593 (tolerance 1e-4) and none lies
-    outside ±2σ."""
+    """docs/reference/algorithms.md#initialisation-tests: 10⁶ draws with σ = 0.02 have std ≈
+    0.017593 (tolerance 1e-4) and none lies outside ±2σ."""
     t = torch.empty(1_000_000)
     init.trunc_normal_tf_(t, std=0.02, generator=torch.Generator().manual_seed(1))
     assert t.double().std().item() == pytest.approx(0.017593, abs=1e-4)
@@ -50,7 +51,8 @@ def test_trunc_normal_tf_corrected_std():
 
 
 def test_trunc_normal_tf_bounds_are_in_units_of_std():
-    """SPEC §8(c): torch's trunc_normal_(std=0.02) cuts at absolute ±2, i.e. not at all."""
+    """docs/reference/algorithms.md#initialisation-edge-cases: torch's trunc_normal_(std=0.02) cuts
+    at absolute ±2, i.e. not at all."""
     torch_style = torch.nn.init.trunc_normal_(torch.empty(200_000), std=0.02)
     assert torch_style.abs().max().item() > 0.04
     ours = init.trunc_normal_tf_(torch.empty(200_000), mean=3.0, std=5.0, bound=1.0)
@@ -100,11 +102,13 @@ def test_trunc_normal_tf_bad_input(kwargs, name):
 
 
 def test_standard_stds():
-    assert init.lecun_std(768) == pytest.approx(0.0360844, abs=1e-7)  # SPEC §8(a)
+    # docs/reference/algorithms.md#initialisation
+    assert init.lecun_std(768) == pytest.approx(0.0360844, abs=1e-7)
     assert init.xavier_std(768, 768) == pytest.approx(0.0360844, abs=1e-7)
     assert init.he_std(512) == pytest.approx(math.sqrt(2 / 512))
     assert init.xavier_std(100, 300) == pytest.approx(math.sqrt(2 / 400))
-    # SPEC §8(d): truncated BERT std against LeCun at d = 768, ratio 0.4875
+    # docs/reference/algorithms.md#initialisation-claims: truncated BERT std against LeCun at d =
+    # 768, ratio 0.4875
     ratio = 0.02 * math.sqrt(init.TRUNCATED_NORMAL_VARIANCE) / init.lecun_std(768)
     assert ratio == pytest.approx(0.4875, abs=1e-4)
     assert init.uniform_bound(0.02) == pytest.approx(math.sqrt(3) * 0.02)
@@ -195,7 +199,8 @@ def test_tied_embedding_std():
 
 
 def test_expected_initial_loss_tied():
-    """SPEC §8(e): 27.71 for d = 768, σ = 1/√768, n = 50000 (log n = 10.82)."""
+    """docs/reference/algorithms.md#initialisation-tests: 27.71 for d = 768, σ = 1/√768, n = 50000
+    (log n = 10.82)."""
     loss = init.expected_initial_loss_tied(50000, 768, 1 / math.sqrt(768))
     assert loss == pytest.approx(27.71, abs=5e-3)
     assert math.log(50000) == pytest.approx(10.82, abs=5e-3)
@@ -222,7 +227,8 @@ def test_tied_bad_input(args, name):
 
 def test_activation_second_moment():
     sigmoid = init.activation_second_moment(torch.sigmoid)
-    assert sigmoid == pytest.approx(0.2933790, abs=1e-7)  # SPEC §8(a)
+    # docs/reference/algorithms.md#initialisation
+    assert sigmoid == pytest.approx(0.2933790, abs=1e-7)
     constant = init.SIGMOID_SECOND_MOMENT
     assert constant == pytest.approx(sigmoid, abs=1e-10)
     assert init.activation_second_moment(torch.relu) == pytest.approx(0.5, abs=1e-7)

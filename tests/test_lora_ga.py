@@ -1,4 +1,5 @@
-"""LoRA-GA (danlu.lora.lora_ga_init_) against SPEC §10.1 and the NumPy reference."""
+"""LoRA-GA (danlu.lora.lora_ga_init_) against docs/reference/algorithms.md#lora-ga and the NumPy
+reference."""
 
 import copy
 import itertools
@@ -42,7 +43,8 @@ def effective_weight(layer):
 
 
 def residual(G, layer):
-    """‖B Bᵀ G + G Aᵀ A − G‖² in PEFT naming (the blog's ‖A0A0ᵀG + GB0ᵀB0 − G‖², SPEC §10.1)."""
+    """‖B Bᵀ G + G Aᵀ A − G‖² in PEFT naming (the blog's ‖A0A0ᵀG + GB0ᵀB0 − G‖²,
+    docs/reference/algorithms.md#lora-ga)."""
     A = layer.lora_A.detach().double().numpy()
     B = layer.lora_B.detach().double().numpy()
     return float(np.sum((B @ B.T @ G + G @ A.T @ A - G) ** 2))
@@ -50,7 +52,8 @@ def residual(G, layer):
 
 @pytest.mark.parametrize("direction", ["ArB2r", "A2rBr", "ArBr"])
 def test_oracle_diag_residual(direction):
-    # SPEC §10.1(e)1: G0 = diag(3, 2, 1, 0.5), r = 1: residual 1² + 0.5² = 1.25 for any split.
+    # docs/reference/algorithms.md#lora-ga-tests item 1: G0 = diag(3, 2, 1, 0.5), r = 1: residual
+    # 1² + 0.5² = 1.25 for any split.
     layer, loss_fn = linear_probe(G_DIAG, rank=1)
     lora_ga_init_(layer, [None], loss_fn, direction=direction, scale="unit", svd="full")
     assert residual(G_DIAG, layer) == pytest.approx(1.25, abs=1e-5)
@@ -58,7 +61,8 @@ def test_oracle_diag_residual(direction):
 
 @pytest.mark.parametrize("direction", ["ArB2r", "A2rBr", "ArBr"])
 def test_random_residual_is_tail_energy(direction):
-    # SPEC §10.1(e)1: random 6×5 G, r = 2: residual Σ_{i>4} σ_i² (NumPy SVD) for every split.
+    # docs/reference/algorithms.md#lora-ga-tests item 1: random 6×5 G, r = 2: residual Σ_{i>4} σ_i²
+    # (NumPy SVD) for every split.
     G = np.random.default_rng(1).standard_normal((6, 5))
     layer, loss_fn = linear_probe(G, rank=2)
     lora_ga_init_(layer, [None], loss_fn, direction=direction, scale="unit", svd="full")
@@ -69,7 +73,8 @@ def test_random_residual_is_tail_energy(direction):
 @pytest.mark.parametrize(
     ("direction", "second_order"),
     [
-        # SPEC §10.1(e)2, the blog's split (A0 = e1, B0 = e2ᵀ in blog names): +6η² E21.
+        # docs/reference/algorithms.md#lora-ga-tests item 2, the blog's split (A0 = e1, B0 = e2ᵀ in
+        # blog names): +6η² E21.
         ("A2rBr", (1, 0)),
         # ArB2r by hand: lora_A = e1ᵀ, lora_B = e2, g_A = Bᵀ G = 2e2ᵀ, g_B = G Aᵀ = 3e1, so the
         # η² term g_B g_A = 6 E12.

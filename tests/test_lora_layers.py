@@ -1,4 +1,5 @@
-"""danlu.lora.LoRALinear, inject and adapter discovery (SPEC §0 naming, §10)."""
+"""danlu.lora.LoRALinear, inject and adapter discovery (docs/reference/algorithms.md#conventions
+naming, docs/reference/algorithms.md#lora)."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""LoRA-Pro (danlu.lora.LoRAPro, lora_pro_gradients) against SPEC §10.2 and NumPy references."""
+"""LoRA-Pro (danlu.lora.LoRAPro, lora_pro_gradients) against docs/reference/algorithms.md#lora-pro
+and NumPy references."""
 
 import copy
 
@@ -19,11 +20,13 @@ from danlu.lora import LoRALinear, LoRAPro, LoRATriple, lora_pro_gradients
 
 F64 = torch.float64
 G_SPEC = np.array([[1.0, 2.0], [3.0, 4.0]])
-# SPEC §10.2(e) in PEFT names: lora_B = blog A = [[2],[0]], lora_A = blog B = [[1, 0]].
+# docs/reference/algorithms.md#lora-pro-tests in PEFT names: lora_B = blog A = [[2],[0]], lora_A =
+# blog B = [[1, 0]].
 B_SPEC = np.array([[2.0], [0.0]])
 A_SPEC = np.array([[1.0, 0.0]])
 
-# Held-back values, derived by hand from §10.2(a) (s = 1), paper form:
+# Held-back values, derived by hand from docs/reference/algorithms.md#lora-pro-rule (s = 1), paper
+# form:
 #   BᵀB = 4, AAᵀ = 1, g_A = BᵀG = [2, 4], g_B = G Aᵀ = [1, 3]ᵀ;
 #   Sylvester: 4X + X·1 = −(1/4)·g_A Aᵀ = −(1/4)·2  ⇒  X = −0.1;
 #   ĝ_A = (1/4)[2, 4] + X[1, 0] = [0.4, 1];  ĝ_B = (I − BB⁺)g_B − BX = [0, 3]ᵀ + [0.2, 0]ᵀ.
@@ -34,7 +37,8 @@ A_SPEC = np.array([[1.0, 0.0]])
 #   "zero" (X = 0 in the paper form): ĝ_A = [0.5, 1], ĝ_B = [0, 3]ᵀ.
 EXPECTED = {
     "sylvester": ([[0.4, 1.0]], [[0.2], [3.0]]),
-    "symmetric": ([[0.25, 1.0]], [[0.5], [3.0]]),  # SPEC §10.4 (X = −0.25)
+    # docs/reference/algorithms.md#lora-differences (X = −0.25)
+    "symmetric": ([[0.25, 1.0]], [[0.5], [3.0]]),
     "zero": ([[0.5, 1.0]], [[0.0], [3.0]]),
 }
 
@@ -62,7 +66,8 @@ def test_oracle_spec_example(x_mode):
 
 
 def test_oracle_spec_example_blog_form_and_minimality():
-    # The NumPy reference reproduces SPEC's blog-form numbers (C = 0 and symmetric) ...
+    # The NumPy reference reproduces the docs/reference/algorithms.md blog-form numbers (C = 0 and
+    # symmetric) ...
     H_A, H_B = lora_pro_blog(G_SPEC, B_SPEC, A_SPEC, "c_zero")
     np.testing.assert_allclose(H_A, [[1.0], [3.0]])
     np.testing.assert_allclose(H_B, [[0.0, 1.0]])
@@ -82,7 +87,8 @@ def test_oracle_spec_example_blog_form_and_minimality():
 
 @pytest.mark.parametrize("x_mode", ["sylvester", "symmetric", "zero"])
 def test_scale_halves_adjusted_gradients(x_mode):
-    # SPEC §10.2(e): with G fixed, s = 2 halves every adjusted gradient; G̃ is unchanged.
+    # docs/reference/algorithms.md#lora-pro-tests: with G fixed, s = 2 halves every adjusted
+    # gradient; G̃ is unchanged.
     out = {}
     for s in (1.0, 2.0):
         gA, gB = spec_grads(s)
@@ -157,8 +163,8 @@ def np_(t):
 
 @pytest.mark.parametrize("x_mode", ["sylvester", "symmetric", "zero"])
 def test_one_sgd_step_matches_spec(x_mode):
-    """SPEC §10.2(e): W1 − W0 = −η(H_A B + A H_B) + η² H_A H_B in blog names; with scale s the
-    second-order term is η²/s·H_A H_B (W = W0 + s·BA and each ĝ = H/s)."""
+    """docs/reference/algorithms.md#lora-pro-tests: W1 − W0 = −η(H_A B + A H_B) + η² H_A H_B in blog
+    names; with scale s the second-order term is η²/s·H_A H_B (W = W0 + s·BA and each ĝ = H/s)."""
     layer = full_rank_layer()  # s = 2
     G = np.random.default_rng(0).standard_normal((5, 6))
     eta = 0.05
@@ -228,8 +234,8 @@ def test_efficient_mode_default_adamw_matches_reference():
 
 @pytest.mark.parametrize("x_mode", ["sylvester", "symmetric"])
 def test_full_mode_matches_reference(x_mode):
-    """SPEC §10.2 "With Adam": full-state Adam on G̃, projected back, with the base weight
-    decayed by 1 − ηλ and the factors by √(1 − ηλ)."""
+    """docs/reference/algorithms.md#lora-pro "With Adam": full-state Adam on G̃, projected back,
+    with the base weight decayed by 1 − ηλ and the factors by √(1 − ηλ)."""
     layer = full_rank_layer(in_f=7, out_f=6, r=2, alpha=3.0)
     target = np.random.default_rng(5).standard_normal((6, 7))
     x = torch.eye(7, dtype=F64)

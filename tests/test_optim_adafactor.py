@@ -1,4 +1,5 @@
-"""danlu.AdaFactor's shell: state sizes, lr=None with schedulers, layouts, dtypes (SPEC §5)."""
+"""danlu.AdaFactor's shell: state sizes, lr=None with schedulers, layouts, dtypes
+(docs/reference/algorithms.md#adafactor)."""
 
 import copy
 
@@ -12,7 +13,8 @@ import danlu
 
 
 def test_factored_matrix_keeps_n_plus_m_statistics():
-    # SPEC §5(d): an n×m matrix keeps n + m numbers, not n·m (no momentum with β1 = 0).
+    # docs/reference/algorithms.md#adafactor-claims: an n×m matrix keeps n + m numbers, not n·m (no
+    # momentum with β1 = 0).
     p = nn.Parameter(torch.randn(200, 300))
     opt = danlu.AdaFactor([p])
     p.grad = torch.randn(200, 300)
@@ -25,7 +27,8 @@ def test_factored_matrix_keeps_n_plus_m_statistics():
 
 
 def test_conv_kernel_keeps_other_axes():
-    # SPEC §5(a): a (3, 3, 256, 512) kernel keeps v_r (3,3,256,1) and v_c (3,3,1,512).
+    # docs/reference/algorithms.md#adafactor-rule: a (3, 3, 256, 512) kernel keeps v_r (3,3,256,1)
+    # and v_c (3,3,1,512).
     p = nn.Parameter(torch.zeros(3, 3, 256, 512))
     opt = danlu.AdaFactor([p], beta1=0.9)
     p.grad = torch.ones_like(p)
@@ -126,8 +129,9 @@ def test_changing_the_factoring_rule_after_the_first_step_raises_and_changes_not
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_params_keep_float32_statistics(dtype):
-    # SPEC §5(c): ε1 = 1e-30 is 0 in fp16, so fp16 statistics would give v̂ = 0 and 0/0 = NaN
-    # for a zero-gradient column; float32 statistics keep v̂ = ε1 and u = 0 there.
+    # docs/reference/algorithms.md#adafactor-edge-cases: ε1 = 1e-30 is 0 in fp16, so fp16 statistics
+    # would give v̂ = 0 and 0/0 = NaN for a zero-gradient column; float32 statistics keep v̂ = ε1
+    # and u = 0 there.
     p = nn.Parameter(torch.randn(4, 130).to(dtype))
     opt = danlu.AdaFactor([p], min_dim_size_to_factor=4, beta1=0.9)
     assert torch.tensor(1e-30, dtype=torch.float16) == 0

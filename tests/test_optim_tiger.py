@@ -1,4 +1,5 @@
-"""danlu.Tiger's shell: non-finite handling, kinds, centers, accumulation windows (SPEC §2)."""
+"""danlu.Tiger's shell: non-finite handling, kinds, centers, accumulation windows
+(docs/reference/algorithms.md#tiger)."""
 
 import copy
 import itertools
@@ -31,7 +32,8 @@ def warm_up(opt, *params):
 
 @pytest.mark.parametrize("bad", [NAN, INF, -INF])
 def test_shrink_per_tensor(bad):
-    # SPEC §2(e)3: θ ← (θ − c)·s + c, momentum untouched, the finite tensor still steps
+    # docs/reference/algorithms.md#tiger-tests item 3: θ ← (θ − c)·s + c, momentum untouched, the
+    # finite tensor still steps
     gamma, kernel, opt = params_and_opt()
     warm_up(opt, gamma, kernel)
     g0, k0 = gamma.detach().clone(), kernel.detach().clone()
@@ -46,7 +48,8 @@ def test_shrink_per_tensor(bad):
 
 
 def test_shrink_oracle_values():
-    # SPEC §2(e)3 literally: gamma [1.5, 0.5] → [1.495, 0.505]; kernel [2, -1] → [1.98, -0.99]
+    # docs/reference/algorithms.md#tiger-tests item 3 literally: gamma [1.5, 0.5] → [1.495, 0.505];
+    # kernel [2, -1] → [1.98, -0.99]
     gamma = nn.Parameter(torch.tensor([1.5, 0.5], dtype=torch.float64))
     kernel = nn.Parameter(torch.tensor([2.0, -1.0], dtype=torch.float64))
     opt = danlu.Tiger([{"params": [gamma], "center": 1.0}, {"params": [kernel], "kind": "matrix"}])
@@ -119,8 +122,9 @@ def test_inf_does_not_poison_the_momentum():
 
 
 def test_nan_on_first_micro_step_skips_that_windows_decay():
-    # SPEC §2(c): with k=2, a NaN on the window's first micro-step leaves m as it was, so the
-    # β-decay of that window is skipped; the micro-step still counts.
+    # docs/reference/algorithms.md#tiger-edge-cases: with k=2, a NaN on the window's first
+    # micro-step leaves m as it was, so the β-decay of that window is skipped; the micro-step still
+    # counts.
     p = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
     opt = danlu.Tiger(
         [{"params": [p], "kind": "matrix"}], lr=0.01, beta=0.9, weight_decay=0.0, grad_accum_steps=2

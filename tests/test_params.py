@@ -1,4 +1,5 @@
-"""danlu.param_groups: kinds, centers, weight decay (SPEC §2(c))."""
+"""danlu.param_groups: kinds, centers, weight decay
+(docs/reference/algorithms.md#tiger-edge-cases)."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""danlu.AdaFactor next to torch.optim.Adafactor and transformers.Adafactor (SPEC §5(f)).
+"""danlu.AdaFactor next to torch.optim.Adafactor and transformers.Adafactor
+(docs/reference/algorithms.md#adafactor-differences).
 
 Where the settings make them the same algorithm they agree to float rounding; every difference
 by design is shown by a test that fails if the difference disappears.
@@ -213,9 +214,10 @@ def test_transformers_momentum_order_is_momentum_mode_scaled(foreach):
 
 
 def test_transformers_multiplies_weight_decay_by_the_parameter_scale():
-    """transformers decays by λ·lr·max(ε2, RMS θ); danlu by λ·lr (SPEC §0 with α_t the step
-    size, bert4keras, torch). One step of transformers with λ equals one step of danlu with
-    λ·max(ε2, RMS θ0); with the same λ they differ."""
+    """transformers decays by λ·lr·max(ε2, RMS θ); danlu by λ·lr
+    (docs/reference/algorithms.md#conventions with α_t the step size, bert4keras, torch). One step
+    of transformers with λ equals one step of danlu with λ·max(ε2, RMS θ0); with the same λ they
+    differ."""
     params, grads = problem(9, steps=1)
     theirs, _ = run(lambda ps: hf(ps, lr=1e-2, weight_decay=0.1), params, grads)
     ours_same_lambda, _ = run(

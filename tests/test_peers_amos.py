@@ -1,4 +1,5 @@
-"""danlu.Amos next to pytorch_optimizer.Amos (SPEC §7.2, PEERS.md).
+"""danlu.Amos next to pytorch_optimizer.Amos (docs/reference/algorithms.md#amos-optimizer,
+PEERS.md).
 
 pytorch_optimizer keeps v and b as one scalar per tensor and fixes η by ndim (1-D 0.5, 2-D
 √(2/size(1)), otherwise √(1/size(1))). With those settings danlu is the same algorithm; the

@@ -1,9 +1,10 @@
 """danlu.lora next to PEFT (peft 0.21 ships LoRA-GA as LoraGAConfig + preprocess_loraga).
 
 Where they agree: the averaged gradients, and with ``scale="peft_*"`` the initial factors up to
-the sign of each singular vector (SVD signs are arbitrary, SPEC §10.1(c); danlu fixes them,
-PEFT does not) and the base-weight shift. Where they differ on purpose: danlu's ``"stable"`` is
-the reference code's (both factors scaled, no singular values; PEERS.md "PEFT LoRA-GA API").
+the sign of each singular vector (SVD signs are arbitrary,
+docs/reference/algorithms.md#lora-ga-edge-cases; danlu fixes them, PEFT does not) and the
+base-weight shift. Where they differ on purpose: danlu's ``"stable"`` is the reference code's (both
+factors scaled, no singular values; PEERS.md "PEFT LoRA-GA API").
 """
 
 import copy

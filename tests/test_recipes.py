@@ -1,4 +1,5 @@
-"""danlu.recipes and the Amos-derived schedules against SPEC.md §7(e)2-3 and §1(b)."""
+"""danlu.recipes and the Amos-derived schedules against docs/reference/algorithms.md#amos-tests
+items 2-3 and #lion-defaults."""
 
 import math
 
@@ -18,8 +19,8 @@ from danlu.schedules import (
 
 
 def test_sign_optimizer_hparams_spec_oracle():
-    """SPEC §7(e)3 / §1(b): σ = 1/√768 = 0.036084392, α0 = 1.11e-3 → lr = 4.0054e-5,
-    λ = 0.015381."""
+    """docs/reference/algorithms.md#amos-tests item 3 / #lion-defaults: σ = 1/√768 = 0.036084392, α0
+    = 1.11e-3 → lr = 4.0054e-5, λ = 0.015381."""
     sigma = 1 / math.sqrt(768)
     assert sigma == pytest.approx(0.036084392, abs=1e-9)
     lr, wd = recipes.sign_optimizer_hparams(sigma)
@@ -43,7 +44,8 @@ def test_sign_optimizer_hparams_rms_relative():
 
 
 def test_adamw_to_lion():
-    """SPEC §1(b): lr ÷ factor, λ × factor; README ViT-B/16: AdamW (1e-3, 1.0) → Lion (1e-4, 10)."""
+    """docs/reference/algorithms.md#lion-defaults: lr ÷ factor, λ × factor; README ViT-B/16: AdamW
+    (1e-3, 1.0) → Lion (1e-4, 10)."""
     assert recipes.adamw_to_lion(1e-3, 1.0) == pytest.approx((1e-4, 10.0))
     lr, wd = recipes.adamw_to_lion(3e-4, 0.01, factor=3)
     assert (lr, wd) == pytest.approx((1e-4, 0.03))
@@ -72,7 +74,8 @@ def test_bad_input(call, name):
 
 
 def test_inverse_square_spec_oracle():
-    """SPEC §7(e)2: α0 = 1e-3, halving at T = 10000 → α0·p = 4.1421356e-5, factor 0.5 at T."""
+    """docs/reference/algorithms.md#amos-tests item 2: α0 = 1e-3, halving at T = 10000 → α0·p =
+    4.1421356e-5, factor 0.5 at T."""
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = InverseSquareDecayLR(opt, halving_step=10000, alpha0=1e-3)
     assert sched.alpha0 * sched.rate == pytest.approx(4.1421356e-5, abs=1e-12)

@@ -1,5 +1,5 @@
-"""danlu.scaling against SPEC.md §9(e), NumPy quadrature and synthetic gradients with a known
-noise covariance (tests/reference.py)."""
+"""danlu.scaling against docs/reference/algorithms.md#lr-batch-size-tests, NumPy quadrature and
+synthetic gradients with a known noise covariance (tests/reference.py)."""
 
 import math
 
@@ -22,15 +22,15 @@ def test_scale_lr():
 
 
 def test_opt_lr_sgd_spec_oracle():
-    """SPEC §9(e)1: η_max = 1.1, B_noise = 1000."""
+    """docs/reference/algorithms.md#lr-batch-size-tests item 1: η_max = 1.1, B_noise = 1000."""
     for batch, want in [(100, 0.1), (1000, 0.55), (10000, 1.0)]:
         assert scaling.opt_lr_sgd(batch, 1.1, 1000) == pytest.approx(want, abs=1e-12)
     assert scaling.opt_lr_sgd(math.inf, 1.1, 1000) == pytest.approx(1.1)
 
 
 def test_sgd_noise_scale_spec_example():
-    """SPEC §9(e)4, SGD on the soft-sign example: η_max = 0.357143, B_noise = 1.428571,
-    B_simple = 4."""
+    """docs/reference/algorithms.md#lr-batch-size-tests item 4, SGD on the soft-sign example: η_max
+    = 0.357143, B_noise = 1.428571, B_simple = 4."""
     s = scaling.sgd_noise_scale([1, 1, 1], [4, 4, 4], HESSIAN)
     assert s.eta_max == pytest.approx(0.357143, abs=1e-6)
     assert s.b_noise == pytest.approx(1.428571, abs=1e-6)
@@ -45,7 +45,7 @@ def test_sgd_noise_scale_spec_example():
 
 
 def test_steps_data_tradeoff():
-    """SPEC §9(a): (S/S_min - 1)(E/E_min - 1) = 1 and E = B·S."""
+    """docs/reference/algorithms.md#lr-batch-size: (S/S_min - 1)(E/E_min - 1) = 1 and E = B·S."""
     s_min, e_min = 1e4, 2e7  # B_noise = 2000
     for batch in [10, 500, 2000, 8000, 1e6]:
         steps, samples = scaling.steps_data_tradeoff(s_min, e_min, batch)
@@ -62,7 +62,7 @@ def test_steps_data_tradeoff():
     "batch,want", [(1, 0.0795357), (10, 0.2446461), (100, 0.6236862), (1000, 0.9296476)]
 )
 def test_opt_lr_sign_diagonal_spec_oracle(batch, want):
-    """SPEC §9(e)2: κ² = 100, factor 1/√(1 + πκ²/2B)."""
+    """docs/reference/algorithms.md#lr-batch-size-tests item 2: κ² = 100, factor 1/√(1 + πκ²/2B)."""
     assert scaling.opt_lr_sign(batch, 1.0, 100) == pytest.approx(want, abs=1e-7)
     assert scaling.opt_lr_sign(batch, 2.5, 100) == pytest.approx(2.5 * want, abs=1e-6)
 
@@ -72,7 +72,8 @@ SURGE = [(1, 0.3102912), (10, 0.7895586), (100, 0.9760584), (1000, 0.8343298), (
 
 @pytest.mark.parametrize("batch,want", SURGE)
 def test_opt_lr_sign_surge_spec_oracle(batch, want):
-    """SPEC §9(e)3: κ² = 100, β_noise = 0.5, η_max = 1."""
+    """docs/reference/algorithms.md#lr-batch-size-tests item 3: κ² = 100, β_noise = 0.5, η_max =
+    1."""
     assert scaling.opt_lr_sign(batch, 1.0, 100, beta_noise=0.5) == pytest.approx(want, abs=1e-7)
 
 
@@ -89,7 +90,8 @@ def test_surge_peak_spec_oracle():
 
 def _surge_problem():
     """g = 1 (5 coordinates), H = all ones (PSD), σ² = 100: κ² = 100, T = 5, Q = 25, so
-    β_noise² = T/(Q - T) = 1/4 and η_max = N/(2√(T(Q - T))) = 5/20 (SPEC §9(a))."""
+    β_noise² = T/(Q - T) = 1/4 and η_max = N/(2√(T(Q - T))) = 5/20
+    (docs/reference/algorithms.md#lr-batch-size)."""
     return scaling.softsign_noise_scale(np.ones(5), np.full(5, 100.0), np.ones((5, 5)))
 
 
@@ -100,7 +102,8 @@ def test_sign_noise_scale_reproduces_surge_oracle():
     assert s.b_noise == pytest.approx(52.3598776, abs=1e-7)
     for batch, want in SURGE:
         assert s.lr(batch) / s.eta_max == pytest.approx(want, abs=1e-7)
-    # SPEC §9(e)3: B_noise-2 = 31.4159265 and 1/B_noise-2 - 1/B_noise = 4/(πκ²) = 0.01273240
+    # docs/reference/algorithms.md#lr-batch-size-tests item 3: B_noise-2 = 31.4159265 and
+    # 1/B_noise-2 - 1/B_noise = 4/(πκ²) = 0.01273240
     assert s.b_noise_2 == pytest.approx(31.4159265, abs=1e-7)
     assert 1 / s.b_noise_2 - 1 / s.b_noise == pytest.approx(0.01273240, abs=1e-8)
     assert 4 / (math.pi * 100) == pytest.approx(0.01273240, abs=1e-8)
@@ -121,7 +124,8 @@ def test_sign_loss_drop_is_the_loss_drop_at_the_optimal_lr():
 
 
 def test_expected_sign_spec_oracle():
-    """SPEC §9(e)6: erf(1) = 0.842701 against the approximation 0.748398 (g/σ = √2, B = 1)."""
+    """docs/reference/algorithms.md#lr-batch-size-tests item 6: erf(1) = 0.842701 against the
+    approximation 0.748398 (g/σ = √2, B = 1)."""
     assert scaling.expected_sign(math.sqrt(2), 1.0, 1) == pytest.approx(0.842701, abs=1e-6)
     assert scaling.expected_sign(math.sqrt(2), 1.0, 1, approx=True) == pytest.approx(
         0.748398, abs=1e-6
@@ -148,7 +152,8 @@ BATCHES = [1, 4, 7.853982, 20, 100, 1e4]
 
 
 def test_opt_lr_softsign_spec_oracle_eps0():
-    """SPEC §9(e)4, ε = 0: κ² = 4, Q = 8.4, T = 3; a surge peaking at B = 7.853982."""
+    """docs/reference/algorithms.md#lr-batch-size-tests item 4, ε = 0: κ² = 4, Q = 8.4, T = 3; a
+    surge peaking at B = 7.853982."""
     want = [0.297114, 0.366837, 0.372678, 0.368115, 0.360111, 0.357175]
     got = [scaling.opt_lr_softsign(b, [1, 1, 1], [4, 4, 4], HESSIAN, 0.0) for b in BATCHES]
     assert got == pytest.approx(want, abs=1e-6)
@@ -161,7 +166,8 @@ def test_opt_lr_softsign_spec_oracle_eps0():
 
 
 def test_opt_lr_softsign_spec_oracle_eps1():
-    """SPEC §9(e)4, ε = 1: κ² = 2, Q = 4.2, β*² = 2.5 > 1: no surge, a monotone curve."""
+    """docs/reference/algorithms.md#lr-batch-size-tests item 4, ε = 1: κ² = 2, Q = 4.2, β*² = 2.5 >
+    1: no surge, a monotone curve."""
     want = [0.316855, 0.432337, 0.464811, 0.488490, 0.501691, 0.505042]
     got = [scaling.opt_lr_softsign(b, [1, 1, 1], [4, 4, 4], HESSIAN, 1.0) for b in BATCHES]
     assert got == pytest.approx(want, abs=1e-6)
@@ -194,7 +200,8 @@ def test_opt_lr_softsign_against_moment_matrices():
 
 
 def test_opt_lr_softsign_large_eps_tends_to_sgd():
-    """SPEC §9(a): as ε → ∞, η*/ε tends to SGD's with noise covariance (πσ²/2B)·I."""
+    """docs/reference/algorithms.md#lr-batch-size: as ε → ∞, η*/ε tends to SGD's with noise
+    covariance (πσ²/2B)·I."""
     g, sigma2 = np.array([1.0, -2.0, 0.5]), np.array([4.0, 1.0, 9.0])
     eps, batch = 1e5, 10.0
     got = scaling.opt_lr_softsign(batch, g, sigma2, HESSIAN, eps) / eps
@@ -221,7 +228,8 @@ def test_kappa2_reduce_options():
     "a,b,want", [(0.5, 1.0, 0.33151024), (2.0, 0.5, 0.94539469), (1.0, 3.0, 0.33050548)]
 )
 def test_clip_mean_spec_oracle_and_quadrature(a, b, want):
-    """SPEC §9(e)5: the closed form matches numerical integration."""
+    """docs/reference/algorithms.md#lr-batch-size-tests item 5: the closed form matches numerical
+    integration."""
     assert scaling.clip_mean(a, b) == pytest.approx(want, abs=1e-8)
     assert scaling.clip_mean(a, b) == pytest.approx(
         reference.clip_mean_by_quadrature(a, b), abs=1e-10
@@ -233,7 +241,8 @@ def test_clip_mean_random_against_quadrature_and_limits():
     for a, b in zip(rng.uniform(-4, 4, 30), rng.uniform(0.05, 6, 30), strict=True):
         want = reference.clip_mean_by_quadrature(a, b)
         assert scaling.clip_mean(float(a), float(b)) == pytest.approx(want, abs=1e-10)
-    assert scaling.clip_mean_approx(0.5, 1.0) == pytest.approx(0.2977, abs=1e-4)  # SPEC §9(e)5
+    # docs/reference/algorithms.md#lr-batch-size-tests item 5
+    assert scaling.clip_mean_approx(0.5, 1.0) == pytest.approx(0.2977, abs=1e-4)
     assert scaling.clip_mean(0.7, 0.0) == pytest.approx(math.erf(0.7 / math.sqrt(2)))
     # slope erf(b/√2)/b at a = 0
     slope = (scaling.clip_mean(1e-6, 2.0) - scaling.clip_mean(-1e-6, 2.0)) / 2e-6
@@ -311,7 +320,7 @@ def _synthetic_device_grads(seed, k=8, per_device=16, dim=40000):
 
 @pytest.mark.parametrize("seed", [10, 11, 12])
 def test_b_simple_recovers_known_noise_scale(seed):
-    """SPEC §9(b): tr Σ / |g|² within 5 % (here ≈ 99)."""
+    """docs/reference/algorithms.md#lr-batch-size-helpers: tr Σ / |g|² within 5 % (here ≈ 99)."""
     grads, true_trace, true_g2 = _synthetic_device_grads(seed)
     est = scaling.estimate_noise_scale(grads, 16)
     assert est.trace_sigma == pytest.approx(true_trace, rel=0.05)

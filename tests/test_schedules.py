@@ -1,4 +1,4 @@
-"""danlu.schedules against SPEC.md §2(e)6."""
+"""danlu.schedules against docs/reference/algorithms.md#tiger-tests item 6."""
 
 import pytest
 import torch

@@ -1,4 +1,6 @@
-"""GradientAccumulation (SPEC §11(e)), the no-code recipe (SPEC §3(a), §3(e)) and UpdateEvery."""
+"""GradientAccumulation (docs/reference/algorithms.md#gradient-accumulation-tests), the no-code
+recipe (docs/reference/algorithms.md#hidden-accumulation-rule, #hidden-accumulation-tests) and
+UpdateEvery."""
 
 import numpy as np
 import pytest
@@ -47,8 +49,9 @@ INNER = {
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("reset", ["wrapper", "model", "assign"])
 def test_equals_one_step_on_the_mean_gradient(name, k, reset):
-    # SPEC §11(e): bit for bit for SGD; to ~1e-7 relative for Adam (here bit for bit as well,
-    # because the wrapper hands the inner optimizer exactly the mean gradient).
+    # docs/reference/algorithms.md#gradient-accumulation-tests: bit for bit for SGD; to ~1e-7
+    # relative for Adam (here bit for bit as well, because the wrapper hands the inner optimizer
+    # exactly the mean gradient).
     windows = 3
     batches = micro_batches(k, windows)
     torch.manual_seed(0)
@@ -141,7 +144,8 @@ def test_failed_inner_step_leaves_the_window_retryable():
 
 
 def test_accumulation_betas_spec_3e():
-    # SPEC §3(e): β=0.9, k=4 → 0.975; β2=0.999, k=4 → 0.99975; β=0.965, k=8 → 0.995625
+    # docs/reference/algorithms.md#hidden-accumulation-tests: β=0.9, k=4 → 0.975; β2=0.999, k=4 →
+    # 0.99975; β=0.965, k=8 → 0.995625
     assert danlu.accumulation_betas((0.9, 0.999), 4) == pytest.approx((0.975, 0.99975), abs=1e-15)
     assert danlu.accumulation_betas(0.965, 8) == pytest.approx(0.995625, abs=1e-15)
     assert isinstance(danlu.accumulation_betas(0.9, 1), float)

@@ -1,5 +1,6 @@
-"""NonFiniteGuard: skip / shrink / raise, per tensor or global, for any optimizer (SPEC §2(a),
-§2(c), §2(e)3)."""
+"""NonFiniteGuard: skip / shrink / raise, per tensor or global, for any optimizer
+(docs/reference/algorithms.md#tiger-rule, docs/reference/algorithms.md#tiger-edge-cases,
+#tiger-tests item 3)."""
 
 import copy
 
@@ -85,8 +86,8 @@ def test_skip_global_scope_changes_nothing():
 
 @pytest.mark.parametrize("inner", ["adamw", "tiger"])
 def test_shrink_spec_2e3(inner):
-    # SPEC §2(e)3, s = 0.99: gamma (centre 1) [1.5, 0.5] → [1.495, 0.505]; kernel (centre 0)
-    # [2, -1] → [1.98, -0.99]; the optimizer state is not touched.
+    # docs/reference/algorithms.md#tiger-tests item 3, s = 0.99: gamma (centre 1) [1.5, 0.5] →
+    # [1.495, 0.505]; kernel (centre 0) [2, -1] → [1.98, -0.99]; the optimizer state is not touched.
     gamma, kernel, guard = setup(inner, mode="shrink", scope="global")
     gamma.grad = torch.tensor([NAN, 1.0], dtype=torch.float64)
     kernel.grad = torch.tensor([1.0, 1.0], dtype=torch.float64)

@@ -1,4 +1,5 @@
-"""danlu.Lazy: row-masked updates, SPEC §4(a') and the oracles of §4(e)2-3."""
+"""danlu.Lazy: row-masked updates, docs/reference/algorithms.md#lazy-updates and the oracles of
+docs/reference/algorithms.md#embedding-drift-tests items 2-3."""
 
 import numpy as np
 import pytest
@@ -34,9 +35,10 @@ def run_table(grads, *, variant, eps, inner="torch", rows=1):
 @pytest.mark.parametrize("inner", ["torch", "danlu"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_spec_4e2_three_variants(variant, inner):
-    # SPEC §4(e)2: 1×2 table, lr=0.1, β=(0.9, 0.999), ε=0, gradients [1,1], [0,0], [1,1].
-    # After step 2 the dense row is at −0.16700583 and both lazy rows stay at −0.1. The held-back
-    # step-3 values, derived by hand from the Adam equations (t=3, 1−β1³=0.271, 1−β2³=0.002997001):
+    # docs/reference/algorithms.md#embedding-drift-tests item 2: 1×2 table, lr=0.1, β=(0.9, 0.999),
+    # ε=0, gradients [1,1], [0,0], [1,1]. After step 2 the dense row is at −0.16700583 and both lazy
+    # rows stay at −0.1. The held-back step-3 values, derived by hand from the Adam equations (t=3,
+    # 1−β1³=0.271, 1−β2³=0.002997001):
     #   dense  m=0.181, v=0.001998001 → θ3 = −0.16700583 − 0.1·0.818004 = −0.2488061
     #   masked same moments, θ2 = −0.1           → θ3 = −0.1 − 0.0818004   = −0.1818003
     #   frozen m=0.19, v=0.001999 (step 2 frozen) → θ3 = −0.1 − 0.0858463  = −0.1858463
@@ -56,9 +58,9 @@ def test_spec_4e2_three_variants(variant, inner):
 
 @pytest.mark.parametrize("variant", ["masked", "frozen"])
 def test_spec_4e3_untouched_rows_with_small_eps(variant):
-    # SPEC §4(e)3: 3×2 table, ε=1e-12; step 1 [[1,1],0,0], step 2 [[0,0],[2,-2],0].
-    # dense θ after step 2: row0 = −0.16700583, row1 = [−0.07441368, +0.07441368];
-    # lazy: row0 stays −0.1, row1 identical to dense, row2 never moves.
+    # docs/reference/algorithms.md#embedding-drift-tests item 3: 3×2 table, ε=1e-12; step 1
+    # [[1,1],0,0], step 2 [[0,0],[2,-2],0]. dense θ after step 2: row0 = −0.16700583, row1 =
+    # [−0.07441368, +0.07441368]; lazy: row0 stays −0.1, row1 identical to dense, row2 never moves.
     grads = [[[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [2.0, -2.0], [0.0, 0.0]]]
     dense, _ = run_table(grads, variant="dense", eps=1e-12, rows=3)
     lazy, _ = run_table(grads, variant=variant, eps=1e-12, rows=3)
@@ -72,8 +74,9 @@ def test_spec_4e3_untouched_rows_with_small_eps(variant):
 
 @pytest.mark.parametrize("variant", ["masked", "frozen"])
 def test_eps_zero_never_turns_0_over_0_into_nan(variant):
-    # SPEC §4(e)3 with ε = 0: a never-seen row computes 0/0 = NaN inside Adam; NaN·0 is NaN, so a
-    # multiplicative mask would keep it. The absent rows must come back exactly.
+    # docs/reference/algorithms.md#embedding-drift-tests item 3 with ε = 0: a never-seen row
+    # computes 0/0 = NaN inside Adam; NaN·0 is NaN, so a multiplicative mask would keep it. The
+    # absent rows must come back exactly.
     grads = [[[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [2.0, -2.0], [0.0, 0.0]]]
     dense, _ = run_table(grads, variant="dense", eps=0.0, rows=3)
     assert torch.isnan(dense[1][2]).all(), "the hazard exists in the dense optimizer"

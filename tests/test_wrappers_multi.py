@@ -1,4 +1,5 @@
-"""MultiOptimizer: several optimizers over disjoint parameters as one (SPEC §4(b)3)."""
+"""MultiOptimizer: several optimizers over disjoint parameters as one
+(docs/reference/algorithms.md#embedding-drift-fixes item 3)."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """danlu (丹炉): the optimizers and training recipes of Su Jianlin's blog Scientific Spaces.
 
-See SPEC sections cited in each docstring for the exact algorithms.
+See docs/reference/algorithms.md sections cited in each docstring for the exact algorithms.
 """
 
 from danlu import (

@@ -1,4 +1,5 @@
-"""Diagnostics for training runs: the embedding drift of sign optimizers (SPEC.md §4)."""
+"""Diagnostics for training runs: the embedding drift of sign optimizers
+(docs/reference/algorithms.md#embedding-drift)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ class EmbeddingDrift:
     """How close the rows of an embedding table are to the drift limit ±1/λ.
 
     ``row_ratios[i]`` is max_j |θ_ij|·λ: 1 means row i has a component at the fixed point
-    −sign(m)/λ of a sign update with decoupled decay (SPEC §4(a)).
+    −sign(m)/λ of a sign update with decoupled decay
+    (docs/reference/algorithms.md#embedding-drift-mechanism).
     """
 
     limit: float
@@ -51,10 +53,10 @@ def embedding_drift(
     """Report the rows of ``weight`` (num_embeddings × dim) that approach ±1/λ.
 
     Under Lion or Tiger with decoupled decay λ, a row whose token stops appearing keeps moving by
-    ±η per step toward −sign(m)/λ (SPEC §4(a), §4(d)); with λ = 0.01 that is ±100. A healthy
-    table has ``max_ratio`` well below 1; rare-token rows near 1 show the drift (use
-    ``danlu.Lazy``, Adam for the embeddings via ``danlu.MultiOptimizer.adam_for_embeddings``, or
-    tied embeddings with ``danlu.nn.HalfSwap``).
+    ±η per step toward −sign(m)/λ (docs/reference/algorithms.md#embedding-drift-mechanism,
+    #embedding-drift-claims); with λ = 0.01 that is ±100. A healthy table has ``max_ratio`` well
+    below 1; rare-token rows near 1 show the drift (use ``danlu.Lazy``, Adam for the embeddings via
+    ``danlu.MultiOptimizer.adam_for_embeddings``, or tied embeddings with ``danlu.nn.HalfSwap``).
 
     Args:
         weight: the table (at least one dimension; rows along the first).

@@ -1,9 +1,10 @@
-"""Initialisation helpers, SPEC.md §8 (kexue 8747 "why BERT uses std 0.02", 8620, 9698).
+"""Initialisation helpers, docs/reference/algorithms.md#initialisation (kexue 8747 "why BERT uses
+std 0.02", 8620, 9698).
 
 * :func:`trunc_normal_tf_`: the TensorFlow truncated normal (cut at ±2 standard deviations of
   the *requested* std, not at absolute bounds: ``torch.nn.init.trunc_normal_(w, std=0.02)``
-  cuts at ±2, i.e. not at all, SPEC §8(c)), optionally corrected so that the result has the
-  requested std.
+  cuts at ±2, i.e. not at all, docs/reference/algorithms.md#initialisation-edge-cases), optionally
+  corrected so that the result has the requested std.
 * :func:`bert_init_`: BERT's recipe for a whole module.
 * LeCun / He / Xavier stds "in the blog's terms" (variance 1/fan_in, 2/fan_in,
   2/(fan_in + fan_out)) and :func:`variance_scaling_`, which draws from them.
@@ -60,7 +61,8 @@ def _check_count(name: str, value: int, low: int = 1) -> int:
 
 
 def truncated_normal_variance(bound: float = 2.0) -> float:
-    """Variance of a standard normal truncated to [−bound, bound] (SPEC §8(a)):
+    """Variance of a standard normal truncated to [−bound, bound]
+    (docs/reference/algorithms.md#initialisation):
 
     γ = ∫x²φ / ∫φ over [−c, c] = 1 − 2c·φ(c) / erf(c/√2);  γ(2) = 0.7737413.
     """
@@ -69,7 +71,8 @@ def truncated_normal_variance(bound: float = 2.0) -> float:
     return 1.0 - 2.0 * c * density / math.erf(c / math.sqrt(2.0))
 
 
-#: γ of SPEC §8(a): a ±2σ truncated normal has variance γσ² (0.7737413).
+#: γ of docs/reference/algorithms.md#initialisation: a ±2σ truncated normal has variance γσ²
+#: (0.7737413).
 TRUNCATED_NORMAL_VARIANCE: float = truncated_normal_variance(2.0)
 #: 1/√γ = 1.1368472: pass σ·1.1368472 to a ±2σ truncated normal to get std σ.
 TRUNCATED_NORMAL_STD_FACTOR: float = 1.0 / math.sqrt(TRUNCATED_NORMAL_VARIANCE)
@@ -85,7 +88,8 @@ def trunc_normal_tf_(
     correct_std: bool = False,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Fill ``tensor`` in place with TensorFlow's truncated normal (SPEC §8(a), (c)).
+    """Fill ``tensor`` in place with TensorFlow's truncated normal
+    (docs/reference/algorithms.md#initialisation, #initialisation-edge-cases).
 
     Draws N(mean, s²) and keeps only values within ``mean ± bound·s``, where s = ``std``, or
     s = std/√γ(bound) with ``correct_std=True`` so that the *result* has standard deviation
@@ -139,12 +143,13 @@ def fans(tensor: Tensor) -> tuple[int, int]:
 
 
 def lecun_std(fan_in: int) -> float:
-    """LeCun: variance 1/fan_in (SPEC §8(a)); 1/√768 = 0.0360844."""
+    """LeCun: variance 1/fan_in (docs/reference/algorithms.md#initialisation); 1/√768 =
+    0.0360844."""
     return 1.0 / math.sqrt(_check_count("fan_in", fan_in))
 
 
 def he_std(fan_in: int) -> float:
-    """He (Kaiming) for ReLU: variance 2/fan_in (SPEC §8(a))."""
+    """He (Kaiming) for ReLU: variance 2/fan_in (docs/reference/algorithms.md#initialisation)."""
     return math.sqrt(2.0 / _check_count("fan_in", fan_in))
 
 
@@ -154,7 +159,7 @@ def xavier_std(fan_in: int, fan_out: int) -> float:
 
 
 def uniform_bound(std: float) -> float:
-    """U[−a, a] has std σ when a = √3·σ (SPEC §8(a))."""
+    """U[−a, a] has std σ when a = √3·σ (docs/reference/algorithms.md#initialisation)."""
     return math.sqrt(3.0) * _check_positive("std", std)
 
 
@@ -171,8 +176,9 @@ def variance_scaling_(
     *,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Fill ``tensor`` with zero-mean values of variance ``scale / n`` (SPEC §8(a)), n the
-    fan_in, fan_out or their average (see :func:`fans`).
+    """Fill ``tensor`` with zero-mean values of variance ``scale / n``
+    (docs/reference/algorithms.md#initialisation), n the fan_in, fan_out or their average (see
+    :func:`fans`).
 
     ``distribution`` is ``"truncated_normal"`` (±2 std, std corrected for the truncation, as in
     TF), ``"normal"`` or ``"uniform"`` (U[−√3σ, √3σ]). The variance is exact for all three.
@@ -234,7 +240,8 @@ def bert_init_(
     correct_std: bool = False,
     generator: torch.Generator | None = None,
 ) -> nn.Module:
-    """Initialise ``module`` (and its children) as BERT does (SPEC §8(a)); returns ``module``.
+    """Initialise ``module`` (and its children) as BERT does
+    (docs/reference/algorithms.md#initialisation); returns ``module``.
 
     * every parameter with ≥ 2 dims (linear and conv kernels, embeddings, position tables) gets
       :func:`trunc_normal_tf_` with ``std`` (effective std 0.0176 for 0.02; ``correct_std=True``
@@ -267,7 +274,8 @@ def bert_init_(
 
 
 def tied_embedding_std(vocab_size: int, dim: int) -> float:
-    """σ = ln(n)/d for an embedding shared with the output layer (SPEC §8(a), kexue 9698).
+    """σ = ln(n)/d for an embedding shared with the output layer
+    (docs/reference/algorithms.md#initialisation, kexue 9698).
 
     It makes the self-logit dσ = ln n, so the initial loss is ≈ log(2n − 1) instead of ≈ dσ.
     ln(50000)/768 = 0.0140883.
@@ -277,7 +285,7 @@ def tied_embedding_std(vocab_size: int, dim: int) -> float:
 
 def expected_initial_loss_tied(vocab_size: int, dim: int, std: float) -> float:
     """Initial cross-entropy of a model whose output layer reuses its input embedding
-    (SPEC §8(a), kexue 9698): ≈ log(e^{dσ} + n − 1).
+    (docs/reference/algorithms.md#initialisation, kexue 9698): ≈ log(e^{dσ} + n − 1).
 
     With a final norm the hidden state of a token is ≈ its own embedding e scaled to unit RMS,
     so its own logit is |e|²/σ ≈ dσ while the other n − 1 logits are ≈ 0; the next token is
@@ -297,9 +305,10 @@ def activation_second_moment(
 ) -> float:
     """E[fn(x)²] for x ~ N(0, 1), by the trapezoid rule in float64 on [−limit, limit].
 
-    Dividing an activation by the square root keeps unit second moment (SPEC §8(a)):
-    ``activation_second_moment(torch.sigmoid)`` = 0.2933790, hence
-    ``sigmoid(x) / sqrt(0.2933790)``. The Gaussian tails beyond ±12 are below 1e-30.
+    Dividing an activation by the square root keeps unit second moment
+    (docs/reference/algorithms.md#initialisation): ``activation_second_moment(torch.sigmoid)`` =
+    0.2933790, hence ``sigmoid(x) / sqrt(0.2933790)``. The Gaussian tails beyond ±12 are below
+    1e-30.
     """
     _check_count("points", points, 3)
     limit = _check_positive("limit", limit)
@@ -309,5 +318,6 @@ def activation_second_moment(
     return float(torch.trapezoid(values * values * density, x))
 
 
-#: E[sigmoid(x)²] for x ~ N(0, 1) (SPEC §8(a): 0.2933790; more digits by adaptive quadrature).
+#: E[sigmoid(x)²] for x ~ N(0, 1) (docs/reference/algorithms.md#initialisation: 0.2933790; more
+#: digits by adaptive quadrature).
 SIGMOID_SECOND_MOMENT: float = 0.293379035858093

@@ -1,4 +1,5 @@
-"""Parameter kinds and param-group building, SPEC.md §2(c) and §7.2 (and DESIGN.md "Public API").
+"""Parameter kinds and param-group building, docs/reference/algorithms.md#tiger-edge-cases and
+#amos-optimizer (and DESIGN.md "Public API").
 
 ``param_groups(model)`` walks the modules and returns groups tagged with ``kind``, ``center``
 and ``eta`` that Tiger and Amos read (torch optimizers ignore the extra keys, so the same groups
@@ -116,7 +117,7 @@ def param_groups(
     output_layer: OutputLayerSpec | None = None,
 ) -> list[dict[str, Any]]:
     """Param groups for ``model`` tagged with ``kind``, ``center`` (see
-    :func:`classify_parameters`) and Amos's ``eta`` (SPEC §7.2).
+    :func:`classify_parameters`) and Amos's ``eta`` (docs/reference/algorithms.md#amos-optimizer).
 
     Elementwise groups get ``weight_decay=0``; matrix and embedding groups get ``weight_decay``
     when it is given, otherwise the optimizer's default. Each group carries ``param_names`` so

@@ -1,4 +1,5 @@
-"""Training recipes from the blog: SPEC.md §7.1 (kexue 9344, Amos-derived) and §1(b) (Lion).
+"""Training recipes from the blog: docs/reference/algorithms.md#amos-recipes (kexue 9344,
+Amos-derived) and docs/reference/algorithms.md#lion-defaults (Lion).
 
 * :func:`sign_optimizer_hparams`: lr and weight decay of a sign update (Lion, Tiger) from the
   parameter's init std: η = α0·σ, λ = α0/(2qσ).
@@ -31,9 +32,11 @@ __all__ = [
     "sign_optimizer_hparams",
 ]
 
-#: α0 that the blog found best for BERT-base MLM pre-training with sign updates (SPEC §1(b)).
+#: α0 that the blog found best for BERT-base MLM pre-training with sign updates
+#: (docs/reference/algorithms.md#lion-defaults).
 BLOG_ALPHA0 = 1.11e-3
-#: The change scale σ of biases and norm gains/offsets (Amos paper's choice, SPEC §7.1).
+#: The change scale σ of biases and norm gains/offsets (Amos paper's choice,
+#: docs/reference/algorithms.md#amos-recipes).
 ELEMENTWISE_CHANGE_SCALE = 0.5
 
 
@@ -60,8 +63,9 @@ def sign_optimizer_hparams(
     q: float = 1.0,
     rms_relative: bool = False,
 ) -> HParams:
-    """(lr, weight_decay) for a sign update θ ← θ − η(sign(·) + λθ) (Lion, Tiger), SPEC §1(b),
-    §7.1: η = α0·σ and λ = α0/(2qσ), σ the init std (the change scale) of the matrix.
+    """(lr, weight_decay) for a sign update θ ← θ − η(sign(·) + λθ) (Lion, Tiger),
+    docs/reference/algorithms.md#lion-defaults, docs/reference/algorithms.md#amos-recipes: η = α0·σ
+    and λ = α0/(2qσ), σ the init std (the change scale) of the matrix.
 
     From the Amos analysis: a step of relative size α0 (|Δθ| = α0·|ε0|, |ε0| ≈ √k·σ) with the
     absolute decay ρ = α0²/2q that cancels its second-order growth; λ = ρ/η is then constant in
@@ -81,8 +85,9 @@ def sign_optimizer_hparams(
 
 
 def adamw_to_lion(lr: float, weight_decay: float, factor: float = 10.0) -> HParams:
-    """Lion's (lr, weight_decay) from AdamW's (SPEC §1(b)): the lr ``factor`` times smaller and
-    the decoupled weight decay ``factor`` times larger, so the effective decay η·λ is kept.
+    """Lion's (lr, weight_decay) from AdamW's (docs/reference/algorithms.md#lion-defaults): the lr
+    ``factor`` times smaller and the decoupled weight decay ``factor`` times larger, so the
+    effective decay η·λ is kept.
 
     The blog says factor ≥ 10; the Lion paper's README says 3–10 (ViT-B/16: AdamW 1e-3, 1.0 →
     Lion 1e-4, 10).

@@ -23,8 +23,9 @@ class OptimizerInfo:
     """What danlu knows about one optimizer.
 
     ``state_bytes`` and ``state_bytes_accum`` are optimizer-state bytes per fp32 parameter
-    without and with k-step gradient accumulation (SPEC.md §0 table); they are strings because
-    some are approximate ("≈0").
+    without and with k-step gradient accumulation
+    (docs/reference/algorithms.md#optimizer-state-memory); they are strings because some are
+    approximate ("≈0").
     """
 
     name: str

@@ -1,4 +1,5 @@
-"""Learning rate against batch size, and the effect of Adam's ε: SPEC.md §9 (kexue 10542, 10563).
+"""Learning rate against batch size, and the effect of Adam's ε:
+docs/reference/algorithms.md#lr-batch-size (kexue 10542, 10563).
 
 Rules of thumb
     :func:`scale_lr` (linear for SGD, square root for Adam-like optimizers).
@@ -161,7 +162,8 @@ def _exp(x: Any) -> Any:
 
 
 def scale_lr(base_lr: float, base_batch: float, batch: BatchT, rule: str) -> BatchT:
-    """The lr for ``batch`` given a tuned ``base_lr`` at ``base_batch`` (SPEC §9(a)).
+    """The lr for ``batch`` given a tuned ``base_lr`` at ``base_batch``
+    (docs/reference/algorithms.md#lr-batch-size).
 
     ``rule="linear"``: η ∝ B (SGD seen as an SDE; Goyal et al.). ``rule="sqrt"``: η ∝ √B
     (constant-noise SGD; the SDE analysis of Adam/RMSProp, Malladi et al. 2022; LAMB). There
@@ -179,7 +181,8 @@ def scale_lr(base_lr: float, base_batch: float, batch: BatchT, rule: str) -> Bat
 
 
 def opt_lr_sgd(batch: BatchT, eta_max: float, b_noise: float) -> BatchT:
-    """SGD's optimal lr at batch size B: η_max / (1 + B_noise/B) (SPEC §9(a), OpenAI).
+    """SGD's optimal lr at batch size B: η_max / (1 + B_noise/B)
+    (docs/reference/algorithms.md#lr-batch-size, OpenAI).
 
     Linear in B for B ≪ B_noise, saturating at η_max above it.
     """
@@ -190,14 +193,16 @@ def opt_lr_sgd(batch: BatchT, eta_max: float, b_noise: float) -> BatchT:
 
 
 def _sign_beta(batch: Any, kappa2: float) -> Any:
-    """β = (1 + πκ²/2B)^(−1/2), the mean-field shrink of E[sign] (SPEC §9(a))."""
+    """β = (1 + πκ²/2B)^(−1/2), the mean-field shrink of E[sign]
+    (docs/reference/algorithms.md#lr-batch-size)."""
     return 1.0 / _sqrt(1.0 + _PI * kappa2 / (2.0 * batch))
 
 
 def opt_lr_sign(
     batch: BatchT, eta_max: float, kappa2: float, beta_noise: float | None = None
 ) -> BatchT:
-    """Optimal lr of a sign update (Adam as SignSGD, Lion, Tiger) at batch size B (SPEC §9(a)).
+    """Optimal lr of a sign update (Adam as SignSGD, Lion, Tiger) at batch size B
+    (docs/reference/algorithms.md#lr-batch-size).
 
     With β = (1 + πκ²/2B)^(−1/2) and κ² the common noise-to-signal ratio (σ_i/g_i)²:
 
@@ -221,9 +226,10 @@ def opt_lr_sign(
 
 
 def surge_peak_batch(kappa2: float, beta_noise: float) -> float:
-    """The batch size where a sign update's optimal lr peaks (SPEC §9(a)):
-    B_noise = πκ²β_noise² / (2(1 − β_noise²)); ``inf`` when β_noise ≥ 1 (no surge: the lr
-    grows with B all the way). κ² = 100, β_noise = 0.5 gives 52.3598776.
+    """The batch size where a sign update's optimal lr peaks
+    (docs/reference/algorithms.md#lr-batch-size): B_noise = πκ²β_noise² / (2(1 − β_noise²)); ``inf``
+    when β_noise ≥ 1 (no surge: the lr grows with B all the way). κ² = 100, β_noise = 0.5 gives
+    52.3598776.
     """
     kappa2 = _check_number("kappa2", kappa2, low=0.0, strict=False, allow_inf=False)
     beta_noise = _check_number("beta_noise", beta_noise, low=0.0, strict=True, allow_inf=True)
@@ -239,10 +245,10 @@ class StepsAndSamples(NamedTuple):
 
 
 def steps_data_tradeoff(min_steps: float, min_samples: float, batch: float) -> StepsAndSamples:
-    """Steps S and samples E to reach a given loss at batch size B (SPEC §9(a), OpenAI):
-    S = (1 + B_noise/B)·S_min and E = B·S, with B_noise = E_min/S_min, so that
-    (S/S_min − 1)(E/E_min − 1) = 1. For sign updates use E_min/S_min = B_noise-2
-    (:attr:`SignNoiseScale.b_noise_2`).
+    """Steps S and samples E to reach a given loss at batch size B
+    (docs/reference/algorithms.md#lr-batch-size, OpenAI): S = (1 + B_noise/B)·S_min and E = B·S,
+    with B_noise = E_min/S_min, so that (S/S_min − 1)(E/E_min − 1) = 1. For sign updates use
+    E_min/S_min = B_noise-2 (:attr:`SignNoiseScale.b_noise_2`).
     """
     min_steps = _check_number("min_steps", min_steps, low=0.0, strict=True, allow_inf=False)
     min_samples = _check_number("min_samples", min_samples, low=0.0, strict=True, allow_inf=False)
@@ -253,7 +259,8 @@ def steps_data_tradeoff(min_steps: float, min_samples: float, batch: float) -> S
 
 @dataclass(frozen=True)
 class SGDNoiseScale:
-    """The constants of SGD's lr-vs-batch law (SPEC §9(a)), from :func:`sgd_noise_scale`.
+    """The constants of SGD's lr-vs-batch law (docs/reference/algorithms.md#lr-batch-size), from
+    :func:`sgd_noise_scale`.
 
     ``eta_max`` = gᵀg / gᵀHg, ``b_noise`` = tr(ΣH) / gᵀHg, ``b_simple`` = tr Σ / gᵀg (the
     estimate of B_noise that needs no Hessian), ``loss_drop_max`` = (gᵀg)² / 2gᵀHg.
@@ -277,7 +284,7 @@ class SGDNoiseScale:
 def sgd_noise_scale(g: Any, sigma: Any, hessian: Any) -> SGDNoiseScale:
     """SGD's η_max, B_noise and B_simple from the mean gradient ``g`` (n,), the per-sample
     gradient covariance ``sigma`` ((n, n), or (n,) variances for a diagonal Σ) and the Hessian
-    ``hessian`` ((n, n) or its diagonal) (SPEC §9(a)).
+    ``hessian`` ((n, n) or its diagonal) (docs/reference/algorithms.md#lr-batch-size).
     """
     g = _vector("g", g)
     n = g.numel()
@@ -302,7 +309,8 @@ def sgd_noise_scale(g: Any, sigma: Any, hessian: Any) -> SGDNoiseScale:
 
 
 def expected_sign(g: Any, sigma2: Any, batch: Any, *, approx: bool = False) -> Any:
-    """E[sign(g̃)] for g̃ ~ N(g, σ²/B) (SPEC §9(a)): erf((g/σ)·√(B/2)).
+    """E[sign(g̃)] for g̃ ~ N(g, σ²/B) (docs/reference/algorithms.md#lr-batch-size):
+    erf((g/σ)·√(B/2)).
 
     ``approx=True`` gives the algebraic form (g/σ) / √(π/2B + (g/σ)²) that the mean-field
     analysis uses (from erf(x) ≈ x/√(x² + π/4); erf(1) = 0.842701 against 0.748398).
@@ -332,7 +340,7 @@ def expected_sign(g: Any, sigma2: Any, batch: Any, *, approx: bool = False) -> A
 
 
 _KAPPA2_REDUCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    # mean over coordinates of σ_i² / (g_i² + ε²): the SPEC's "avg".
+    # mean over coordinates of σ_i² / (g_i² + ε²): the docs/reference/algorithms.md "avg".
     "mean": lambda var, sq: (var / sq).mean(),
     # Σσ_i² / Σ(g_i² + ε²): weighted like B_simple = tr Σ / |g|².
     "ratio": lambda var, sq: var.sum() / sq.sum(),
@@ -342,9 +350,10 @@ _KAPPA2_REDUCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 @dataclass(frozen=True)
 class SignNoiseScale:
-    """Constants of the lr-vs-batch law of a (soft-)sign update (SPEC §9(a)), from
-    :func:`softsign_noise_scale`. With ν_i = g_i/√(g_i² + ε²), N = Σ ν_i g_i,
-    Q = Σ_ij ν_i ν_j H_ij, T = Σ H_ii and β(B) = (1 + πκ²/2B)^(−1/2):
+    """Constants of the lr-vs-batch law of a (soft-)sign update
+    (docs/reference/algorithms.md#lr-batch-size), from :func:`softsign_noise_scale`. With ν_i =
+    g_i/√(g_i² + ε²), N = Σ ν_i g_i, Q = Σ_ij ν_i ν_j H_ij, T = Σ H_ii and β(B) = (1 +
+    πκ²/2B)^(−1/2):
 
         η*(B) = β N / (β² Q + (1 − β²) T).
 
@@ -384,8 +393,9 @@ def softsign_noise_scale(
     eps: float = 0.0,
     kappa2_reduce: str | Callable[[Tensor, Tensor], Any] = "mean",
 ) -> SignNoiseScale:
-    """The constants of Adam-with-ε seen as SoftSignSGD, φ = g̃/√(g̃² + ε²) (SPEC §9(a));
-    ``eps=0`` is the pure sign update (Adam as SignSGD, Lion, Tiger).
+    """The constants of Adam-with-ε seen as SoftSignSGD, φ = g̃/√(g̃² + ε²)
+    (docs/reference/algorithms.md#lr-batch-size); ``eps=0`` is the pure sign update (Adam as
+    SignSGD, Lion, Tiger).
 
     ``g`` (n,) is the mean gradient, ``sigma2`` (n,) the per-sample gradient variances (a batch
     of B has σ²/B), ``hessian`` (n, n) or its diagonal (n,). κ² averages σ_i²/(g_i² + ε²)
@@ -445,7 +455,8 @@ def opt_lr_softsign(
     eps: float,
     kappa2_reduce: str | Callable[[Tensor, Tensor], Any] = "mean",
 ) -> BatchT:
-    """Optimal lr of Adam with ε (SoftSignSGD) at batch size B (SPEC §9(a)):
+    """Optimal lr of Adam with ε (SoftSignSGD) at batch size B
+    (docs/reference/algorithms.md#lr-batch-size):
 
         η* ≈ β Σ ν_i g_i / (β² Σ_ij ν_i ν_j H_ij + (1 − β²) Σ H_ii),
 
@@ -457,7 +468,8 @@ def opt_lr_softsign(
 
 
 def clip_mean(a: Any, b: Any) -> Any:
-    """E[clip(z/b, −1, 1)] for z ~ N(a, 1), in closed form (SPEC §9(a)).
+    """E[clip(z/b, −1, 1)] for z ~ N(a, 1), in closed form
+    (docs/reference/algorithms.md#lr-batch-size).
 
     This is the mean of the clip approximation of softsign(g̃, ε) with a = g√B/σ and
     b = ε√B/σ. b = 0 gives E[sign(z)] = erf(a/√2). Floats or tensors.
@@ -488,7 +500,8 @@ def _clip_mean_positive(a: Any, b: Any) -> Any:
 
 
 def clip_mean_approx(a: Any, b: Any) -> Any:
-    """The algebraic approximation a/√(a² + b² + π/2) of :func:`clip_mean` (SPEC §9(a))."""
+    """The algebraic approximation a/√(a² + b² + π/2) of :func:`clip_mean`
+    (docs/reference/algorithms.md#lr-batch-size)."""
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         a = torch.as_tensor(a, dtype=torch.float64)
         b = torch.as_tensor(b, dtype=torch.float64)
@@ -559,8 +572,8 @@ def _device_tensors(device_grads: Sequence[Any]) -> list[list[Tensor]]:
 
 def estimate_noise_scale(device_grads: Sequence[Any], per_device_batch: int) -> NoiseScaleEstimate:
     """tr Σ and |g|² from K ≥ 2 device gradients, each the mean over ``per_device_batch``
-    samples (covariance Σ/b) (SPEC §9(b)): tr Σ ≈ b Σ_i s_i², s_i² the unbiased across-device
-    variance of coordinate i, and |g|² ≈ |ḡ|² − tr Σ/(Kb).
+    samples (covariance Σ/b) (docs/reference/algorithms.md#lr-batch-size-helpers): tr Σ ≈ b Σ_i
+    s_i², s_i² the unbiased across-device variance of coordinate i, and |g|² ≈ |ḡ|² − tr Σ/(Kb).
 
     Each entry of ``device_grads`` is one device's gradient: a tensor, or a sequence of
     tensors (one per parameter). Computed in float64.
@@ -583,14 +596,16 @@ def estimate_noise_scale(device_grads: Sequence[Any], per_device_batch: int) -> 
 
 
 def b_simple(device_grads: Sequence[Any], per_device_batch: int) -> float:
-    """B_simple = tr Σ / |g|² from per-device gradients (SPEC §9(a)-(b)); see
-    :func:`estimate_noise_scale`. ``inf`` when the gradient is lost in the noise."""
+    """B_simple = tr Σ / |g|² from per-device gradients
+    (docs/reference/algorithms.md#lr-batch-size); see :func:`estimate_noise_scale`. ``inf`` when the
+    gradient is lost in the noise."""
     return estimate_noise_scale(device_grads, per_device_batch).b_simple
 
 
 class NoiseScaleMonitor:
     """Estimates B_simple = tr Σ / |g|² during training from the gradients of the individual
-    backward passes (SPEC §9(a): "monitoring it during training is suggested").
+    backward passes (docs/reference/algorithms.md#lr-batch-size: "monitoring it during training is
+    suggested").
 
     It hooks every parameter (``Tensor.register_hook``) and records the squared norm of each
     backward pass's own gradient, before it is accumulated into ``.grad`` and before DDP

@@ -1,4 +1,5 @@
-"""Learning-rate schedules, SPEC.md §2(a) (piecewise linear) and §7.1 (Amos-derived decays)."""
+"""Learning-rate schedules, docs/reference/algorithms.md#tiger-rule (piecewise linear) and
+docs/reference/algorithms.md#amos-recipes (Amos-derived decays)."""
 
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ def _schedule_from_state(saved: Any) -> dict[int | float, float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The Amos-derived decays of SPEC §7.1 (kexue 9344).
+# The Amos-derived decays of docs/reference/algorithms.md#amos-recipes (kexue 9344).
 
 _SQRT2_MINUS_1 = math.sqrt(2.0) - 1.0
 
@@ -172,13 +173,15 @@ def _check_halving_step(halving_step: float) -> float:
 
 def inverse_square_decay(t: float, halving_step: float) -> float:
     """1 / (α0·p·t + 1)² with α0·p = (√2 − 1)/T: the lr multiplier of a constant convergence
-    rate p (SPEC §7.1); 1 at t = 0, exactly 0.5 at t = T = ``halving_step``, ~1/t² later."""
+    rate p (docs/reference/algorithms.md#amos-recipes); 1 at t = 0, exactly 0.5 at t = T =
+    ``halving_step``, ~1/t² later."""
     return 1.0 / (_SQRT2_MINUS_1 * t / _check_halving_step(halving_step) + 1.0) ** 2
 
 
 def inverse_time_decay(t: float, halving_step: float) -> float:
     """1 / (2·α0·p0·t + 1) with 2·α0·p0 = 1/T: the lr multiplier of a convergence rate that
-    slows as p_t = p0·e^{−S_t} (SPEC §7.1, the blog's preferred one); 0.5 at t = T."""
+    slows as p_t = p0·e^{−S_t} (docs/reference/algorithms.md#amos-recipes, the blog's preferred
+    one); 0.5 at t = T."""
     return 1.0 / (t / _check_halving_step(halving_step) + 1.0)
 
 
@@ -233,8 +236,8 @@ class _AmosDecayLR(LRScheduler):
 
 
 class InverseSquareDecayLR(_AmosDecayLR):
-    """lr_t = base_lr / (α0·p·t + 1)², SPEC §7.1 (kexue 9344): the Amos-derived schedule for a
-    constant convergence rate p.
+    """lr_t = base_lr / (α0·p·t + 1)², docs/reference/algorithms.md#amos-recipes (kexue 9344): the
+    Amos-derived schedule for a constant convergence rate p.
 
     Give the step ``halving_step`` = T at which the lr has halved (α0·p = (√2 − 1)/T), or the
     blog's ``alpha0`` and ``rate`` p. ``alpha0`` is the relative step size (~1e-3); with
@@ -248,8 +251,9 @@ class InverseSquareDecayLR(_AmosDecayLR):
 
 
 class InverseTimeDecayLR(_AmosDecayLR):
-    """lr_t = base_lr / (2·α0·p0·t + 1), SPEC §7.1 (kexue 9344): the Amos-derived schedule for a
-    convergence rate that slows as p_t = p0·e^{−S_t} (which the blog finds more realistic).
+    """lr_t = base_lr / (2·α0·p0·t + 1), docs/reference/algorithms.md#amos-recipes (kexue 9344): the
+    Amos-derived schedule for a convergence rate that slows as p_t = p0·e^{−S_t} (which the blog
+    finds more realistic).
 
     Give ``halving_step`` = T (2·α0·p0 = 1/T), or ``alpha0`` and ``rate`` p0; otherwise as
     :class:`InverseSquareDecayLR`.

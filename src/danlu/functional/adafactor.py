@@ -1,4 +1,5 @@
-"""AdaFactor, SPEC.md §5(a): the math only, tensors in, tensors updated in place.
+"""AdaFactor, docs/reference/algorithms.md#adafactor-rule: the math only, tensors in, tensors
+updated in place.
 
 One call is one update of tensors that share the step count ``t`` (1-based)::
 
@@ -65,9 +66,9 @@ def adafactor_factored_axes(
 ) -> tuple[int, int] | None:
     """The axes ``(largest, second)`` that AdaFactor factors for a tensor of ``shape``, or None.
 
-    ``"two_largest"`` (SPEC §5(a), bert4keras/mesh-tensorflow): the two largest dims, ties
-    broken toward the later axis (so (128, 128) → (1, 0)); not factored when the second
-    largest is below ``min_dim_size_to_factor``. ``"last_two"`` (torch.optim.Adafactor,
+    ``"two_largest"`` (docs/reference/algorithms.md#adafactor-rule, bert4keras/mesh-tensorflow): the
+    two largest dims, ties broken toward the later axis (so (128, 128) → (1, 0)); not factored when
+    the second largest is below ``min_dim_size_to_factor``. ``"last_two"`` (torch.optim.Adafactor,
     transformers): the last two dims of every tensor with ndim ≥ 2, no size threshold.
     The row statistic averages over ``largest``, the column statistic over ``second``.
     """

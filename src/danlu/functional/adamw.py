@@ -1,4 +1,5 @@
-"""AdamW with gradient accumulation hidden in its moments, SPEC.md §3(a): the math only.
+"""AdamW with gradient accumulation hidden in its moments,
+docs/reference/algorithms.md#hidden-accumulation-rule: the math only.
 
 One call is one micro-step. With ``grad_accum_steps = k = 1`` it is torch.optim.AdamW::
 

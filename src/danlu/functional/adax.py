@@ -1,4 +1,4 @@
-"""AdaX, SPEC.md §6: the math only, tensors in, tensors updated in place.
+"""AdaX, docs/reference/algorithms.md#adax: the math only, tensors in, tensors updated in place.
 
 The blog's update (kexue 7387, bojone/adax) is
 
@@ -7,14 +7,14 @@ The blog's update (kexue 7387, bojone/adax) is
 
 with no bias correction on m. v_t grows like (1+β2)^t and overflows float32 after about
 9·10⁵ steps at β2 = 1e-4, so the state here is v̂ itself, in the equivalent normalised EMA form
-of §6(a)::
+of docs/reference/algorithms.md#adax-rule::
 
     v̂_t = β̂_t v̂_{t−1} + (1−β̂_t) g²,     1 − β̂_t = β2 / ((1+β2)^t − 1)
 
 which is a weighted average of the g² and cannot overflow. 1 − β̂_t is evaluated as
 β2 / expm1(t·log1p(β2)) in float64, so it is exact at t = 1 (β̂_1 = 0) and underflows
-gracefully to 0 (β̂ = 1) for very large t. Decoupled weight decay (SPEC §0):
-θ ← θ − α(u + λθ) with the old θ.
+gracefully to 0 (β̂ = 1) for very large t. Decoupled weight decay
+(docs/reference/algorithms.md#conventions): θ ← θ − α(u + λθ) with the old θ.
 
 Gradients are read saturated at the largest magnitude whose square stays finite in v̂'s dtype
 (``functional.overflow``, about 1.3e19 in float32): one huge finite gradient cannot turn v̂

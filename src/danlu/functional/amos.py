@@ -1,4 +1,5 @@
-"""Amos, SPEC.md §7.2: the math only, tensors in, tensors updated in place.
+"""Amos, docs/reference/algorithms.md#amos-optimizer: the math only, tensors in, tensors updated in
+place.
 
 jestimator's ``scale_by_amos`` (google-research/jestimator amos.py), with ξ the global lr,
 η the per-tensor expected scale of the entries, t the 1-based step and fr the finetune rate::
@@ -53,9 +54,9 @@ def fan_in(shape: Sequence[int]) -> int:
 
 
 def amos_default_eta(shape: Sequence[int], *, rule: str = "he", elementwise: bool = False) -> float:
-    """η from SPEC §7.2's README examples: 0.5 for element-wise tensors (biases, norm gains);
-    √(2/fan_in) for ``rule="he"`` (hidden layers); √(1/fan_in) for ``rule="lecun"`` (the
-    output layer)."""
+    """η from the docs/reference/algorithms.md#amos-optimizer README examples: 0.5 for element-wise
+    tensors (biases, norm gains); √(2/fan_in) for ``rule="he"`` (hidden layers); √(1/fan_in) for
+    ``rule="lecun"`` (the output layer)."""
     if elementwise or len(shape) <= 1:
         return 0.5
     if rule == "he":

@@ -1,4 +1,5 @@
-"""Lion, SPEC.md §1(a): the math only, tensors in, tensors updated in place.
+"""Lion, docs/reference/algorithms.md#lion-rule: the math only, tensors in, tensors updated in
+place.
 
     c_t = β1·m_{t-1} + (1-β1)·g_t
     θ_t = θ_{t-1} - η·(sign(c_t) + λ·θ_{t-1})

@@ -1,4 +1,5 @@
-"""Non-finite gradient detection and Tiger's "shrink" fallback, SPEC.md §2(a) and §2(c).
+"""Non-finite gradient detection and Tiger's "shrink" fallback,
+docs/reference/algorithms.md#tiger-rule and #tiger-edge-cases.
 
 Detection uses ``isfinite`` semantics (NaN and ±Inf), not the reference code's ``isnan``:
 an Inf gradient that slips through turns the momentum into ±inf and later into NaN.

@@ -1,4 +1,5 @@
-"""Tiger, SPEC.md §2(a): the math only, tensors in, tensors updated in place.
+"""Tiger, docs/reference/algorithms.md#tiger-rule: the math only, tensors in, tensors updated in
+place.
 
 One call is one micro-step of the reference code (bojone/tiger tiger.py). With
 ``grad_accum_steps = k`` the momentum decays by β on the first micro-step of a window, adds

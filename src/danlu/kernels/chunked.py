@@ -75,7 +75,8 @@ def lion_chunked(
     maximize: bool,
     chunk: int = CHUNK,
 ) -> None:
-    """Lion (SPEC §1(a)), bit-identical to ``functional.lion._single_tensor_lion``."""
+    """Lion (docs/reference/algorithms.md#lion-rule), bit-identical to
+    ``functional.lion._single_tensor_lion``."""
     from danlu.functional.lion import _single_tensor_lion
 
     for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
@@ -131,7 +132,8 @@ def tiger_chunked(
     maximize: bool,
     chunk: int = CHUNK,
 ) -> None:
-    """Tiger (SPEC §2(a)), bit-identical to ``functional.tiger._single_tensor_tiger``.
+    """Tiger (docs/reference/algorithms.md#tiger-rule), bit-identical to
+    ``functional.tiger._single_tensor_tiger``.
 
     The RMS step size is computed over the whole tensor (or each whole row) first; slices of
     an embedding hold whole rows so that each row keeps its own step size.
@@ -213,8 +215,9 @@ def adax_chunked(
     maximize: bool,
     chunk: int = CHUNK,
 ) -> None:
-    """AdaX (SPEC §6), bit-identical to ``functional.adax._single_tensor_adax``: the saturated
-    gradient, g², the denominator and m/denom live in slice-sized scratch buffers."""
+    """AdaX (docs/reference/algorithms.md#adax), bit-identical to
+    ``functional.adax._single_tensor_adax``: the saturated gradient, g², the denominator and m/denom
+    live in slice-sized scratch buffers."""
     from danlu.functional.adax import _single_tensor_adax
 
     for param, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):

@@ -64,7 +64,8 @@ def lion_compiled(
     weight_decay: float,
     maximize: bool,
 ) -> None:
-    """Lion (SPEC §1(a)): ``functional.lion._multi_tensor_lion`` compiled."""
+    """Lion (docs/reference/algorithms.md#lion-rule): ``functional.lion._multi_tensor_lion``
+    compiled."""
     from danlu.functional.lion import _multi_tensor_lion
 
     with _recompile_limit():
@@ -95,8 +96,8 @@ def tiger_compiled(
     last_micro_step: bool,
     maximize: bool,
 ) -> None:
-    """Tiger (SPEC §2(a)): ``functional.tiger._multi_tensor_tiger`` compiled (RMS reductions
-    and the update fused into as few passes as Inductor can manage)."""
+    """Tiger (docs/reference/algorithms.md#tiger-rule): ``functional.tiger._multi_tensor_tiger``
+    compiled (RMS reductions and the update fused into as few passes as Inductor can manage)."""
     from danlu.functional.tiger import _multi_tensor_tiger
 
     with _recompile_limit():
@@ -130,9 +131,9 @@ def adax_compiled(
     weight_decay: float,
     maximize: bool,
 ) -> None:
-    """AdaX (SPEC §6): ``functional.adax._single_tensor_adax`` compiled into one fused loop
-    per tensor. The per-step weight 1 − β̂_t is passed as a 0-d tensor like the lr, so the
-    step count does not recompile."""
+    """AdaX (docs/reference/algorithms.md#adax): ``functional.adax._single_tensor_adax`` compiled
+    into one fused loop per tensor. The per-step weight 1 − β̂_t is passed as a 0-d tensor like the
+    lr, so the step count does not recompile."""
     from danlu.functional.adax import _single_tensor_adax
 
     like = exp_avg_sqs[0]
@@ -170,9 +171,10 @@ def amos_compiled(
     eps: float,
     maximize: bool,
 ) -> None:
-    """Amos (SPEC §7.2): ``functional.amos._single_tensor_amos`` compiled into one fused loop
-    per tensor. The per-step bias correction 1 − β^t is a 0-d tensor like the lr, so the step
-    count does not recompile; the per-tensor η are constants of the compiled code."""
+    """Amos (docs/reference/algorithms.md#amos-optimizer): ``functional.amos._single_tensor_amos``
+    compiled into one fused loop per tensor. The per-step bias correction 1 − β^t is a 0-d tensor
+    like the lr, so the step count does not recompile; the per-tensor η are constants of the
+    compiled code."""
     from danlu.functional.amos import _single_tensor_amos
 
     # 0-d tensors (params, and the scalar slots of vectors) as 1-element views with the

@@ -1,4 +1,5 @@
-"""AdaFactor (SPEC §5(a)) with Triton kernels for the passes over full-size tensors.
+"""AdaFactor (docs/reference/algorithms.md#adafactor-rule) with Triton kernels for the passes over
+full-size tensors.
 
 Per (device, dtypes, layout) group of tensors:
 

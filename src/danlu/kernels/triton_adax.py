@@ -1,5 +1,5 @@
-"""AdaX (SPEC §6) as one Triton kernel launch per dtype combination, several tensors per
-launch: m, the normalised v̂ and θ are read and written once each.
+"""AdaX (docs/reference/algorithms.md#adax) as one Triton kernel launch per dtype combination,
+several tensors per launch: m, the normalised v̂ and θ are read and written once each.
 
 Math in the statistics' precision (fp32, fp64 for fp64 parameters) with one rounding per
 stored value; the momentum is rounded to its dtype before the update reads it, as in the

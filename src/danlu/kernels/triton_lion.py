@@ -1,5 +1,5 @@
-"""Lion (SPEC §1(a)) as one Triton kernel launch per dtype combination, several tensors per
-launch.
+"""Lion (docs/reference/algorithms.md#lion-rule) as one Triton kernel launch per dtype combination,
+several tensors per launch.
 
 Math in fp32 (fp64 for fp64 parameters) on the loaded values, with one rounding when storing:
 the momentum may have another dtype than its parameter (``state_dtype``, e.g. bf16 momentum

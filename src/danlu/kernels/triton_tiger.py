@@ -1,7 +1,7 @@
-"""Tiger (SPEC §2(a)) as Triton kernels: the step sizes are computed on the device (per-tensor
-RMS with ``torch._foreach_norm``, per-row RMS for embeddings), then one fused update pass
-covers every tensor of a dtype in one launch (embeddings: one launch each, with per-row step
-sizes). The per-tensor finite flags are read on the device, so a step never synchronises with
+"""Tiger (docs/reference/algorithms.md#tiger-rule) as Triton kernels: the step sizes are computed on
+the device (per-tensor RMS with ``torch._foreach_norm``, per-row RMS for embeddings), then one fused
+update pass covers every tensor of a dtype in one launch (embeddings: one launch each, with per-row
+step sizes). The per-tensor finite flags are read on the device, so a step never synchronises with
 the host: a tensor with a non-finite gradient is shrunk toward its centre (or skipped) inside
 the kernel, its momentum untouched. Finite gradients are read saturated at half the largest
 value of the momentum's dtype, as in ``functional.tiger``.

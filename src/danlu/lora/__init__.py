@@ -1,8 +1,9 @@
-"""LoRA-GA initialisation and LoRA-Pro gradient adjustment, SPEC.md §10.
+"""LoRA-GA initialisation and LoRA-Pro gradient adjustment, docs/reference/algorithms.md#lora.
 
-PEFT naming throughout (SPEC §0): ``W = W0 + scale · lora_B @ lora_A`` with ``lora_A`` (r×in)
-and ``lora_B`` (out×r). Every function that takes a model accepts danlu's
-:class:`LoRALinear` layers (see :func:`inject`) and PEFT ``LoraModel`` / ``PeftModel`` alike.
+PEFT naming throughout (docs/reference/algorithms.md#conventions):
+``W = W0 + scale · lora_B @ lora_A`` with ``lora_A`` (r×in) and ``lora_B`` (out×r). Every function
+that takes a model accepts danlu's :class:`LoRALinear` layers (see :func:`inject`) and PEFT
+``LoraModel`` / ``PeftModel`` alike.
 
 Typical use::
 

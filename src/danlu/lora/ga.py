@@ -1,7 +1,9 @@
-"""LoRA-GA: initialise LoRA from the SVD of the full-weight gradient, SPEC.md §10.1.
+"""LoRA-GA: initialise LoRA from the SVD of the full-weight gradient,
+docs/reference/algorithms.md#lora-ga.
 
 kexue 10226; paper arXiv 2407.05000; reference code Outsider565/LoRA-GA
-(peft/src/peft/tuners/lora/layer.py). PEFT naming (SPEC §0): ``W = W0 + s · lora_B @ lora_A``.
+(peft/src/peft/tuners/lora/layer.py). PEFT naming (docs/reference/algorithms.md#conventions):
+``W = W0 + s · lora_B @ lora_A``.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class LoRAGAInfo:
 
     ``singular_values``: the top-2r singular values of the averaged gradient (fp32, CPU);
     ``captured``: Σ_{i≤2r} σ_i² / ‖G‖_F², the share of the gradient the rank-2r update can
-    follow (the best residual, SPEC §10.1(a), is the rest).
+    follow (the best residual, docs/reference/algorithms.md#lora-ga-rule, is the rest).
     """
 
     singular_values: Tensor
@@ -120,10 +122,11 @@ def average_gradients(
     For every batch, ``loss_fn(model, batch)`` must return a scalar loss; its backward pass
     runs with gradients switched on for the target base weights only. A post-accumulate-grad
     hook on each weight adds its ``.grad`` (in fp32) to a running sum and frees it at once, so
-    besides the sums at most one weight gradient is alive at a time (SPEC §10.1 "memory
-    trick"). ``grad_device="cpu"`` keeps the sums in host memory, as the reference code does.
-    The model runs in training mode (as in PEFT); modes, ``requires_grad`` flags and existing
-    ``.grad`` of the base weights are restored afterwards, also on error.
+    besides the sums at most one weight gradient is alive at a time
+    (docs/reference/algorithms.md#lora-ga "memory trick"). ``grad_device="cpu"`` keeps the sums in
+    host memory, as the reference code does. The model runs in training mode (as in PEFT); modes,
+    ``requires_grad`` flags and existing ``.grad`` of the base weights are restored afterwards, also
+    on error.
 
     Under ``torch.distributed`` (initialised, more than one rank) and with ``sync_ranks``, the
     sums and batch counts are all-reduced over the default process group, so every rank gets
@@ -261,7 +264,8 @@ def _top_singular(
     grad: Tensor, k: int, method: str, niter: int, generator: torch.Generator
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k singular triplets of ``grad``, signs fixed so that the largest-magnitude entry of
-    each left singular vector is positive (SVD signs are otherwise arbitrary, SPEC §10.1(c))."""
+    each left singular vector is positive (SVD signs are otherwise arbitrary,
+    docs/reference/algorithms.md#lora-ga-edge-cases)."""
     if method == "full":
         u, s, vh = torch.linalg.svd(grad, full_matrices=False)
     else:
@@ -277,7 +281,8 @@ def _top_singular(
 def _split(
     u: Tensor, s: Tensor, vh: Tensor, r: int, direction: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(lora_A, lora_B, singular values of lora_B's directions), SPEC §10.1(b)."""
+    """(lora_A, lora_B, singular values of lora_B's directions),
+    docs/reference/algorithms.md#lora-ga-code."""
     if direction == "ArB2r":  # reference default: A ← Vh[:r], B ← U[:, r:2r]
         return vh[:r], u[:, r : 2 * r], s[r : 2 * r]
     if direction == "A2rBr":  # the blog's split: B ← U[:, :r], A ← Vh[r:2r]
@@ -343,7 +348,8 @@ def lora_ga_init_(
     grad_device: torch.device | str | None = None,
     sync_ranks: bool = True,
 ) -> dict[str, LoRAGAInfo]:
-    r"""Initialise every LoRA adapter of ``model`` with LoRA-GA, in place (SPEC §10.1).
+    r"""Initialise every LoRA adapter of ``model`` with LoRA-GA, in place
+    (docs/reference/algorithms.md#lora-ga).
 
     1. Average the gradient G of each frozen base weight over ``batches``
        (:func:`average_gradients`: one layer's gradient alive at a time; over all ranks under
@@ -547,7 +553,8 @@ def _record(
 
 
 def export_lora_delta(model: nn.Module) -> dict[str, LoRADelta]:
-    r"""The change each adapter makes to its layer, as a LoRA delta (SPEC §10.1(b)).
+    r"""The change each adapter makes to its layer, as a LoRA delta
+    (docs/reference/algorithms.md#lora-ga-code).
 
     For an adapter initialised by :func:`lora_ga_init_` the base weight was shifted by
     −s·B0A0, so the change against the function the model computed before LoRA-GA is

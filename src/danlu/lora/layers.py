@@ -1,8 +1,9 @@
-"""A minimal LoRA layer, injection into a model, and discovery of LoRA adapters (SPEC.md §0, §10).
+"""A minimal LoRA layer, injection into a model, and discovery of LoRA adapters
+(docs/reference/algorithms.md#conventions, #lora).
 
-Naming follows PyTorch/PEFT (SPEC §0): for ``nn.Linear`` the effective weight is
-``W = W0 + scale · lora_B @ lora_A`` with ``lora_A`` (r×in, the right factor) and ``lora_B``
-(out×r, the left factor). The blog's A is ``lora_B`` and the blog's B is ``lora_A``.
+Naming follows PyTorch/PEFT (docs/reference/algorithms.md#conventions): for ``nn.Linear`` the
+effective weight is ``W = W0 + scale · lora_B @ lora_A`` with ``lora_A`` (r×in, the right factor)
+and ``lora_B`` (out×r, the left factor). The blog's A is ``lora_B`` and the blog's B is ``lora_A``.
 
 :func:`find_lora_adapters` returns the same view of danlu's :class:`LoRALinear` and of PEFT's
 LoRA ``Linear`` layers (``LoraModel`` / ``PeftModel``), so LoRA-GA and LoRA-Pro accept either.

@@ -1,8 +1,10 @@
-"""LoRA-Pro: adjust LoRA's gradients so that its step matches full fine-tuning, SPEC.md §10.2.
+"""LoRA-Pro: adjust LoRA's gradients so that its step matches full fine-tuning,
+docs/reference/algorithms.md#lora-pro.
 
 kexue 10266; paper arXiv 2407.18242; reference code mrflogs/LoRA-Pro (peta/optim.py). PEFT
-naming (SPEC §0): ``W = W0 + s · B @ A`` with A = ``lora_A`` (r×in), B = ``lora_B`` (out×r),
-and g_A, g_B the autograd gradients of A and B (they already contain s).
+naming (docs/reference/algorithms.md#conventions): ``W = W0 + s · B @ A`` with A = ``lora_A``
+(r×in), B = ``lora_B`` (out×r), and g_A, g_B the autograd gradients of A and B (they already contain
+s).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ _LORA_GA_ADVICE = (
 
 
 # ----------------------------------------------------------------------------------------------
-# The math (SPEC §10.2(a), paper/code form). Everything runs in fp32, or fp64 for fp64 inputs.
+# The math (docs/reference/algorithms.md#lora-pro-rule, paper/code form). Everything runs in fp32,
+# or fp64 for fp64 inputs.
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,8 +85,9 @@ def _spectra(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> list[_Spectrum]:
 
 
 def _solve_sylvester(spec: _Spectrum, rhs: Tensor) -> Tensor:
-    """X with B^T B X + X A A^T = rhs, by diagonalising both sides (SPEC §10.2(c)):
-    X = P [(P^T rhs Q)_ij / (lam_i + mu_j)] Q^T."""
+    """X with B^T B X + X A A^T = rhs, by diagonalising both sides
+    (docs/reference/algorithms.md#lora-pro-edge-cases): X = P [(P^T rhs Q)_ij / (lam_i + mu_j)]
+    Q^T."""
     core = spec.vec_b.mT @ rhs @ spec.vec_a
     return spec.vec_b @ (core / (spec.lam[:, None] + spec.mu[None, :])) @ spec.vec_a.mT
 
@@ -113,7 +117,8 @@ def _adjust(
         # BᵀB X + X AAᵀ = −s^{-2} (BᵀB)^{-1} g_A Aᵀ = −t_A Aᵀ
         X = _solve_sylvester(spec, -(t_A @ A.mT))
     elif x_mode == "symmetric":
-        # the corrected symmetric split, SPEC §10.4: X = −½ s^{-2} (BᵀB)^{-1} Bᵀ g_B (AAᵀ)^{-1}
+        # the corrected symmetric split, docs/reference/algorithms.md#lora-differences: X = −½
+        # s^{-2} (BᵀB)^{-1} Bᵀ g_B (AAᵀ)^{-1}
         X = (-0.5 * inv_s2) * (gram_b_inv @ bt_gb @ gram_a_inv)
     else:
         return t_A, t_B, t_A, t_B
@@ -130,7 +135,8 @@ def lora_pro_gradients(
     x_mode: str = "sylvester",
     ridge: float = 1e-8,
 ) -> tuple[Tensor, Tensor]:
-    r"""LoRA-Pro's adjusted gradients (ĝ_A, ĝ_B) for one adapter, SPEC §10.2(a):
+    r"""LoRA-Pro's adjusted gradients (ĝ_A, ĝ_B) for one adapter,
+    docs/reference/algorithms.md#lora-pro-rule:
 
     .. math::
         \hat g_A = \tfrac1{s^2}(B^\top B)^{-1}g_A + XA,\qquad
@@ -138,9 +144,9 @@ def lora_pro_gradients(
 
     so that s(B ĝ_A + ĝ_B A) is the projection of the full gradient onto the directions LoRA
     can move in. X: ``"sylvester"`` (LoRA-Pro; closest to (g_A, g_B)),
-    ``"symmetric"`` (the blog's symmetric split, SPEC §10.4's corrected form) or ``"zero"``.
-    Computed in fp32 (fp64 for fp64 inputs); returned in that dtype. No rank check: see
-    :class:`LoRAPro`.
+    ``"symmetric"`` (the blog's symmetric split, the docs/reference/algorithms.md#lora-differences
+    corrected form) or ``"zero"``. Computed in fp32 (fp64 for fp64 inputs); returned in that dtype.
+    No rank check: see :class:`LoRAPro`.
     """
     check_choice("x_mode", x_mode, X_MODES)
     dtype = _compute_dtype(lora_A.dtype)
@@ -188,7 +194,8 @@ def _check_spectra(
 
 
 # ----------------------------------------------------------------------------------------------
-# Full mode: Adam with full (out×in) state on the equivalent gradient, SPEC §10.2 "With Adam".
+# Full mode: Adam with full (out×in) state on the equivalent gradient,
+# docs/reference/algorithms.md#lora-pro "With Adam".
 
 
 @dataclass
@@ -281,7 +288,7 @@ class LoRAProAdam(DanluOptimizer):
             if len(params) == 2 and group["weight_decay"] > 0:
                 raise ValueError(
                     f"{where}weight_decay > 0 in full mode also decays the frozen base weight "
-                    "(SPEC §10.2); give the adapter's base_weight"
+                    "(docs/reference/algorithms.md#lora-pro); give the adapter's base_weight"
                 )
 
     # -- checkpoints: DanluOptimizer's two-phase load, with this layout's checks --------------
@@ -614,7 +621,7 @@ def _check_adamw_state_dict(inner: Optimizer, state_dict: Any, roles: dict[int, 
 
 
 class LoRAPro(Optimizer):
-    r"""LoRA-Pro (SPEC §10.2): LoRA steps that follow full fine-tuning's.
+    r"""LoRA-Pro (docs/reference/algorithms.md#lora-pro): LoRA steps that follow full fine-tuning's.
 
     ``lora`` is a model (danlu :class:`~danlu.lora.LoRALinear` layers or a PEFT ``LoraModel`` /
     ``PeftModel``: adapters are found by module structure) or explicit triples
@@ -632,10 +639,10 @@ class LoRAPro(Optimizer):
       fine-tuning).
 
     ``x_mode``: ``"sylvester"`` (default; the r×r Sylvester equation solved by eigen-
-    decomposition), ``"symmetric"`` (SPEC §10.4's corrected form, not the reference code's) or
-    ``"zero"`` (X = 0 in the paper's parameterisation). ``ridge`` is added to the r×r Gram
-    matrices before inverting (the reference's 1e-8). Linear algebra runs in fp32 for bf16 or
-    fp16 parameters.
+    decomposition), ``"symmetric"`` (the docs/reference/algorithms.md#lora-differences corrected
+    form, not the reference code's) or ``"zero"`` (X = 0 in the paper's parameterisation). ``ridge``
+    is added to the r×r Gram matrices before inverting (the reference's 1e-8). Linear algebra runs
+    in fp32 for bf16 or fp16 parameters.
 
     Both factors must have full rank r: a lora_B at PEFT's zero init (or a factor whose Gram
     matrix has smallest/largest eigenvalue ≤ ``rank_tol``) raises ``ValueError`` at
@@ -645,7 +652,7 @@ class LoRAPro(Optimizer):
     gradient at all are skipped.
 
     LoRA dropout breaks the exact relation g_A = s Bᵀ G, g_B = s G Aᵀ the adjustment relies on
-    (SPEC §10.2(c)); use ``dropout=0`` with LoRA-Pro.
+    (docs/reference/algorithms.md#lora-pro-edge-cases); use ``dropout=0`` with LoRA-Pro.
 
     It behaves as the inner optimizer: ``param_groups``, ``state``, ``state_dict()`` and
     ``load_state_dict()`` are the inner optimizer's (LR schedulers work on it), and no state is
@@ -660,9 +667,9 @@ class LoRAPro(Optimizer):
 
     Deviations from the reference: explicit triples instead of name pairing; a rank check
     instead of a silently degenerate step; the symmetric X uses (AAᵀ)^{-1} where the reference
-    code multiplies by AAᵀ (SPEC §10.4); the Sylvester equation is solved through two
-    symmetric r×r eigen-decompositions instead of a complex ``eig``; full mode keeps its
-    moments in fp32 (the reference: bf16).
+    code multiplies by AAᵀ (docs/reference/algorithms.md#lora-differences); the Sylvester equation
+    is solved through two symmetric r×r eigen-decompositions instead of a complex ``eig``; full mode
+    keeps its moments in fp32 (the reference: bf16).
     """
 
     def __init__(

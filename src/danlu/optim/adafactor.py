@@ -1,4 +1,4 @@
-"""The AdaFactor optimizer shell, SPEC.md §5."""
+"""The AdaFactor optimizer shell, docs/reference/algorithms.md#adafactor."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ _STATISTICS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
 
 
 class AdaFactor(DanluOptimizer):
-    r"""AdaFactor, SPEC.md §5; Shazeer & Stern 2018 (arXiv 1804.04235); kexue 7302; code
-    bert4keras ``AdaFactorV2`` and bojone/adafactor.
+    r"""AdaFactor, docs/reference/algorithms.md#adafactor; Shazeer & Stern 2018 (arXiv 1804.04235);
+    kexue 7302; code bert4keras ``AdaFactorV2`` and bojone/adafactor.
 
     .. math::
         \hat v_t = \hat\beta_{2,t}\hat v_{t-1} + (1-\hat\beta_{2,t})(g_t^2+\epsilon_1)
@@ -70,9 +70,9 @@ class AdaFactor(DanluOptimizer):
     ``multiply_by_parameter_scale`` the update (not the decay) is multiplied by
     s = max(ε2, RMS(θ_{t−1})), so a zero-initialised tensor still moves.
 
-    **Weight decay** is decoupled (SPEC §0) and multiplied by the *effective step α_t*: ``lr``,
-    or ``lr``·min(1e-2, 1/√t) (×0.05 without scaling) with ``lr=None`` — but not by the
-    parameter scale s, since λθ is already proportional to θ. That is
+    **Weight decay** is decoupled (docs/reference/algorithms.md#conventions) and multiplied by the
+    *effective step α_t*: ``lr``, or ``lr``·min(1e-2, 1/√t) (×0.05 without scaling) with ``lr=None``
+    — but not by the parameter scale s, since λθ is already proportional to θ. That is
     θ ← θ(1 − α_tλ) − α_t s û, as bert4keras' ``extend_with_weight_decay_v2`` applied to
     AdaFactor does. torch.optim.Adafactor also multiplies λ by ``lr`` (equal while
     1/√t ≥ lr); transformers.Adafactor multiplies it by α_t·s; optax's ``add_decayed_weights``

@@ -1,4 +1,5 @@
-"""The AdamW optimizer shell, with the blog's accumulation hidden in the moments (SPEC.md §3)."""
+"""The AdamW optimizer shell, with the blog's accumulation hidden in the moments
+(docs/reference/algorithms.md#hidden-accumulation)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def moment_dtype(param_dtype: torch.dtype, key: str) -> torch.dtype:
 
 class AdamW(WindowedOptimizer):
     r"""AdamW (Loshchilov & Hutter 2019), with gradient accumulation hidden in the moments as in
-    SPEC.md §3(a) (kexue 8634).
+    docs/reference/algorithms.md#hidden-accumulation-rule (kexue 8634).
 
     With ``grad_accum_steps=1`` this is ``torch.optim.AdamW`` (same defaults, same state keys
     ``step``, ``exp_avg``, ``exp_avg_sq``, equal results to float rounding).

@@ -1,4 +1,4 @@
-"""The AdaX optimizer shell, SPEC.md §6."""
+"""The AdaX optimizer shell, docs/reference/algorithms.md#adax."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ __all__ = ["AdaX"]
 
 
 class AdaX(DanluOptimizer):
-    r"""AdaX, SPEC.md §6; Li et al. 2020 (arXiv 2004.09740); kexue 7387; code bojone/adax.
+    r"""AdaX, docs/reference/algorithms.md#adax; Li et al. 2020 (arXiv 2004.09740); kexue 7387; code
+    bojone/adax.
 
     .. math::
         m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
@@ -38,7 +39,7 @@ class AdaX(DanluOptimizer):
     Older gradients get exponentially *larger* weight in v̂ ("exponential long-term memory");
     there is no bias correction on m, so the first step is 0.1·α·sign(g) for β1 = 0.9.
 
-    The state keeps v̂ itself in the normalised EMA form of SPEC §6(a),
+    The state keeps v̂ itself in the normalised EMA form of docs/reference/algorithms.md#adax-rule,
     v̂_t = β̂_t v̂_{t−1} + (1 − β̂_t) g² with 1 − β̂_t = β2/((1+β2)^t − 1): it equals the blog's
     v_t/((1+β2)^t − 1) but cannot overflow (the blog's v_t passes float32's maximum after about
     9·10⁵ steps at β2 = 1e-4). v̂ is float32 (float64 for float64 params) whatever the
@@ -50,8 +51,8 @@ class AdaX(DanluOptimizer):
     √(v̂ + ε)).
 
     Deviations from the reference:
-        * decoupled weight decay (SPEC §0, multiplied by the lr; 0 by default) is an addition:
-          the reference code has none.
+        * decoupled weight decay (docs/reference/algorithms.md#conventions, multiplied by the lr; 0
+          by default) is an addition: the reference code has none.
         * v̂ is stored normalised (see above) instead of the growing v_t.
 
     Args:

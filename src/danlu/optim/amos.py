@@ -1,4 +1,4 @@
-"""The Amos optimizer shell, SPEC.md §7.2."""
+"""The Amos optimizer shell, docs/reference/algorithms.md#amos-optimizer."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def resolve_eta(eta: float | str, param: Tensor, kind: str | None) -> float:
 
 
 class Amos(DanluOptimizer):
-    r"""Amos, SPEC.md §7.2; Tian & Parikh 2022 (arXiv 2210.11693); kexue 9344; code
-    google-research/jestimator ``amos.py`` (whose semantics this follows exactly).
+    r"""Amos, docs/reference/algorithms.md#amos-optimizer; Tian & Parikh 2022 (arXiv 2210.11693);
+    kexue 9344; code google-research/jestimator ``amos.py`` (whose semantics this follows exactly).
 
     .. math::
         \gamma_t = \sqrt{f}\,c_t\,\xi^2\,\frac{\overline{g^2}}{\hat v_t},\quad
@@ -66,11 +66,11 @@ class Amos(DanluOptimizer):
     shorter runs. ``1 − beta`` should be of the order of ξ.
 
     **η (per group ``eta``)** is the expected scale of the tensor's entries. ``"auto"`` (the
-    default) applies SPEC §7.2's rules per tensor: 0.5 for biases and norm parameters
-    (``kind="elementwise"``, or ndim ≤ 1 in an untagged group), √(2/fan_in) for hidden matrices,
-    conv kernels and embeddings (fan_in = numel/shape[0] in PyTorch's layout). ``"output"``
-    gives √(1/fan_in), the rule for the output layer; or pass a number.
-    ``danlu.param_groups(model, output_layer=model.head)`` tags the groups for you.
+    default) applies the docs/reference/algorithms.md#amos-optimizer rules per tensor: 0.5 for
+    biases and norm parameters (``kind="elementwise"``, or ndim ≤ 1 in an untagged group),
+    √(2/fan_in) for hidden matrices, conv kernels and embeddings (fan_in = numel/shape[0] in
+    PyTorch's layout). ``"output"`` gives √(1/fan_in), the rule for the output layer; or pass a
+    number. ``danlu.param_groups(model, output_layer=model.head)`` tags the groups for you.
 
     **Slots (per group ``slots``)**: v and b are reduced to ``"per_output"`` (default: one
     scalar for tensors with ndim ≤ 1, one per index of axis 0 otherwise — an output feature of
@@ -78,10 +78,11 @@ class Amos(DanluOptimizer):
     pytorch_optimizer.Amos) or ``"full"`` (the parameter's shape). They are float32 (float64
     for float64 params) whatever the parameter dtype, and fixed at the first step.
 
-    **Norm gains.** Amos decays θ toward 0 (SPEC §7.2(c)). A group's ``center`` (1.0 for norm
-    gains in ``danlu.param_groups``) makes it decay toward that value instead, i.e. Amos runs on
-    θ − center, the reparametrisation γ = 1 + γ′ SPEC suggests. jestimator has no such option
-    (it decays LayerNorm scales toward 0 with η = 1).
+    **Norm gains.** Amos decays θ toward 0 (docs/reference/algorithms.md#amos-edge-cases). A group's
+    ``center`` (1.0 for norm gains in ``danlu.param_groups``) makes it decay toward that value
+    instead, i.e. Amos runs on θ − center, the reparametrisation γ = 1 + γ′
+    docs/reference/algorithms.md suggests. jestimator has no such option (it decays LayerNorm scales
+    toward 0 with η = 1).
 
     ``init_b`` (> 0 for tensors restored from a pre-trained checkpoint, roughly in proportion
     to the pre-training epochs) and ``finetune_rate`` are jestimator's ``init_b_fn`` and

@@ -1,4 +1,4 @@
-"""The Lion optimizer shell, SPEC.md §1."""
+"""The Lion optimizer shell, docs/reference/algorithms.md#lion."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ __all__ = ["Lion"]
 
 
 class Lion(DanluOptimizer):
-    r"""Lion (EvoLved Sign Momentum), SPEC.md §1; Chen et al. 2023 (arXiv 2302.06675); kexue 9473.
+    r"""Lion (EvoLved Sign Momentum), docs/reference/algorithms.md#lion; Chen et al. 2023 (arXiv
+    2302.06675); kexue 9473.
 
     .. math::
         c_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
@@ -39,7 +40,8 @@ class Lion(DanluOptimizer):
 
     State: one momentum buffer ``exp_avg`` per parameter (4 bytes per fp32 parameter), the same
     key and layout as ``lion_pytorch.Lion``. Lion cannot hide gradient accumulation in its
-    momentum (SPEC §1(c)); wrap it in ``danlu.GradientAccumulation`` or use ``danlu.Tiger``.
+    momentum (docs/reference/algorithms.md#lion-edge-cases); wrap it in
+    ``danlu.GradientAccumulation`` or use ``danlu.Tiger``.
 
     Gradients beyond half the largest value of the momentum's dtype (±inf included) are read
     saturated at that bound, so the momentum and the parameters stay finite; ordinary

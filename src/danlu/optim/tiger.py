@@ -1,4 +1,5 @@
-"""The Tiger optimizer shell, SPEC.md §2 (and §3 for the accumulation hidden in momentum)."""
+"""The Tiger optimizer shell, docs/reference/algorithms.md#tiger (and
+docs/reference/algorithms.md#hidden-accumulation for the accumulation hidden in momentum)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def default_kind(param: Tensor) -> str:
 
 
 class Tiger(WindowedOptimizer):
-    r"""Tiger (Tight-fisted Optimizer), SPEC.md §2; kexue 9512; code bojone/tiger.
+    r"""Tiger (Tight-fisted Optimizer), docs/reference/algorithms.md#tiger; kexue 9512; code
+    bojone/tiger.
 
     .. math::
         m_t = \beta m_{t-1} + (1-\beta) g_t,\qquad
@@ -55,15 +57,16 @@ class Tiger(WindowedOptimizer):
     A group without ``kind`` falls back to: ndim ≤ 1 → elementwise, otherwise matrix. A group's
     ``center`` (default 0; 1 for norm gains) is where ``"shrink"`` pulls the parameter.
 
-    **Gradient accumulation inside the momentum** (SPEC §3): with ``grad_accum_steps=k`` call
-    ``step()`` after every micro-batch; the momentum decays by β on the first micro-step of each
-    window, adds (1-β)·g/k on every micro-step, and parameters move only on the k-th. This is
-    exactly Tiger with k = 1 on the mean of the k micro-batch gradients, with no extra buffer:
-    the state stays one momentum per parameter. The windows are counted by the optimizer's
-    ``step()`` calls (``micro_step``, saved in ``state_dict``), the same for every parameter:
-    a parameter without a gradient on a micro-step adds nothing (a zero gradient), still moves
-    at the end of the window if it had a gradient in it, and neither decays nor moves in a
-    window where it had none. Parameters added with ``add_param_group`` join the current window.
+    **Gradient accumulation inside the momentum**
+    (docs/reference/algorithms.md#hidden-accumulation): with ``grad_accum_steps=k`` call ``step()``
+    after every micro-batch; the momentum decays by β on the first micro-step of each window, adds
+    (1-β)·g/k on every micro-step, and parameters move only on the k-th. This is exactly Tiger with
+    k = 1 on the mean of the k micro-batch gradients, with no extra buffer: the state stays one
+    momentum per parameter. The windows are counted by the optimizer's ``step()`` calls
+    (``micro_step``, saved in ``state_dict``), the same for every parameter: a parameter without a
+    gradient on a micro-step adds nothing (a zero gradient), still moves at the end of the window if
+    it had a gradient in it, and neither decays nor moves in a window where it had none. Parameters
+    added with ``add_param_group`` join the current window.
 
     **Non-finite gradients** (checked with ``isfinite``, so ±Inf too):
     ``"shrink"`` leaves the momentum as it is and sets θ ← (θ − c)·s + c (s = shrink_ratio);

@@ -1,6 +1,8 @@
 """Wrappers around any ``torch.optim.Optimizer``: gradient accumulation, lazy row updates, the
-non-finite guard, several optimizers as one, and the step inside backward (SPEC.md §3, §4,
-§11). Each keeps the optimizer interface, so lr schedulers and checkpoints work as usual."""
+non-finite guard, several optimizers as one, and the step inside backward
+(docs/reference/algorithms.md#hidden-accumulation, #embedding-drift,
+docs/reference/algorithms.md#gradient-accumulation). Each keeps the optimizer interface, so lr
+schedulers and checkpoints work as usual."""
 
 from danlu.wrappers._base import OptimizerWrapper
 from danlu.wrappers.accumulation import GradientAccumulation, UpdateEvery, accumulation_betas

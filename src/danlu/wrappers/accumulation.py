@@ -1,5 +1,6 @@
-"""Gradient accumulation for any optimizer (SPEC.md §11) and the blog's "no-code" recipe
-(SPEC.md §3(a), §3(b))."""
+"""Gradient accumulation for any optimizer (docs/reference/algorithms.md#gradient-accumulation) and
+the blog's "no-code" recipe (docs/reference/algorithms.md#hidden-accumulation-rule,
+#hidden-accumulation-defaults)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def _is_count(value: Any) -> TypeGuard[int]:
 
 
 class GradientAccumulation(OptimizerWrapper):
-    """Apply one inner step with the mean of ``steps`` micro-batch gradients (SPEC §11).
+    """Apply one inner step with the mean of ``steps`` micro-batch gradients
+    (docs/reference/algorithms.md#gradient-accumulation).
 
     Call ``zero_grad()``, ``backward()`` and ``step()`` on every micro-batch as usual. The first
     k − 1 calls of ``step()`` only count; the k-th divides the summed gradients by k and calls the
@@ -68,10 +70,10 @@ class GradientAccumulation(OptimizerWrapper):
     guard then checks the mean gradient once per update.
 
     Memory: none beyond the ``.grad`` tensors (12 bytes per fp32 parameter with Adam, counting
-    the gradient, as in the SPEC §0 table). For Tiger or SGD-momentum use the accumulation hidden
-    in the momentum instead (``danlu.Tiger(grad_accum_steps=k)``), which needs no gradient kept
-    between micro-steps; for Adam, ``danlu.AdamW(grad_accum_steps=k)`` does the same with the
-    blog's approximation of v.
+    the gradient, as in the docs/reference/algorithms.md#optimizer-state-memory). For Tiger or
+    SGD-momentum use the accumulation hidden in the momentum instead
+    (``danlu.Tiger(grad_accum_steps=k)``), which needs no gradient kept between micro-steps; for
+    Adam, ``danlu.AdamW(grad_accum_steps=k)`` does the same with the blog's approximation of v.
     """
 
     def __init__(self, optimizer: Optimizer, steps: int, module: nn.Module | None = None) -> None:
@@ -205,7 +207,8 @@ class GradientAccumulation(OptimizerWrapper):
 
 class UpdateEvery(OptimizerWrapper):
     """Step the inner optimizer on every micro-step, but with lr = 0 except on every
-    ``steps``-th one: the lr multiplied by χ_{t/k} of SPEC §3(b).
+    ``steps``-th one: the lr multiplied by χ_{t/k} of
+    docs/reference/algorithms.md#hidden-accumulation-defaults.
 
     With the betas from :func:`accumulation_betas` this is the blog's "no-code" approximation
     of gradient accumulation: the moments keep an EMA of every micro-gradient with
@@ -324,7 +327,8 @@ def accumulation_betas(betas: Sequence[float], steps: int) -> tuple[float, ...]:
 
 def accumulation_betas(betas: float | Sequence[float], steps: int) -> float | tuple[float, ...]:
     """β̃ = 1 − (1 − β)/k for each β: the betas of the blog's "no-code" accumulation recipe
-    (SPEC §3(a)); pair them with :class:`UpdateEvery` (``steps=k``).
+    (docs/reference/algorithms.md#hidden-accumulation-rule); pair them with :class:`UpdateEvery`
+    (``steps=k``).
 
     ``accumulation_betas((0.9, 0.999), 4) == (0.975, 0.99975)``; a single float gives a float.
     """

@@ -1,4 +1,5 @@
-"""The non-finite gradient guard for any optimizer (SPEC.md §2(a) "NaN prevention", §2(c))."""
+"""The non-finite gradient guard for any optimizer (docs/reference/algorithms.md#tiger-rule "NaN
+prevention", docs/reference/algorithms.md#tiger-edge-cases)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def _dense_values(grad: Tensor) -> Tensor:
 
 
 class NonFiniteGuard(OptimizerWrapper):
-    """Check every gradient for NaN and ±Inf before the inner step (SPEC §2(c): ``isfinite``,
-    not the reference's ``isnan``).
+    """Check every gradient for NaN and ±Inf before the inner step
+    (docs/reference/algorithms.md#tiger-edge-cases: ``isfinite``, not the reference's ``isnan``).
 
     ``mode``:
 

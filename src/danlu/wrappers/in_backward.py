@@ -1,6 +1,7 @@
 """The optimizer step inside ``backward()``: each gradient is folded into the optimizer state as
-soon as autograd has produced it, and freed (what makes Tiger's memory claim of SPEC.md §2 and
-§0 real: parameters + one momentum, no gradient buffers)."""
+soon as autograd has produced it, and freed (what makes Tiger's memory claim of
+docs/reference/algorithms.md#tiger and docs/reference/algorithms.md#conventions real: parameters +
+one momentum, no gradient buffers)."""
 
 from __future__ import annotations
 
@@ -89,12 +90,12 @@ class StepInBackward(OptimizerWrapper):
       works as an ordinary one again.
 
     Not possible per parameter, hence rejected with ValueError: ``GradientAccumulation`` and
-    ``UpdateEvery`` (use ``grad_accum_steps``; Lion cannot hide accumulation, SPEC §1(c)),
-    global non-finite checks (``NonFiniteGuard(scope="global")``, Tiger's
-    ``nonfinite_scope="global"``), and a ``MultiOptimizer`` inside another wrapper. Gradient
-    clipping by the global norm is impossible too (it needs all gradients). Do not use
-    ``retain_graph=True`` backward passes twice over the same graph, nor DDP (its reducer
-    needs the gradients).
+    ``UpdateEvery`` (use ``grad_accum_steps``; Lion cannot hide accumulation,
+    docs/reference/algorithms.md#lion-edge-cases), global non-finite checks
+    (``NonFiniteGuard(scope="global")``, Tiger's ``nonfinite_scope="global"``), and a
+    ``MultiOptimizer`` inside another wrapper. Gradient clipping by the global norm is impossible
+    too (it needs all gradients). Do not use ``retain_graph=True`` backward passes twice over the
+    same graph, nor DDP (its reducer needs the gradients).
     """
 
     def __init__(self, optimizer: Optimizer) -> None:

@@ -1,5 +1,6 @@
-"""Several optimizers over disjoint parameters as one (SPEC.md §4(b)3: "Adam for the
-embeddings, Tiger for the rest")."""
+"""Several optimizers over disjoint parameters as one
+(docs/reference/algorithms.md#embedding-drift-fixes item 3: "Adam for the embeddings, Tiger for the
+rest")."""
 
 from __future__ import annotations
 
