@@ -6,7 +6,7 @@ Scale-like arguments (lr, weight decay, ε, ...) are drawn from 0 (where allowed
 1e-30 up to a cap where a few steps cannot overflow fp16 by plain arithmetic (``lr=1e30``
 sends any parameter to inf, which is not a defect). For the no-crash test, ``extreme`` draws
 them from the cap up to the largest value of the parameters' dtype: the shells accept up to
-float32's maximum (``danlu.optim._base.MAX_SCALAR``; larger values must raise ValueError), and
+float32's maximum (``danlu.core.shell.MAX_SCALAR``; larger values must raise ValueError), and
 torch converts some scalar arguments (``add_(alpha=...)``) to the tensor's own dtype, so a
 weight decay beyond 65504 is out of fp16's reach. Dimensionless arguments (betas, decay rates,
 choices, integers) are drawn over their whole range, endpoints and subnormal values included.
@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
-from danlu.functional.adafactor import FACTORED_DIMS, MOMENTUM_MODES
-from danlu.functional.amos import SLOT_RULES
-from danlu.functional.tiger import KINDS
-from danlu.optim._base import MAX_SCALAR
-from danlu.optim.amos import ETA_RULES
-from danlu.optim.tiger import NONFINITE_MODES, NONFINITE_SCOPES
+from danlu.algorithms.adafactor.functional import FACTORED_DIMS, MOMENTUM_MODES
+from danlu.algorithms.amos.functional import SLOT_RULES
+from danlu.algorithms.amos.optimizer import ETA_RULES
+from danlu.algorithms.tiger.functional import KINDS
+from danlu.algorithms.tiger.optimizer import NONFINITE_MODES, NONFINITE_SCOPES
+from danlu.core.shell import MAX_SCALAR
 from danlu.registry import REGISTRY
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

@@ -25,8 +25,8 @@ from torch import nn
 import danlu
 from danlu.distributed import get_optimizer_state_dict, set_optimizer_state_dict
 
-functional_tiger = importlib.import_module("danlu.functional.tiger")
-chunked = importlib.import_module("danlu.kernels.chunked")
+functional_tiger = importlib.import_module("danlu.algorithms.tiger.functional")
+chunked = importlib.import_module("danlu.algorithms.tiger.fast")
 
 TIGER = {"lr": 0.05, "beta": 0.9, "weight_decay": 0.01, "rms_floor": 1e-3}
 ADAMW = {"lr": 0.01, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.01}

@@ -6,7 +6,7 @@ matrices, and the head: tied to the embedding or an untied output layer).
 The compiled step must equal the eager one and must not recompile when a scheduler changes the
 tensor lr. Tiger's per-row RMS of an embedding made Inductor's CPU code generation fail
 (``InductorError: KeyError: 'buf4'``, pytorch#196570) on exactly the docs' recipe; it is the
-opaque op ``danlu::row_norm`` inside a compiled step (danlu/functional/_row_norm.py).
+opaque op ``danlu::row_norm`` inside a compiled step (danlu/core/row_norm.py).
 
 Only ``opt.step()`` is compiled (the model's forward and backward run eagerly, identically in
 both runs): each optimizer compiles one graph, which keeps the file short on a CI core.
@@ -20,7 +20,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import danlu
-from danlu.functional._row_norm import row_norm
+from danlu.core.row_norm import row_norm
 from danlu.registry import REGISTRY
 
 VOCAB, STEPS = 64, 3

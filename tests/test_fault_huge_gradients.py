@@ -6,6 +6,7 @@ must equal the float64 equations."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 
@@ -113,11 +114,12 @@ def test_huge_finite_gradient_on_the_compiled_path(name):
 @pytest.mark.parametrize("name", [n for n in sorted(REGISTRY) if _accepts(n, "fused")])
 def test_chunked_slices_of_a_large_tensor(name, monkeypatch):
     """A tensor larger than one slice of the CPU chunked loop (the default path)."""
-    from danlu.kernels import chunked
-
-    for fn in ("adax_chunked", "lion_chunked", "tiger_chunked"):
-        original = getattr(chunked, fn)
-        monkeypatch.setattr(chunked, fn, lambda *a, _f=original, **k: _f(*a, **{**k, "chunk": 16}))
+    for algo in ("adax", "lion", "tiger"):
+        fast = importlib.import_module(f"danlu.algorithms.{algo}.fast")
+        original = getattr(fast, f"{algo}_chunked")
+        monkeypatch.setattr(
+            fast, f"{algo}_chunked", lambda *a, _f=original, **k: _f(*a, **{**k, "chunk": 16})
+        )
     _run_fault(name, {}, FP32_MAX, "entries")
     _run_fault(name, {}, 1e30, "tensor")
 
@@ -181,7 +183,7 @@ def test_ordinary_entries_keep_their_ordinary_steps_after_a_huge_one():
 
 
 def test_square_bound_is_the_overflow_edge():
-    from danlu.functional.overflow import square_bound
+    from danlu.core.overflow import square_bound
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         for count in (1, 7, 4096):
@@ -192,7 +194,7 @@ def test_square_bound_is_the_overflow_edge():
 
 
 def test_finite_norm_repairs_an_overflowed_sum_of_squares():
-    from danlu.functional.overflow import finite_norm, finite_norms
+    from danlu.core.overflow import finite_norm, finite_norms
 
     x = torch.full((100,), 1e30)
     assert torch.isinf(torch.linalg.vector_norm(x))
@@ -216,8 +218,8 @@ def _triton():
 @pytest.mark.parametrize("value", [1e30, FP32_MAX])
 def test_adax_triton_kernel_with_huge_gradients(value):
     device = _triton()
-    from danlu.functional.adax import _single_tensor_adax, adax_new_sample_weight
-    from danlu.kernels.triton_adax import adax_triton
+    from danlu.algorithms.adax.functional import _single_tensor_adax, adax_new_sample_weight
+    from danlu.algorithms.adax.triton import adax_triton
 
     gen = torch.Generator().manual_seed(4)
     shapes = [(33, 70), (5,)]
@@ -244,8 +246,8 @@ def test_adax_triton_kernel_with_huge_gradients(value):
 @pytest.mark.parametrize("value", [1e19, 1e30, FP32_MAX])
 def test_adafactor_triton_kernel_with_huge_gradients(value, beta1):
     device = _triton()
-    from danlu.functional.adafactor import _single_tensor_adafactor, adafactor_beta2
-    from danlu.kernels.triton_adafactor import adafactor_triton
+    from danlu.algorithms.adafactor.functional import _single_tensor_adafactor, adafactor_beta2
+    from danlu.algorithms.adafactor.triton import adafactor_triton
 
     gen = torch.Generator().manual_seed(5)
     shapes = [(6, 9), (7,)]
@@ -574,11 +576,12 @@ def test_lion_tiger_huge_gradients_on_the_compiled_path(name):
 def test_lion_tiger_chunked_slices_with_opposite_huge_gradients(name, state_dtype, monkeypatch):
     """Tensors larger than one slice of the CPU chunked loop, with huge entries in several
     slices."""
-    from danlu.kernels import chunked
-
-    for fn in ("lion_chunked", "tiger_chunked"):
-        original = getattr(chunked, fn)
-        monkeypatch.setattr(chunked, fn, lambda *a, _f=original, **k: _f(*a, **{**k, "chunk": 16}))
+    for algo in ("lion", "tiger"):
+        fast = importlib.import_module(f"danlu.algorithms.{algo}.fast")
+        original = getattr(fast, f"{algo}_chunked")
+        monkeypatch.setattr(
+            fast, f"{algo}_chunked", lambda *a, _f=original, **k: _f(*a, **{**k, "chunk": 16})
+        )
     steps = _alternating_grads(SHAPES, FP32_MAX, "tensor", torch.Generator().manual_seed(15))
     theta0, params, moms = _lion_tiger_run(name, {}, steps, SHAPES, state_dtype=state_dtype)
     m_dtype = state_dtype or torch.float32
@@ -618,7 +621,7 @@ def test_ordinary_lion_tiger_steps_are_unchanged_by_the_bound():
 @pytest.mark.parametrize("value", [1e5, 1e30, FP32_MAX, INF], ids=["1e5", "1e30", "fp32max", "inf"])
 def test_lion_triton_kernel_with_opposite_huge_gradients(value, state_dtype):
     _triton()
-    from danlu.kernels.triton_lion import lion_triton
+    from danlu.algorithms.lion.triton import lion_triton
 
     shapes = [(33, 70), (5,)]
     steps = _alternating_grads(shapes, value, "entries", torch.Generator().manual_seed(17))
@@ -643,7 +646,7 @@ def test_lion_triton_kernel_with_opposite_huge_gradients(value, state_dtype):
 @pytest.mark.parametrize("value", [1e5, 1e30, FP32_MAX], ids=["1e5", "1e30", "fp32max"])
 def test_tiger_triton_kernel_with_opposite_huge_gradients(value, state_dtype, k):
     _triton()
-    from danlu.kernels.triton_tiger import tiger_triton
+    from danlu.algorithms.tiger.triton import tiger_triton
 
     shapes = [(33, 70), (5,)]
     steps = _alternating_grads(shapes, value, "entries", torch.Generator().manual_seed(19), hold=k)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import danlu
-from danlu.optim._base import MAX_SCALAR
+from danlu.core.shell import MAX_SCALAR
 
 F16_MAX = torch.finfo(torch.float16).max  # 65504
 
@@ -245,7 +245,7 @@ def test_adamw_fp16_beta2_near_one_does_not_crash(foreach):
     # raised "value cannot be converted to type c10::Half without overflow" on every step
     # (any β2 > 1 − 7.6e-6 with fp16 parameters). The bound is now at most the dtype's largest
     # value, so every finite fp16 gradient is read unchanged.
-    from danlu.functional.overflow import saturate, square_bound
+    from danlu.core.overflow import saturate, square_bound
 
     assert square_bound(torch.float16, weight=2**-52) == F16_MAX
     g = torch.tensor([-F16_MAX, 1.0, float("inf")], dtype=torch.float16)

@@ -41,8 +41,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import danlu
-from danlu.optim._window import counts_windows
 from danlu.registry import REGISTRY
+from danlu.wrappers._base import counts_windows
 
 NAMES = sorted(REGISTRY)
 

@@ -43,7 +43,7 @@ def triton_path(monkeypatch):
     pytest.importorskip("triton")
     if not ON_GPU:
         for name in ALGORITHMS:
-            module = importlib.import_module(f"danlu.functional.{name}")
+            module = importlib.import_module(f"danlu.algorithms.{name}.functional")
             monkeypatch.setattr(
                 module,
                 "select_path",

@@ -20,7 +20,7 @@ peft = pytest.importorskip("peft")
 
 
 import danlu  # noqa: E402
-from danlu.functional.precision import rounds_stochastically  # noqa: E402
+from danlu.core.precision import rounds_stochastically  # noqa: E402
 
 VOCAB, SEQ, DATA, MICRO = 32, 8, 8, 4  # 2 steps per epoch, so a resume skips data too
 STEPS, SAVE_AT = 6, 3

@@ -4,14 +4,16 @@ import pytest
 import torch
 
 import danlu
-from danlu.functional.adax import _single_tensor_adax, adax_new_sample_weight
-from danlu.functional.amos import _single_tensor_amos, amos_slot_shape
-from danlu.functional.lion import _single_tensor_lion
-from danlu.functional.overflow import average_bound
-from danlu.functional.precision import upcast_step
-from danlu.functional.tiger import _single_tensor_tiger
-from danlu.kernels.chunked import adax_chunked, lion_chunked, tiger_chunked
-from danlu.kernels.compiled import adax_compiled, amos_compiled, lion_compiled, tiger_compiled
+from danlu.algorithms.adax.fast import adax_chunked, adax_compiled
+from danlu.algorithms.adax.functional import _single_tensor_adax, adax_new_sample_weight
+from danlu.algorithms.amos.fast import amos_compiled
+from danlu.algorithms.amos.functional import _single_tensor_amos, amos_slot_shape
+from danlu.algorithms.lion.fast import lion_chunked, lion_compiled
+from danlu.algorithms.lion.functional import _single_tensor_lion
+from danlu.algorithms.tiger.fast import tiger_chunked, tiger_compiled
+from danlu.algorithms.tiger.functional import _single_tensor_tiger
+from danlu.core.overflow import average_bound
+from danlu.core.precision import upcast_step
 
 # sizes that are not multiples of the slice size (7 below), an empty tensor and a scalar
 SHAPES = [(0,), (), (1,), (5,), (13, 7), (3, 11, 5), (50, 3)]
@@ -122,7 +124,7 @@ def test_tiger_chunked_bf16_state_is_bit_identical_to_upcast(kind, k, maximize, 
 
 
 def test_bf16_state_runs_the_chunked_path_on_cpu(monkeypatch):
-    import danlu.kernels.chunked as chunked
+    import danlu.algorithms.lion.fast as chunked
 
     calls = []
     original = chunked.lion_chunked
@@ -208,8 +210,9 @@ def test_fused_optimizer_equals_default(name):
 
 @pytest.mark.parametrize("name", ["lion", "tiger", "adax", "amos"])
 def test_fused_true_on_cpu_runs_the_compiled_path(name, monkeypatch):
-    import danlu.kernels.compiled as compiled
+    import importlib
 
+    compiled = importlib.import_module(f"danlu.algorithms.{name}.fast")
     calls = []
     monkeypatch.setattr(compiled, f"{name}_compiled", lambda *a, **k: calls.append(name))
     param = torch.nn.Parameter(torch.ones(4, 3))
@@ -223,7 +226,9 @@ def test_adafactor_fused_true_on_cpu_runs_the_single_tensor_loop(monkeypatch):
     # no compiled AdaFactor: on CPU the loop measured faster than the foreach math
     import sys
 
-    functional = sys.modules["danlu.functional.adafactor"]  # the package re-exports a function
+    functional = sys.modules[
+        "danlu.algorithms.adafactor.functional"
+    ]  # the package re-exports a function
 
     calls = []
     original = functional._single_tensor_adafactor

@@ -21,24 +21,24 @@ triton = pytest.importorskip("triton")
 import importlib  # noqa: E402
 
 import danlu  # noqa: E402
-from danlu.functional.adafactor import (  # noqa: E402
+from danlu.algorithms.adafactor.functional import (  # noqa: E402
     _single_tensor_adafactor,
     adafactor_factored_axes,
 )
-from danlu.functional.adax import _single_tensor_adax, adax_new_sample_weight  # noqa: E402
-from danlu.functional.lion import _single_tensor_lion  # noqa: E402
-from danlu.functional.precision import upcast_step  # noqa: E402
-from danlu.functional.tiger import _single_tensor_tiger  # noqa: E402
-from danlu.kernels.triton_adafactor import adafactor_triton  # noqa: E402
-from danlu.kernels.triton_adax import adax_triton  # noqa: E402
-from danlu.kernels.triton_lion import lion_triton  # noqa: E402
-from danlu.kernels.triton_tiger import tiger_triton  # noqa: E402
+from danlu.algorithms.adafactor.triton import adafactor_triton  # noqa: E402
+from danlu.algorithms.adax.functional import _single_tensor_adax, adax_new_sample_weight  # noqa: E402
+from danlu.algorithms.adax.triton import adax_triton  # noqa: E402
+from danlu.algorithms.lion.functional import _single_tensor_lion  # noqa: E402
+from danlu.algorithms.lion.triton import lion_triton  # noqa: E402
+from danlu.algorithms.tiger.functional import _single_tensor_tiger  # noqa: E402
+from danlu.algorithms.tiger.triton import tiger_triton  # noqa: E402
+from danlu.core.precision import upcast_step  # noqa: E402
 
-# the modules (danlu.functional.tiger as an attribute is the function of the same name)
-functional_lion = importlib.import_module("danlu.functional.lion")
-functional_tiger = importlib.import_module("danlu.functional.tiger")
-functional_adax = importlib.import_module("danlu.functional.adax")
-functional_adafactor = importlib.import_module("danlu.functional.adafactor")
+# the modules (danlu.algorithms.tiger.functional as an attribute is the function of the same name)
+functional_lion = importlib.import_module("danlu.algorithms.lion.functional")
+functional_tiger = importlib.import_module("danlu.algorithms.tiger.functional")
+functional_adax = importlib.import_module("danlu.algorithms.adax.functional")
+functional_adafactor = importlib.import_module("danlu.algorithms.adafactor.functional")
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 # empty, scalar, sizes that are not multiples of the 1024-element block, several tensors
@@ -213,7 +213,7 @@ def test_kernels_compile_for_a_gpu_with_vector_loads():
 
 @pytest.mark.gpu
 def test_default_path_on_cuda_is_triton():
-    from danlu.functional._utils import select_path
+    from danlu.core.tensors import select_path
 
     t = torch.ones(3, device="cuda")
     assert select_path(None, None, [t]) == "triton"

@@ -122,7 +122,7 @@ def test_output_layer_gets_its_own_group(spec):
 
 
 def test_amos_reads_the_eta_tags():
-    from danlu.optim.amos import resolve_eta
+    from danlu.algorithms.amos.optimizer import resolve_eta
 
     model = Net()
     opt = danlu.Amos(danlu.param_groups(model, output_layer=model.head))

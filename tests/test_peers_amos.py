@@ -88,7 +88,7 @@ def test_default_slots_differ_per_output_feature():
 def test_default_eta_differs_for_conv_kernels():
     """danlu's η = √(2/fan_in) uses fan_in = in·kh·kw for a (out, in, kh, kw) kernel (and
     √(2/…) for every hidden ≥2-D tensor); pytorch_optimizer uses √(1/size(1)) for ndim > 2."""
-    from danlu.optim.amos import resolve_eta
+    from danlu.algorithms.amos.optimizer import resolve_eta
 
     kernel = torch.zeros(8, 4, 3, 3)
     assert resolve_eta("auto", kernel, None) == pytest.approx(math.sqrt(2 / 36))

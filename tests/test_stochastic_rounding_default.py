@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import danlu
-from danlu.functional.precision import stochastic_round_
+from danlu.core.precision import stochastic_round_
 
 NAMES = sorted(danlu.REGISTRY)
 SHAPE = (256, 256)

@@ -20,14 +20,14 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import danlu.kernels._triton as shared
-from danlu.kernels.triton_adafactor import (
+import danlu.core.triton as shared
+from danlu.algorithms.adafactor.triton import (
     _adafactor_reduce_kernel,
     _adafactor_update_kernel,
 )
-from danlu.kernels.triton_adax import _adax_kernel
-from danlu.kernels.triton_lion import _lion_kernel
-from danlu.kernels.triton_tiger import _tiger_kernel
+from danlu.algorithms.adax.triton import _adax_kernel
+from danlu.algorithms.lion.triton import _lion_kernel
+from danlu.algorithms.tiger.triton import _tiger_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 TABLES = {"sizes": "*i64", "block_tensor": "*i32", "block_index": "*i32"}

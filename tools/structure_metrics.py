@@ -63,7 +63,7 @@ def import_graph(trees: dict[str, ast.Module]) -> dict[str, set[str]]:
 
 
 def package_of(mod: str) -> str:
-    """The first level below danlu (danlu.optim.tiger → danlu.optim)."""
+    """The first level below danlu (danlu.algorithms.tiger.optimizer → danlu.optim)."""
     return ".".join(mod.split(".")[:2])
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from danlu.optim._base import check_in_range, check_positive
+from danlu.core.shell import check_in_range, check_positive
 
 __all__ = ["EmbeddingDrift", "embedding_drift"]
 

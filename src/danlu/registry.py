@@ -103,7 +103,7 @@ def create_optimizer(
     ``filter_bias_and_bn=False`` passes the module's trainable parameters as one untagged
     group instead. The remaining ``kwargs`` go to the constructor.
     """
-    from danlu.optim._base import check_bool
+    from danlu.core.shell import check_bool
     from danlu.params import param_groups
 
     name, params = _name_and_params(first, second, opt)

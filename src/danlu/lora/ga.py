@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from danlu.distributed import any_dtensor
+from danlu.core.dtensor import any_dtensor
 from danlu.lora.layers import LoRAAdapter, find_lora_adapters
 
 __all__ = [

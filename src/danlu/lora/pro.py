@@ -20,10 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from danlu.distributed import full_tensor, local, local_slice, new_state
-from danlu.functional.nonfinite import finite_mask
-from danlu.lora.layers import LoRATriple, find_lora_adapters
-from danlu.optim._base import (
+from danlu.core.dtensor import full_tensor, local, local_slice, new_state
+from danlu.core.nonfinite import finite_mask
+from danlu.core.shell import (
     DanluOptimizer,
     GroupTensors,
     check_beta,
@@ -31,6 +30,7 @@ from danlu.optim._base import (
     check_non_negative,
     param_label,
 )
+from danlu.lora.layers import LoRATriple, find_lora_adapters
 
 __all__ = ["MODES", "X_MODES", "LoRAPro", "LoRAProAdam", "lora_pro_gradients"]
 

@@ -1,10 +1,10 @@
-"""danlu's optimizers: thin shells over ``danlu.functional``."""
+"""danlu's optimizers, gathered from their packages ``danlu.algorithms.<name>``."""
 
-from danlu.optim.adafactor import AdaFactor
-from danlu.optim.adamw import AdamW
-from danlu.optim.adax import AdaX
-from danlu.optim.amos import Amos
-from danlu.optim.lion import Lion
-from danlu.optim.tiger import Tiger
+from danlu.algorithms.adafactor import AdaFactor
+from danlu.algorithms.adamw import AdamW
+from danlu.algorithms.adax import AdaX
+from danlu.algorithms.amos import Amos
+from danlu.algorithms.lion import Lion
+from danlu.algorithms.tiger import Tiger
 
 __all__ = ["AdaFactor", "AdaX", "AdamW", "Amos", "Lion", "Tiger"]

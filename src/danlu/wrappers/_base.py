@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from danlu.core.window import WindowedOptimizer
+
 __all__ = ["WRAPPERS_KEY", "OptimizerWrapper", "all_or_nothing", "iter_params", "unwrap"]
 
 WRAPPERS_KEY = "danlu_wrappers"
@@ -106,7 +108,7 @@ def check_before_step(opt: Optimizer, who: str) -> None:
     """Run every check of the coming step of ``opt`` (gradients, and the first phase of each
     danlu optimizer inside it) without writing anything: for wrappers that change something
     before the inner step (divide the gradients, zero the lr) or step several optimizers."""
-    from danlu.optim._base import DanluOptimizer
+    from danlu.core.shell import DanluOptimizer
 
     with ExitStack() as stack:
         for inner in _optimizers_within(opt):
@@ -268,3 +270,18 @@ class OptimizerWrapper(Optimizer):
     def _param_index(self) -> dict[int, tuple[int, Tensor]]:
         """id(param) → (state-dict index, param)."""
         return {id(p): (i, p) for i, (_, p) in enumerate(iter_params(self))}
+
+
+def counts_windows(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` (or one it wraps or holds) keeps an accumulation window (the
+    optimizers' ``grad_accum_steps``, ``danlu.UpdateEvery``), so that its ``step()`` must be
+    called once per micro-batch even when no parameter has a gradient."""
+    from danlu.wrappers.accumulation import UpdateEvery
+    from danlu.wrappers.multi import MultiOptimizer
+
+    for opt in unwrap(optimizer):
+        if isinstance(opt, WindowedOptimizer) or (isinstance(opt, UpdateEvery) and opt.steps > 1):
+            return True
+        if isinstance(opt, MultiOptimizer):
+            return any(counts_windows(part) for part in opt.optimizers.values())
+    return False

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from danlu.distributed import check_sync_module, set_gradient_sync
-from danlu.optim._base import check_beta, check_int_at_least
+from danlu.core.dtensor import check_sync_module, set_gradient_sync
+from danlu.core.shell import check_beta, check_int_at_least
 from danlu.wrappers._base import (
     OptimizerWrapper,
     check_before_step,

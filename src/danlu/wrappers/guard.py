@@ -10,10 +10,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from danlu.functional.nonfinite import finite_flags, shrink_
-from danlu.optim._base import check_choice, check_in_range
-from danlu.optim._window import counts_windows
-from danlu.wrappers._base import OptimizerWrapper, iter_params, unwrap
+from danlu.core.nonfinite import finite_flags, shrink_
+from danlu.core.shell import check_choice, check_in_range
+from danlu.wrappers._base import OptimizerWrapper, counts_windows, iter_params, unwrap
 
 __all__ = ["NonFiniteGuard"]
 

@@ -13,9 +13,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from danlu.distributed import any_dtensor
-from danlu.optim._window import MICRO_STEP_KEY, counts_windows
-from danlu.wrappers._base import OptimizerWrapper, iter_params, unwrap
+from danlu.core.dtensor import any_dtensor
+from danlu.core.window import MICRO_STEP_KEY
+from danlu.wrappers._base import OptimizerWrapper, counts_windows, iter_params, unwrap
 from danlu.wrappers.accumulation import GradientAccumulation, UpdateEvery
 from danlu.wrappers.guard import NonFiniteGuard
 from danlu.wrappers.multi import MultiOptimizer

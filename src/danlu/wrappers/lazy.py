@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from danlu.distributed import any_over_shards, local
-from danlu.optim._base import check_bool
-from danlu.optim._window import WindowedOptimizer
+from danlu.core.dtensor import any_over_shards, local
+from danlu.core.shell import check_bool
+from danlu.core.window import WindowedOptimizer
 from danlu.wrappers._base import OptimizerWrapper, iter_params
 from danlu.wrappers.accumulation import GradientAccumulation, UpdateEvery, _is_count
 from danlu.wrappers.guard import NonFiniteGuard

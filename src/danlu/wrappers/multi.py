@@ -217,8 +217,8 @@ class MultiOptimizer(Optimizer):
         weight_decay=embedding_weight_decay)``, named ``"embeddings"``; the other groups, with
         their kinds and centres, go to ``optimizer(groups, **kwargs)``, named ``"rest"``.
         """
-        from danlu.optim.adamw import AdamW
-        from danlu.optim.tiger import Tiger
+        from danlu.algorithms.adamw.optimizer import AdamW
+        from danlu.algorithms.tiger.optimizer import Tiger
         from danlu.params import param_groups
 
         if not isinstance(model, nn.Module):

@@ -1,0 +1,191 @@
+"""AdaX (docs/reference/algorithms.md#adax) as one Triton kernel launch per dtype combination,
+several tensors per launch: m, the normalised v̂ and θ are read and written once each.
+
+Math in the statistics' precision (fp32, fp64 for fp64 parameters) with one rounding per
+stored value; the momentum is rounded to its dtype before the update reads it, as in the
+eager path. The lr and the per-step weight 1 − β̂_t are read from device memory: a
+scheduler or the step count changes them without recompiling or synchronising.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from danlu.core.overflow import square_bound
+from danlu.core.precision import rounds_stochastically
+from danlu.core.triton import (
+    BLOCK,
+    compute_dtype,
+    contiguous_or_raise,
+    device_scalars,
+    div_rn,
+    group_by_dtypes,
+    launch_tables,
+    lerp,
+    lr_tensor,
+    round_to,
+    seed_tensor,
+    sqrt_rn,
+    store_rounded,
+    triton_dtype,
+    typed_pointer,
+)
+
+__all__ = ["adax_triton"]
+
+
+@triton.jit
+def _adax_block(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    offs,
+    mask,
+    lr,
+    hyper_ptr,
+    seed_ptr,
+    tid,
+    MAXIMIZE: tl.constexpr,
+    EPS_INSIDE_SQRT: tl.constexpr,
+    DECAY: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    V_DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    g = tl.load(g_ptr + offs, mask=mask)
+    if MAXIMIZE:
+        g = -g
+    eps = tl.load(hyper_ptr + 2)
+    # the gradient saturated where its square would overflow v̂'s dtype (NaN stays NaN)
+    gv = round_to(g, V_DTYPE).to(COMPUTE)
+    bound = tl.load(hyper_ptr + 5)
+    gv = tl.where(gv > bound, bound, tl.where(gv < -bound, -bound, gv))
+    # m ← lerp(m, g, 1 − β1) in m's dtype; the update reads the stored (rounded) m
+    m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+    m = round_to(lerp(m, round_to(gv, M_DTYPE).to(COMPUTE), tl.load(hyper_ptr)), M_DTYPE)
+    tl.store(m_ptr + offs, m, mask=mask)
+    # v̂ ← lerp(v̂, g², 1 − β̂_t)
+    v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
+    v = lerp(v, gv * gv, tl.load(hyper_ptr + 1))
+    tl.store(v_ptr + offs, round_to(v, V_DTYPE), mask=mask)
+    denom = sqrt_rn(v + eps) if EPS_INSIDE_SQRT else sqrt_rn(v) + eps
+    # ε = 0: v̂ = 0 only where every gradient was 0 (so m = 0): a 0 step, not 0/0
+    tiny = tl.load(hyper_ptr + 4)
+    denom = tl.where(denom < tiny, tiny, denom)
+    p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+    if DECAY:
+        p = p * (1 - lr * tl.load(hyper_ptr + 3))
+    p = p - div_rn(lr * m.to(COMPUTE), denom)
+    store_rounded(p_ptr, offs, p, mask, seed_ptr, tid, P_DTYPE, STOCHASTIC)
+
+
+@triton.jit
+def _adax_kernel(
+    p_addrs,
+    g_addrs,
+    m_addrs,
+    v_addrs,
+    sizes,
+    block_tensor,
+    block_index,
+    lr_ptr,
+    hyper_ptr,  # 1 − β1, 1 − β̂_t, ε, λ, the smallest normal number, the gradient bound
+    seed_ptr,
+    MAXIMIZE: tl.constexpr,
+    EPS_INSIDE_SQRT: tl.constexpr,
+    DECAY: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    V_DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tid = tl.load(block_tensor + pid)
+    start = tl.load(block_index + pid).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    size = tl.load(sizes + tid)
+    p_ptr = typed_pointer(p_addrs, tid, P_DTYPE, ALIGNED)
+    g_ptr = typed_pointer(g_addrs, tid, G_DTYPE, ALIGNED)
+    m_ptr = typed_pointer(m_addrs, tid, M_DTYPE, ALIGNED)
+    v_ptr = typed_pointer(v_addrs, tid, V_DTYPE, ALIGNED)
+    lr = tl.load(lr_ptr).to(COMPUTE)
+    if start + BLOCK <= size:  # a full block: no mask, vector loads
+        _adax_block(
+            p_ptr, g_ptr, m_ptr, v_ptr, offs, None, lr, hyper_ptr, seed_ptr, tid,
+            MAXIMIZE, EPS_INSIDE_SQRT, DECAY, STOCHASTIC, P_DTYPE, M_DTYPE, V_DTYPE, COMPUTE,
+        )  # fmt: skip
+    else:
+        _adax_block(
+            p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < size, lr, hyper_ptr, seed_ptr, tid,
+            MAXIMIZE, EPS_INSIDE_SQRT, DECAY, STOCHASTIC, P_DTYPE, M_DTYPE, V_DTYPE, COMPUTE,
+        )  # fmt: skip
+
+
+def adax_triton(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    new_sample_weight: float,
+    lr: float | Tensor,
+    beta1: float,
+    eps: float,
+    eps_inside_sqrt: bool,
+    weight_decay: float,
+    maximize: bool,
+    stochastic_rounding: bool | None = False,
+) -> None:
+    """AdaX on contiguous tensors (same arguments as ``functional.adax._single_tensor_adax``):
+    one launch per (device, dtypes) group. ``stochastic_rounding`` rounds bf16/fp16 parameters
+    stochastically (``functional.precision.rounds_stochastically``)."""
+    for (ps, gs, ms, vs), _ in group_by_dtypes([params, grads, exp_avgs, exp_avg_sqs]):
+        contiguous_or_raise([*ps, *gs, *ms, *vs], "AdaX")
+        tables = launch_tables([ps, gs, ms, vs])
+        if tables.num_programs == 0:
+            continue
+        device = ps[0].device
+        compute = compute_dtype(ps[0].dtype, vs[0].dtype)
+        stochastic = rounds_stochastically(stochastic_rounding, ps[0].dtype)
+        lr_t = lr_tensor(lr, compute, device)
+        _adax_kernel[(tables.num_programs,)](
+            *tables.addresses,
+            tables.sizes,
+            tables.block_tensor,
+            tables.block_index,
+            lr_t,
+            device_scalars(
+                [
+                    1 - beta1,
+                    new_sample_weight,
+                    eps,
+                    weight_decay,
+                    torch.finfo(compute).tiny,
+                    square_bound(vs[0].dtype),
+                ],
+                compute,
+                device,
+            ),
+            seed_tensor(device) if stochastic else lr_t,  # the seed is unused without SR
+            MAXIMIZE=maximize,
+            EPS_INSIDE_SQRT=eps_inside_sqrt,
+            DECAY=weight_decay != 0,
+            STOCHASTIC=stochastic,
+            ALIGNED=tables.aligned,
+            P_DTYPE=triton_dtype(ps[0].dtype),
+            G_DTYPE=triton_dtype(gs[0].dtype),
+            M_DTYPE=triton_dtype(ms[0].dtype),
+            V_DTYPE=triton_dtype(vs[0].dtype),
+            COMPUTE=triton_dtype(compute),
+            BLOCK=BLOCK,
+        )
