@@ -24,6 +24,7 @@ from danlu.core.dtensor import (
     sharded_sum,
     sharded_sums,
 )
+from danlu.wrappers._base import WRAPPERS_KEY, WrapperBase, unwrap
 
 __all__ = [
     "agree",
@@ -48,31 +49,29 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # Distributed checkpoints of danlu wrappers
 
-_WRAPPERS_KEY = "danlu_wrappers"
 
-
-def _wrappers(optimizer: torch.optim.Optimizer) -> tuple[list[Any], torch.optim.Optimizer]:
-    """(danlu wrappers outermost first, the innermost optimizer)."""
-    from danlu.wrappers._base import OptimizerWrapper, unwrap
-
+def _wrappers(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[list[WrapperBase], torch.optim.Optimizer]:
+    """(the danlu wrappers that add a record to the state dict, outermost first; the innermost
+    optimizer)."""
     chain = list(unwrap(optimizer))
-    return [o for o in chain if isinstance(o, OptimizerWrapper)], chain[-1]
+    return [o for o in chain if isinstance(o, WrapperBase) and o.records_state], chain[-1]
 
 
 def _multi_parts(optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, ...] | None:
-    """The inner optimizers of a ``MultiOptimizer`` (torch's helpers take several optimizers
-    and merge their states by parameter name), or None for anything else."""
-    from danlu.wrappers._base import OptimizerWrapper
-    from danlu.wrappers.multi import MultiOptimizer
-
-    if not isinstance(optimizer, MultiOptimizer):
+    """The inner optimizers of a wrapper that ``holds_several`` (``MultiOptimizer``: torch's
+    helpers take several optimizers and merge their states by parameter name), or None for
+    anything else."""
+    if not isinstance(optimizer, WrapperBase) or not optimizer.holds_several:
         return None
-    parts = tuple(optimizer.optimizers.values())
-    for name, part in optimizer.optimizers.items():
-        if isinstance(part, OptimizerWrapper):
+    parts = tuple(optimizer.parts().values())
+    for name, part in optimizer.parts().items():
+        if isinstance(part, WrapperBase) and part.records_state:
+            kind = type(optimizer).__name__
             raise ValueError(
-                f"MultiOptimizer[{name!r}] is a danlu wrapper; distributed checkpoints of a "
-                "MultiOptimizer take bare optimizers (wrap the MultiOptimizer instead)"
+                f"{kind}[{name!r}] is a danlu wrapper; distributed checkpoints of a {kind} take "
+                f"bare optimizers (wrap the {kind} instead)"
             )
     return parts
 
@@ -103,23 +102,11 @@ def get_optimizer_state_dict(
     wrappers, inner = _wrappers(optimizer)
     records = []
     for wrapper in reversed(wrappers):
-        record = {"type": type(wrapper).__name__, **wrapper._wrapper_state()}
-        if record.get("micro_step") and record.get("sums") is not None:
-            raise ValueError(
-                f"danlu.{type(wrapper).__name__} is {record['micro_step']} micro-steps into a "
-                "window; save a distributed checkpoint after an update (micro_step == 0)"
-            )
-        if record.get("rows"):
-            raise ValueError(
-                f"danlu.{type(wrapper).__name__} holds the rows of an accumulation window in "
-                "progress; save a distributed checkpoint at the end of a window"
-            )
-        record.pop("sums", None)
-        record.pop("rows", None)
-        records.append(record)
+        # raises for a wrapper that cannot be saved so now (mid-window)
+        records.append({"type": type(wrapper).__name__, **wrapper._distributed_state()})
     out = dict(torch_get(model, inner, **kwargs))
     if records:
-        out[_WRAPPERS_KEY] = records
+        out[WRAPPERS_KEY] = records
     return out
 
 
@@ -139,7 +126,7 @@ def set_optimizer_state_dict(
         torch_set(model, parts, optim_state_dict, **kwargs)
         return
     wrappers, inner = _wrappers(optimizer)
-    records = list(optim_state_dict.get(_WRAPPERS_KEY) or [])
+    records = list(optim_state_dict.get(WRAPPERS_KEY) or [])
     if len(records) != len(wrappers):
         raise ValueError(
             f"optim_state_dict holds {len(records)} danlu wrapper records and the optimizer "
@@ -153,7 +140,7 @@ def set_optimizer_state_dict(
                 f"wrapper record {found!r} does not match danlu.{type(wrapper).__name__}"
             )
         wrapper._check_wrapper_state(record)
-    plain = {k: v for k, v in optim_state_dict.items() if k != _WRAPPERS_KEY}
+    plain = {k: v for k, v in optim_state_dict.items() if k != WRAPPERS_KEY}
     torch_set(model, inner, plain, **kwargs)
     for wrapper, record in pairs:
         wrapper._load_wrapper_state(record)

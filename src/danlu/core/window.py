@@ -61,6 +61,11 @@ class WindowedOptimizer(DanluOptimizer):
         ``micro_step % grad_accum_steps``)."""
         return self._counter()
 
+    def keeps_window(self) -> bool:
+        """Always: ``step()`` counts micro-batches (call it once per micro-batch, even when no
+        parameter has a gradient); the capability that danlu's wrappers read."""
+        return True
+
     # -- the counter ------------------------------------------------------------------------
     def _counter(self) -> int:
         """The counter, checked (raises ValueError before any write when a group's is bad)."""

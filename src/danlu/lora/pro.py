@@ -31,6 +31,7 @@ from danlu.core.shell import (
     param_label,
 )
 from danlu.lora.layers import LoRATriple, find_lora_adapters
+from danlu.wrappers._base import OptimizerWrapper
 
 __all__ = ["MODES", "X_MODES", "LoRAPro", "LoRAProAdam", "lora_pro_gradients"]
 
@@ -620,7 +621,7 @@ def _check_adamw_state_dict(inner: Optimizer, state_dict: Any, roles: dict[int, 
             raise ValueError(f"{label}: 'step' must be a finite number >= 0, got {step!r}")
 
 
-class LoRAPro(Optimizer):
+class LoRAPro(OptimizerWrapper):
     r"""LoRA-Pro (docs/reference/algorithms.md#lora-pro): LoRA steps that follow full fine-tuning's.
 
     ``lora`` is a model (danlu :class:`~danlu.lora.LoRALinear` layers or a PEFT ``LoraModel`` /
@@ -671,6 +672,9 @@ class LoRAPro(Optimizer):
     is solved through two symmetric r×r eigen-decompositions instead of a complex ``eig``; full mode
     keeps its moments in fp32 (the reference: bf16).
     """
+
+    #: its state dict is the inner optimizer's, with no record of its own
+    records_state = False
 
     def __init__(
         self,
@@ -755,10 +759,7 @@ class LoRAPro(Optimizer):
                 self._roles[id(t.base_weight)] = f"base weight of {label}"
         if isinstance(inner, LoRAProAdam):
             inner.param_roles = self._roles
-        self.inner: Optimizer = inner
-        self._linked = False
-        super().__init__(inner.param_groups, dict(inner.defaults))
-        self._link()
+        super().__init__(inner)
 
     # -- construction helpers -----------------------------------------------------------------
     @staticmethod
@@ -812,36 +813,30 @@ class LoRAPro(Optimizer):
             zeros = [(torch.zeros(()), torch.zeros(()))] * len(spectra)
             _check_spectra(spectra, zeros, self.labels, self.rank_tol, "danlu.lora.LoRAPro")
 
-    # -- the Optimizer interface, delegated to the inner optimizer ------------------------------
-    def _link(self) -> None:
-        self.param_groups = self.inner.param_groups
-        self.state = self.inner.state
-        self.defaults = self.inner.defaults
-        self._linked = True
+    # -- the Optimizer interface: the inner optimizer's (OptimizerWrapper) -----------------------
+    @property
+    def inner(self) -> Optimizer:
+        """The optimizer that steps the adjusted gradients (``self.optimizer``)."""
+        return self.optimizer
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not self._linked:  # torch's __init__ registering the inner optimizer's groups
-            super().add_param_group(param_group)
-            return
-        self.inner.add_param_group(param_group)
-        self._link()
+    def refuses_per_parameter(self, where: str) -> str | None:
+        return (
+            f"{where}: danlu.lora.LoRAPro adjusts the gradients of an adapter's two factors "
+            "together, so it cannot step one parameter at a time inside backward"
+        )
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """The inner optimizer's, all-or-nothing and checked against the parameters first: a
         state dict that would fail a later step raises ValueError naming the parameter and
         changes nothing. mode="full" checks in :class:`LoRAProAdam`; the default
         mode="efficient" optimizer (torch.optim.AdamW) here; an ``inner`` given by the user
         loads as it does itself."""
+        super().load_state_dict(state_dict)
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
         if self._owns_inner:
             _check_adamw_state_dict(self.inner, state_dict, self._roles)
-        self.inner.load_state_dict(state_dict)
-        self._link()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner.zero_grad(set_to_none=set_to_none)
+        super()._load(state_dict)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

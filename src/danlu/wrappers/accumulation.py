@@ -23,6 +23,14 @@ from danlu.wrappers._base import (
 __all__ = ["GradientAccumulation", "UpdateEvery", "accumulation_betas"]
 
 
+#: Why the accumulation wrappers cannot step inside backward (``refuses_per_parameter``).
+_NOT_IN_BACKWARD = (
+    "{where}: danlu.{name} counts whole steps and keeps the gradient between micro-batches, "
+    "so it cannot run inside backward; use the accumulation hidden in the momentum "
+    "(danlu.Tiger or danlu.AdamW with grad_accum_steps=k)"
+)
+
+
 def _is_count(value: Any) -> TypeGuard[int]:
     """An integer >= 0 (not a bool), as the wrappers' records hold them."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
@@ -76,6 +84,8 @@ class GradientAccumulation(OptimizerWrapper):
     Adam, ``danlu.AdamW(grad_accum_steps=k)`` does the same with the blog's approximation of v.
     """
 
+    holds_gradients = True
+
     def __init__(self, optimizer: Optimizer, steps: int, module: nn.Module | None = None) -> None:
         super().__init__(optimizer)
         check_int_at_least("steps", steps, 1)
@@ -96,6 +106,19 @@ class GradientAccumulation(OptimizerWrapper):
     def will_update(self) -> bool:
         """Whether the next ``step()`` applies an update."""
         return self.micro_step + 1 >= self.steps
+
+    # -- capabilities -----------------------------------------------------------------------------
+    def keeps_window(self) -> bool:
+        return self.steps > 1
+
+    def ends_window(self) -> bool:
+        return self.will_update
+
+    def refuses_per_parameter(self, where: str) -> str | None:
+        return _NOT_IN_BACKWARD.format(where=where, name=type(self).__name__)
+
+    def _holds_gradient(self, p: Tensor) -> bool:
+        return p in self._sums
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self.micro_step == 0:
@@ -151,6 +174,15 @@ class GradientAccumulation(OptimizerWrapper):
         index = self._param_index()
         sums = {index[id(p)][0]: s for p, s in self._sums.items() if id(p) in index}
         return {"steps": self.steps, "micro_step": self.micro_step, "sums": sums}
+
+    def _distributed_state(self) -> dict[str, Any]:
+        # the running sums are gradients, which distributed checkpoints do not hold
+        if self.micro_step:
+            raise ValueError(
+                f"danlu.{type(self).__name__} is {self.micro_step} micro-steps into a window; "
+                "save a distributed checkpoint after an update (micro_step == 0)"
+            )
+        return {"steps": self.steps, "micro_step": self.micro_step}
 
     def _check_wrapper_state(self, record: dict[str, Any]) -> None:
         micro = record.get("micro_step")
@@ -234,6 +266,8 @@ class UpdateEvery(OptimizerWrapper):
     momentum_mode="scaled")``), which keeps moving them on the zero-lr micro-steps.
     """
 
+    carries_window = True
+
     def __init__(self, optimizer: Optimizer, steps: int) -> None:
         super().__init__(optimizer)
         check_int_at_least("steps", steps, 1)
@@ -241,6 +275,16 @@ class UpdateEvery(OptimizerWrapper):
         self.micro_step = 0
         # the parameters with a gradient in the window so far → whether it was sparse
         self._seen: dict[Tensor, bool] = {}
+
+    # -- capabilities -----------------------------------------------------------------------------
+    def keeps_window(self) -> bool:
+        return self.steps > 1
+
+    def ends_window(self) -> bool:
+        return self.micro_step + 1 >= self.steps
+
+    def refuses_per_parameter(self, where: str) -> str | None:
+        return _NOT_IN_BACKWARD.format(where=where, name=type(self).__name__)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

@@ -12,7 +12,13 @@ from torch.optim import Optimizer
 
 from danlu.core.nonfinite import finite_flags, shrink_
 from danlu.core.shell import check_choice, check_in_range
-from danlu.wrappers._base import OptimizerWrapper, counts_windows, iter_params, unwrap
+from danlu.wrappers._base import (
+    OptimizerWrapper,
+    WrapperBase,
+    counts_windows,
+    iter_params,
+    unwrap,
+)
 
 __all__ = ["NonFiniteGuard"]
 
@@ -65,6 +71,8 @@ class NonFiniteGuard(OptimizerWrapper):
     outside (``GradientAccumulation(NonFiniteGuard(opt), k)``), not the reverse.
     """
 
+    withholds_gradients = True
+
     def __init__(
         self,
         optimizer: Optimizer,
@@ -73,13 +81,12 @@ class NonFiniteGuard(OptimizerWrapper):
         shrink_ratio: float = 0.99,
     ) -> None:
         super().__init__(optimizer)
-        from danlu.wrappers.accumulation import GradientAccumulation
-
-        if any(isinstance(o, GradientAccumulation) for o in unwrap(optimizer)):
+        holders = [o for o in unwrap(optimizer) if isinstance(o, WrapperBase) and o.holds_gradients]
+        if holders:
             raise ValueError(
                 "optimizer: put the guard inside the accumulation, "
-                "GradientAccumulation(NonFiniteGuard(opt), steps), so that it checks the mean "
-                "gradient of each window"
+                f"{type(holders[0]).__name__}(NonFiniteGuard(opt), steps), so that it checks "
+                "the mean gradient of each window"
             )
         check_choice("mode", mode, MODES)
         check_choice("scope", scope, SCOPES)
@@ -126,6 +133,21 @@ class NonFiniteGuard(OptimizerWrapper):
         self.skipped_steps += 1
         self.skipped_tensors += len(bad)
         return loss
+
+    # -- capabilities -----------------------------------------------------------------------------
+    def refuses_per_parameter(self, where: str) -> str | None:
+        if self.scope != "global":
+            return None
+        return (
+            f"{where}: NonFiniteGuard(scope='global') needs every gradient before stepping "
+            "any; inside backward only scope='tensor' is possible"
+        )
+
+    def _withheld(
+        self, gradient: Callable[[Tensor], Tensor | None], among: Collection[Tensor]
+    ) -> tuple[set[int], bool]:
+        _, bad = self._find_nonfinite(gradient, among=among)
+        return {id(p) for _, _, p in bad}, self.mode == "shrink"
 
     def _find_nonfinite(
         self,

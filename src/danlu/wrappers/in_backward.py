@@ -15,39 +15,30 @@ from torch.utils.hooks import RemovableHandle
 
 from danlu.core.dtensor import any_dtensor
 from danlu.core.window import MICRO_STEP_KEY
-from danlu.wrappers._base import OptimizerWrapper, counts_windows, iter_params, unwrap
-from danlu.wrappers.accumulation import GradientAccumulation, UpdateEvery
-from danlu.wrappers.guard import NonFiniteGuard
-from danlu.wrappers.multi import MultiOptimizer
+from danlu.wrappers._base import (
+    OptimizerWrapper,
+    WrapperBase,
+    counts_windows,
+    iter_params,
+    unwrap,
+)
 
 __all__ = ["StepInBackward", "step_in_backward"]
 
 
 def _check_per_parameter(optimizer: Optimizer, where: str = "optimizer") -> None:
-    """Raise ValueError for anything whose step cannot be split into per-parameter steps."""
-    if isinstance(optimizer, MultiOptimizer):
-        for name, inner in optimizer.optimizers.items():
+    """Raise ValueError for anything whose step cannot be split into per-parameter steps (what
+    each wrapper declares in ``refuses_per_parameter``)."""
+    if isinstance(optimizer, WrapperBase) and optimizer.holds_several:
+        for name, inner in optimizer.parts().items():
             _check_per_parameter(inner, f"{where}[{name!r}]")
         return
     for opt in unwrap(optimizer):
-        if isinstance(opt, StepInBackward):
-            raise ValueError(f"{where} already steps inside backward")
-        if isinstance(opt, GradientAccumulation | UpdateEvery):
-            raise ValueError(
-                f"{where}: danlu.{type(opt).__name__} counts whole steps and keeps the gradient "
-                "between micro-batches, so it cannot run inside backward; use the accumulation "
-                "hidden in the momentum (danlu.Tiger or danlu.AdamW with grad_accum_steps=k)"
-            )
-        if isinstance(opt, NonFiniteGuard) and opt.scope == "global":
-            raise ValueError(
-                f"{where}: NonFiniteGuard(scope='global') needs every gradient before stepping "
-                "any; inside backward only scope='tensor' is possible"
-            )
-        if isinstance(opt, MultiOptimizer):
-            raise ValueError(
-                f"{where}: wrap the optimizers inside the MultiOptimizer, not the MultiOptimizer"
-            )
-        if not isinstance(opt, OptimizerWrapper):
+        if isinstance(opt, WrapperBase):
+            reason = opt.refuses_per_parameter(where)
+            if reason is not None:
+                raise ValueError(reason)
+        else:
             if any_dtensor(p for _, p in iter_params(opt)):
                 raise ValueError(
                     f"{where}: sharded (DTensor, FSDP2) parameters cannot be stepped inside "
@@ -138,7 +129,7 @@ class StepInBackward(OptimizerWrapper):
         p.grad = None
 
     def _step_parameter(self, opt: Optimizer, p: Tensor) -> None:
-        if isinstance(opt, MultiOptimizer):
+        if isinstance(opt, WrapperBase) and opt.holds_several:
             owner = opt.owner(p)
             if owner is not None:
                 self._step_parameter(owner, p)
@@ -170,6 +161,9 @@ class StepInBackward(OptimizerWrapper):
             # end of a window the parameters without a gradient in this one move too
             self.optimizer.step()
         return loss
+
+    def refuses_per_parameter(self, where: str) -> str | None:
+        return f"{where} already steps inside backward"
 
     def __repr__(self) -> str:
         return f"StepInBackward({self.optimizer!r}, active={self.active})"

@@ -15,10 +15,8 @@ from torch.optim import Optimizer
 from danlu.core.dtensor import any_over_shards, local
 from danlu.core.shell import check_bool
 from danlu.core.window import WindowedOptimizer
-from danlu.wrappers._base import OptimizerWrapper, iter_params
-from danlu.wrappers.accumulation import GradientAccumulation, UpdateEvery, _is_count
-from danlu.wrappers.guard import NonFiniteGuard
-from danlu.wrappers.multi import MultiOptimizer
+from danlu.wrappers._base import OptimizerWrapper, WrapperBase, iter_params
+from danlu.wrappers.accumulation import _is_count
 
 __all__ = ["Lazy"]
 
@@ -54,12 +52,12 @@ class _Route:
     windowed: WindowedOptimizer | None = None
     #: ... and this call opens that window for the table: it decays the table as a whole
     opens: bool = False
-    #: the GradientAccumulation wrappers on the way (they may keep the gradient as their sum)
-    holders: list[GradientAccumulation] = field(default_factory=list)
-    #: the NonFiniteGuards on the way, each with the GradientAccumulations outside it
-    guards: list[tuple[NonFiniteGuard, tuple[GradientAccumulation, ...]]] = field(
-        default_factory=list
-    )
+    #: the wrappers on the way that hold the gradients of a window (GradientAccumulation: they
+    #: may keep the gradient as their sum)
+    holders: list[WrapperBase] = field(default_factory=list)
+    #: the wrappers on the way that may withhold gradients (NonFiniteGuard), each with the
+    #: holders outside it
+    guards: list[tuple[WrapperBase, tuple[WrapperBase, ...]]] = field(default_factory=list)
 
 
 @dataclass
@@ -293,7 +291,7 @@ class Lazy(OptimizerWrapper):
         """The user's sparse gradients back in ``.grad``, except where a GradientAccumulation
         now holds the densified one as its running sum (the next micro-batch adds into it)."""
         for plan, sparse in densified:
-            if not any(plan.p in acc._sums for acc in plan.route.holders):
+            if not any(acc._holds_gradient(plan.p) for acc in plan.route.holders):
                 plan.p.grad = sparse
 
     # -- phase 1 ----------------------------------------------------------------------------
@@ -324,44 +322,45 @@ class Lazy(OptimizerWrapper):
     def _mark_skipped(plans: list[_Plan]) -> None:
         """Mark the tables whose gradient a NonFiniteGuard inside will skip in this call (what
         the guard sees: the gradient, or a GradientAccumulation's sum of the window)."""
-        found: dict[tuple[int, ...], set[int]] = {}
+        found: dict[tuple[int, ...], tuple[set[int], bool]] = {}
         for plan in plans:
             for guard, outside in plan.route.guards:
                 key = (id(guard), *(id(acc) for acc in outside))
                 if key not in found:
 
-                    def gradient(q: Tensor, outside: Iterable[GradientAccumulation] = outside):
+                    def gradient(
+                        q: Tensor, outside: Iterable[WrapperBase] = outside
+                    ) -> Tensor | None:
                         grad = q.grad
                         for acc in outside:
                             grad = acc._coming_gradient(q, grad)
                         return grad
 
-                    _, bad = guard._find_nonfinite(gradient, among=[q.p for q in plans])
-                    found[key] = {id(q) for _, _, q in bad}
-                if id(plan.p) in found[key]:
+                    found[key] = guard._withheld(gradient, [q.p for q in plans])
+                withheld, shrinks = found[key]
+                if id(plan.p) in withheld:
                     plan.skipped = True
-                    plan.shrinks = plan.shrinks or guard.mode == "shrink"
+                    plan.shrinks = plan.shrinks or shrinks
 
     def _route(self, p: Tensor) -> _Route:
         route = _Route()
         opt: Optimizer = self.optimizer
-        while True:
-            if isinstance(opt, NonFiniteGuard):
+        # what each wrapper on the way to p's optimizer declares
+        while isinstance(opt, WrapperBase):
+            if opt.withholds_gradients:
                 route.guards.append((opt, tuple(route.holders)))
-            if isinstance(opt, GradientAccumulation):
+            if opt.holds_gradients:
                 route.holders.append(opt)
-                if not opt.will_update:
+                if not opt.ends_window():
                     route.reaches = route.closes = False
                     return route
-            elif isinstance(opt, UpdateEvery):
-                route.closes = route.closes and opt.micro_step + 1 >= opt.steps
+            elif opt.carries_window:
+                route.closes = route.closes and opt.ends_window()
                 route.carries = route.closes
-            if isinstance(opt, OptimizerWrapper):
-                opt = opt.optimizer
-            elif isinstance(opt, MultiOptimizer) and (owner := opt.owner(p)) is not None:
-                opt = owner
-            else:
+            owner = opt.owner(p)
+            if owner is None:
                 break
+            opt = owner
         if isinstance(opt, WindowedOptimizer):
             k = opt._group_of(p)["grad_accum_steps"]
             if k > 1:
@@ -429,6 +428,15 @@ class Lazy(OptimizerWrapper):
                 if id(p) in index:
                     rows.setdefault(index[id(p)][0], {})[name] = mask
         return {"lazy_moments": self.lazy_moments, "rows": rows}
+
+    def _distributed_state(self) -> dict[str, Any]:
+        record = self._wrapper_state()
+        if record["rows"]:
+            raise ValueError(
+                f"danlu.{type(self).__name__} holds the rows of an accumulation window in "
+                "progress; save a distributed checkpoint at the end of a window"
+            )
+        return {"lazy_moments": record["lazy_moments"]}
 
     def _check_wrapper_state(self, record: dict[str, Any]) -> None:
         rows = record.get("rows", {})

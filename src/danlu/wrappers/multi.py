@@ -12,12 +12,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from danlu.wrappers._base import (
+    WrapperBase,
     check_before_step,
     check_optimizer,
-    init_optimizer_hooks,
+    counts_windows,
     iter_params,
-    load_with_hooks,
-    run_state_dict_hooks,
 )
 
 __all__ = ["MultiOptimizer"]
@@ -52,7 +51,7 @@ class _JoinedState(Mapping[Tensor, Any]):
         return sum(len(opt.state) for opt in self._multi.optimizers.values())
 
 
-class MultiOptimizer(Optimizer):
+class MultiOptimizer(WrapperBase):
     """One optimizer object made of several, each over its own parameters.
 
     ``step()``, ``zero_grad()``, ``state_dict()`` and ``load_state_dict()`` act on every inner
@@ -64,6 +63,10 @@ class MultiOptimizer(Optimizer):
     list (named "0", "1", ...). The one-liner for the Lion authors' fix of the embedding drift
     is :meth:`adam_for_embeddings`.
     """
+
+    holds_several = True
+    #: its state dict holds its parts' state dicts, and no record of its own
+    records_state = False
 
     def __init__(self, optimizers: Mapping[str, Optimizer] | Sequence[Optimizer]) -> None:
         if isinstance(optimizers, Mapping):
@@ -82,7 +85,7 @@ class MultiOptimizer(Optimizer):
             if not isinstance(name, str):
                 raise ValueError(f"optimizers: names must be strings, got {name!r}")
             check_optimizer(f"optimizers[{name!r}]", opt)
-            if isinstance(opt, MultiOptimizer):
+            if isinstance(opt, WrapperBase) and opt.holds_several:
                 raise ValueError(f"optimizers[{name!r}]: nest the inner optimizers directly")
             for _, p in iter_params(opt):
                 if id(p) in owners and owners[id(p)] != name:
@@ -92,7 +95,18 @@ class MultiOptimizer(Optimizer):
                     )
                 owners[id(p)] = name
         self.optimizers: dict[str, Optimizer] = named
-        init_optimizer_hooks(self)
+        super().__init__()
+
+    # -- capabilities -----------------------------------------------------------------------------
+    def parts(self) -> dict[str, Optimizer]:
+        return self.optimizers
+
+    def keeps_window(self) -> bool:
+        return any(counts_windows(opt) for opt in self.optimizers.values())
+
+    def refuses_per_parameter(self, where: str) -> str | None:
+        # at the top of step_in_backward the parts are checked and stepped one by one
+        return f"{where}: wrap the optimizers inside the MultiOptimizer, not the MultiOptimizer"
 
     # -- the Optimizer interface ------------------------------------------------------------------
     @property
@@ -110,13 +124,6 @@ class MultiOptimizer(Optimizer):
 
     def __getitem__(self, name: str) -> Optimizer:
         return self.optimizers[name]
-
-    def owner(self, p: Tensor) -> Optimizer | None:
-        """The inner optimizer that updates ``p`` (None if none does)."""
-        for opt in self.optimizers.values():
-            if any(q is p for _, q in iter_params(opt)):
-                return opt
-        return None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
@@ -162,18 +169,13 @@ class MultiOptimizer(Optimizer):
                 )
         self.optimizers[optimizer].add_param_group(param_group)
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return run_state_dict_hooks(
-            self,
-            lambda: {
-                "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()}
-            },
-        )
+    def _state_dict(self) -> dict[str, Any]:
+        return {"optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load every inner optimizer's part; all or nothing: if one part cannot be loaded, the
         error propagates and every inner optimizer stays as it was."""
-        load_with_hooks(self, state_dict, self._load)
+        super().load_state_dict(state_dict)
 
     def _load(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("optimizers") if isinstance(state_dict, Mapping) else None
@@ -184,12 +186,6 @@ class MultiOptimizer(Optimizer):
             )
         for name, opt in self.optimizers.items():
             opt.load_state_dict(saved[name])
-
-    def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{name!r}: {opt!r}" for name, opt in self.optimizers.items())
