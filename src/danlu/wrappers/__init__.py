@@ -2,7 +2,10 @@
 non-finite guard, several optimizers as one, and the step inside backward
 (docs/reference/algorithms.md#hidden-accumulation, #embedding-drift,
 docs/reference/algorithms.md#gradient-accumulation). Each keeps the optimizer interface, so lr
-schedulers and checkpoints work as usual."""
+schedulers and checkpoints work as usual. All are built on one base and declare their
+capabilities (what they can do, what they need from what they wrap), which the checks that
+combine them read; a wrapper of your own subclasses :class:`OptimizerWrapper` and declares
+its own."""
 
 from danlu.wrappers._base import OptimizerWrapper
 from danlu.wrappers.accumulation import GradientAccumulation, UpdateEvery, accumulation_betas

@@ -344,7 +344,17 @@ class OptimizerWrapper(WrapperBase):
     """Base class of the wrappers around one optimizer: delegates everything to
     ``self.optimizer``; subclasses override ``step``, may keep their own state through
     ``_wrapper_state`` / ``_load_wrapper_state``, and declare their capabilities (see
-    :class:`WrapperBase`)."""
+    :class:`WrapperBase`).
+
+    A wrapper of your own declares what danlu's checks must know, e.g.::
+
+        class EveryOther(danlu.wrappers.OptimizerWrapper):
+            def keeps_window(self):  # a NonFiniteGuard outside still steps it every call
+                return True
+
+            def refuses_per_parameter(self, where):  # step_in_backward refuses it
+                return f"{where}: EveryOther counts whole steps"
+    """
 
     def __init__(self, optimizer: Optimizer) -> None:
         check_optimizer("optimizer", optimizer)

@@ -357,10 +357,12 @@ class Lazy(OptimizerWrapper):
             elif opt.carries_window:
                 route.closes = route.closes and opt.ends_window()
                 route.carries = route.closes
-            owner = opt.owner(p)
-            if owner is None:
+            if not opt.holds_several:
+                (opt,) = opt.parts().values()
+            elif (owner := opt.owner(p)) is not None:
+                opt = owner
+            else:
                 break
-            opt = owner
         if isinstance(opt, WindowedOptimizer):
             k = opt._group_of(p)["grad_accum_steps"]
             if k > 1:
