@@ -6,15 +6,23 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import pytest
+from importlinter.api import read_configuration
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "danlu"
 
 
+@pytest.fixture(autouse=True)
+def _at_root(monkeypatch):
+    """import-linter reads pyproject.toml from the working directory."""
+    monkeypatch.chdir(ROOT)
+
+
 def _contracts() -> list[dict]:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    return read_configuration()["contracts_options"]
 
 
 def test_import_linter_contracts_are_kept():
