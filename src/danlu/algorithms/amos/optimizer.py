@@ -7,13 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from danlu.algorithms.amos.functional import (
-    AMOS_EPS,
-    SLOT_RULES,
-    amos,
-    amos_default_eta,
-    amos_slot_shape,
-)
+from danlu.algorithms.amos.functional import amos
+from danlu.algorithms.amos.rule import AMOS_EPS, SLOT_RULES, amos_default_eta, amos_slot_shape
 from danlu.core.dtensor import new_state
 from danlu.core.precision import check_stochastic_rounding
 from danlu.core.shell import (
@@ -94,6 +89,9 @@ class Amos(DanluOptimizer):
     to the pre-training epochs) and ``finetune_rate`` are jestimator's ``init_b_fn`` and
     ``finetune_rate``; ``momentum`` is an EMA of δ without debiasing, applied after the step;
     ``clip_value`` clips each gradient entry to [−clip_value, clip_value] first.
+
+    The rule for one tensor is ``danlu.algorithms.amos.rule.amos_rule``; every path (for-loop,
+    foreach, compiled, FSDP2) computes the same numbers.
 
     **Under FSDP2** the mean square over a slot's reduced axes is over the whole tensor (one
     all-reduce per step for all tensors); slots are sharded like the parameter along the axes
