@@ -131,7 +131,7 @@ def _multi_tensor_adamw(
         device_exp_avg_sqs,
         device_steps,
     ), _ in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps]):
-        # g: negated for maximize, in v's dtype, saturated (the rule's first three lines)
+        # adamw_gradient: negated for maximize, in v's dtype, saturated
         if h.maximize:
             device_grads = list(torch._foreach_neg(device_grads))
         v_dtype = device_exp_avg_sqs[0].dtype
@@ -174,7 +174,7 @@ def _multi_tensor_adamw(
         corrections = [adamw_bias_corrections(h, float(s.item())) for s in device_steps]
         step_sizes: list[Any] = [-size for size, _ in corrections]
         bias_corrections2: list[Any] = [bc for _, bc in corrections]
-        # the rule's denom: √v̂ + ε (or √(v̂ + ε)), at least the smallest normal
+        # adamw_denominator: √v̂ + ε (or √(v̂ + ε)), at least the smallest normal
         if h.eps_inside_sqrt:
             denoms = torch._foreach_div(device_exp_avg_sqs, bias_corrections2)
             torch._foreach_add_(denoms, h.eps)

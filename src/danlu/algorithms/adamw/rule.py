@@ -11,7 +11,14 @@ from torch import Tensor
 
 from danlu.core.overflow import saturate, square_bound
 
-__all__ = ["AdamWHyper", "adamw_bias_corrections", "adamw_gradient_bound", "adamw_rule"]
+__all__ = [
+    "AdamWHyper",
+    "adamw_bias_corrections",
+    "adamw_denominator",
+    "adamw_gradient",
+    "adamw_gradient_bound",
+    "adamw_rule",
+]
 
 
 def adamw_rule(
@@ -19,21 +26,16 @@ def adamw_rule(
 ) -> None:
     """One AdamW micro-step of one tensor, in place (Loshchilov & Hutter 2019, arXiv
     1711.05101; the accumulation: docs/reference/algorithms.md#hidden-accumulation-rule,
-    kexue.fm/archives/8634). With k = ``grad_accum_steps``, β' = β on the first micro-step
-    of a window (always when k = 1) and 1 otherwise, and n the update count (``step``,
-    advanced on the last micro-step)::
+    kexue.fm/archives/8634). k = ``grad_accum_steps``; β' = β on a window's first micro-step
+    (always when k = 1), else 1; n counts updates (``step``, advanced on the last micro-step)::
 
         m ← β1'·m + (1−β1)/k · g          v ← β2'·v + (1−β2)/k · g²
         on the last micro-step only:
         θ ← θ·(1 − η·λ) − η·m̂ / (√v̂ + ε)      m̂ = m / (1−β1^n),  v̂ = v / (1−β2^n)
 
-    (√(v̂ + ε) with ``eps_inside_sqrt``). For k = 1 this is torch.optim.AdamW (m by ``lerp_``).
-    The gradient is read in v's dtype, and the update of a narrower parameter is computed in
-    v's dtype and rounded once."""
-    if h.maximize:
-        grad = -grad
-    owned = h.maximize or grad.dtype != exp_avg_sq.dtype
-    g = saturate(grad.to(exp_avg_sq.dtype), adamw_gradient_bound(h, exp_avg_sq.dtype), owned=owned)
+    For k = 1 this is torch.optim.AdamW. A parameter narrower than v is updated in v's dtype
+    and rounded once."""
+    g = adamw_gradient(grad, exp_avg_sq, h)
     k = h.grad_accum_steps
     if k == 1:
         exp_avg.lerp_(g.to(exp_avg.dtype), 1 - h.beta1)
@@ -52,12 +54,7 @@ def adamw_rule(
     work = param if param.dtype == wide else param.to(wide)
     if h.weight_decay != 0:
         work.mul_(1 - h.lr * h.weight_decay)
-    if h.eps_inside_sqrt:
-        denom = (exp_avg_sq / bias_correction2).add_(h.eps).sqrt_()
-    else:
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(h.eps)
-    if h.eps < torch.finfo(denom.dtype).tiny:  # ε = 0, or lost in fp16 (1e-8 + 0 = 0)
-        denom.clamp_min_(torch.finfo(denom.dtype).tiny)  # v̂ = 0 only where m = 0: a 0 step
+    denom = adamw_denominator(exp_avg_sq, bias_correction2, h)
     if isinstance(step_size, Tensor):
         work.sub_(exp_avg.div(denom).mul_(step_size))
     else:
@@ -96,6 +93,30 @@ def adamw_bias_corrections(
 ) -> tuple[float | Tensor, float | Tensor]:
     """After n updates: the step size η / (1 − β1^n) and the second moment's 1 − β2^n."""
     return h.lr / (1 - h.beta1**n), 1 - h.beta2**n
+
+
+def adamw_gradient(grad: Tensor, exp_avg_sq: Tensor, h: AdamWHyper) -> Tensor:
+    """The gradient as the rule reads it: negated for ``maximize``, in v's dtype, saturated
+    at :func:`adamw_gradient_bound` (a new tensor unless ``grad`` needed no change)."""
+    if h.maximize:
+        grad = -grad
+    owned = h.maximize or grad.dtype != exp_avg_sq.dtype
+    bound = adamw_gradient_bound(h, exp_avg_sq.dtype)
+    return saturate(grad.to(exp_avg_sq.dtype), bound, owned=owned)
+
+
+def adamw_denominator(
+    exp_avg_sq: Tensor, bias_correction2: float | Tensor, h: AdamWHyper
+) -> Tensor:
+    """√v̂ + ε, or √(v̂ + ε) with ``eps_inside_sqrt`` (the blog post's form), a new tensor; at
+    least the smallest normal number, so that v̂ = 0 (only where m = 0) gives a 0 step, not 0/0."""
+    if h.eps_inside_sqrt:
+        denom = (exp_avg_sq / bias_correction2).add_(h.eps).sqrt_()
+    else:
+        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(h.eps)
+    if h.eps < torch.finfo(denom.dtype).tiny:  # ε = 0, or lost in fp16 (1e-8 + 0 = 0)
+        denom.clamp_min_(torch.finfo(denom.dtype).tiny)
+    return denom
 
 
 def adamw_gradient_bound(h: AdamWHyper, dtype: torch.dtype) -> float:
