@@ -30,7 +30,7 @@ def adamw_rule(
     (always when k = 1), else 1; n counts updates (``step``, advanced on the last micro-step)::
 
         m ← β1'·m + (1−β1)/k · g          v ← β2'·v + (1−β2)/k · g²
-        on the last micro-step only:
+        on the last micro-step only (ε under the root, √(v̂ + ε), with eps_inside_sqrt):
         θ ← θ·(1 − η·λ) − η·m̂ / (√v̂ + ε)      m̂ = m / (1−β1^n),  v̂ = v / (1−β2^n)
 
     For k = 1 this is torch.optim.AdamW. A parameter narrower than v is updated in v's dtype

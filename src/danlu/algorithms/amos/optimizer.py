@@ -107,7 +107,7 @@ class Amos(DanluOptimizer):
             ``init_b``, ``finetune_rate``, ``kind``, ``center`` and the arguments below).
         lr: the global learning rate ξ (≥ 0).
         eta: η > 0, ``"auto"`` or ``"output"``.
-        beta: decay rate of the squared-gradient EMA, in [0, 1).
+        beta: decay rate of the squared-gradient EMA, in [0, 1) (jestimator's 0.999).
         momentum: μ in [0, 1); 0 keeps no momentum. Not for cycling: ``step()`` refuses a
             group that ``OneCycleLR``/``CyclicLR`` with ``cycle_momentum=True`` has written
             (pass ``cycle_momentum=False``; see docs/recipes.md, "Schedulers").
@@ -115,8 +115,8 @@ class Amos(DanluOptimizer):
         slots: ``"per_output"``, ``"scalar"`` or ``"full"``.
         init_b: initial value of b (≥ 0).
         finetune_rate: f ≥ 0.
-        zeta: ζ ≥ 0 for both decay factors c and d.
-        eps: floor ε > 0 of v (2⁻¹²⁵).
+        zeta: ζ ≥ 0 for both decay factors c and d (jestimator's 0.25).
+        eps: floor ε > 0 of v (jestimator's 2⁻¹²⁵).
         stochastic_rounding: how bf16/fp16 parameters are written. ``None`` (default) or
             ``True``: the parameter's update runs in fp32 and the result is rounded
             stochastically (unbiased), so updates below the dtype's spacing are not lost

@@ -58,8 +58,7 @@ def amos_rule(
         m  ← μ m + (1−μ) δ;  δ ← m        (only with momentum μ > 0; no debiasing)
         θ  ← θ + δ
 
-    ``g2`` and ``count`` (entries of g behind one slot) are given by the DTensor path, where
-    they span the whole tensor rather than this local slice."""
+    The DTensor path passes ``g2`` and ``count`` (entries of g per slot) of the whole tensor."""
     g = amos_gradient(grad, v, h, count)
     if g2 is None:
         g2 = slot_mean_square(g, v)
