@@ -1,5 +1,6 @@
-"""AdaX (docs/reference/algorithms.md#adax) as one Triton kernel launch per dtype combination,
-several tensors per launch: m, the normalised v̂ and θ are read and written once each.
+"""AdaX (docs/reference/algorithms.md#adax-rule, ``rule.adax_rule``) as one Triton kernel
+launch per dtype combination, several tensors per launch: m, the normalised v̂ and θ are
+read and written once each.
 
 Math in the statistics' precision (fp32, fp64 for fp64 parameters) with one rounding per
 stored value; the momentum is rounded to its dtype before the update reads it, as in the
@@ -9,11 +10,14 @@ scheduler or the step count changes them without recompiling or synchronising.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from danlu.algorithms.adax.rule import AdaXHyper
 from danlu.core.overflow import square_bound
 from danlu.core.precision import rounds_stochastically
 from danlu.core.triton import (
@@ -35,6 +39,15 @@ from danlu.core.triton import (
 )
 
 __all__ = ["adax_triton"]
+
+# Offsets into the kernel's buffer of scalars (``hyper_ptr``): the one definition of its
+# layout, which ``_scalars`` fills by these names.
+UPDATE_WEIGHT = tl.constexpr(0)  # 1 − β1
+NEW_SAMPLE_WEIGHT = tl.constexpr(1)  # 1 − β̂_t
+EPS = tl.constexpr(2)  # ε
+WEIGHT_DECAY = tl.constexpr(3)  # λ
+TINY = tl.constexpr(4)  # the denominator's floor: the compute dtype's smallest normal number
+GRAD_BOUND = tl.constexpr(5)  # where g² would overflow v̂'s dtype
 
 
 @triton.jit
@@ -58,29 +71,34 @@ def _adax_block(
     V_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
 ):
+    # the lines of rule.adax_rule, on the loaded values:
+    # read_grad: −g with maximize, in v̂'s dtype, saturated where g² would overflow it
+    # (NaN stays NaN)
     g = tl.load(g_ptr + offs, mask=mask)
     if MAXIMIZE:
         g = -g
-    eps = tl.load(hyper_ptr + 2)
-    # the gradient saturated where its square would overflow v̂'s dtype (NaN stays NaN)
+    eps = tl.load(hyper_ptr + EPS)
     gv = round_to(g, V_DTYPE).to(COMPUTE)
-    bound = tl.load(hyper_ptr + 5)
+    bound = tl.load(hyper_ptr + GRAD_BOUND)
     gv = tl.where(gv > bound, bound, tl.where(gv < -bound, -bound, gv))
     # m ← lerp(m, g, 1 − β1) in m's dtype; the update reads the stored (rounded) m
     m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-    m = round_to(lerp(m, round_to(gv, M_DTYPE).to(COMPUTE), tl.load(hyper_ptr)), M_DTYPE)
+    m = round_to(
+        lerp(m, round_to(gv, M_DTYPE).to(COMPUTE), tl.load(hyper_ptr + UPDATE_WEIGHT)), M_DTYPE
+    )
     tl.store(m_ptr + offs, m, mask=mask)
     # v̂ ← lerp(v̂, g², 1 − β̂_t)
     v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
-    v = lerp(v, gv * gv, tl.load(hyper_ptr + 1))
+    v = lerp(v, gv * gv, tl.load(hyper_ptr + NEW_SAMPLE_WEIGHT))
     tl.store(v_ptr + offs, round_to(v, V_DTYPE), mask=mask)
+    # denominator: √v̂ + ε or √(v̂ + ε), at least its floor (a no-op where ε is above it)
     denom = sqrt_rn(v + eps) if EPS_INSIDE_SQRT else sqrt_rn(v) + eps
-    # ε = 0: v̂ = 0 only where every gradient was 0 (so m = 0): a 0 step, not 0/0
-    tiny = tl.load(hyper_ptr + 4)
+    tiny = tl.load(hyper_ptr + TINY)
     denom = tl.where(denom < tiny, tiny, denom)
+    # θ·(1 − αλ) − α·m / denominator
     p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
     if DECAY:
-        p = p * (1 - lr * tl.load(hyper_ptr + 3))
+        p = p * (1 - lr * tl.load(hyper_ptr + WEIGHT_DECAY))
     p = p - div_rn(lr * m.to(COMPUTE), denom)
     store_rounded(p_ptr, offs, p, mask, seed_ptr, tid, P_DTYPE, STOCHASTIC)
 
@@ -95,7 +113,7 @@ def _adax_kernel(
     block_tensor,
     block_index,
     lr_ptr,
-    hyper_ptr,  # 1 − β1, 1 − β̂_t, ε, λ, the smallest normal number, the gradient bound
+    hyper_ptr,  # the scalars at the offsets above, in the compute dtype
     seed_ptr,
     MAXIMIZE: tl.constexpr,
     EPS_INSIDE_SQRT: tl.constexpr,
@@ -131,24 +149,35 @@ def _adax_kernel(
         )  # fmt: skip
 
 
+def _scalars(h: AdaXHyper, tiny: float, grad_bound: float) -> list[float]:
+    """The kernel's scalars, each at its offset (1 − β1 computed on the host in fp64, as the
+    eager path does)."""
+    at = {
+        UPDATE_WEIGHT.value: 1 - h.beta1,
+        NEW_SAMPLE_WEIGHT.value: float(h.new_sample_weight),
+        EPS.value: h.eps,
+        WEIGHT_DECAY.value: h.weight_decay,
+        TINY.value: tiny,
+        GRAD_BOUND.value: grad_bound,
+    }
+    return [at[i] for i in range(len(at))]
+
+
 def adax_triton(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
+    hyper: AdaXHyper | None = None,
     *,
-    new_sample_weight: float,
-    lr: float | Tensor,
-    beta1: float,
-    eps: float,
-    eps_inside_sqrt: bool,
-    weight_decay: float,
-    maximize: bool,
     stochastic_rounding: bool | None = False,
+    **keywords: Any,
 ) -> None:
-    """AdaX on contiguous tensors (same arguments as ``functional.adax._single_tensor_adax``):
-    one launch per (device, dtypes) group. ``stochastic_rounding`` rounds bf16/fp16 parameters
-    stochastically (``functional.precision.rounds_stochastically``)."""
+    """AdaX on contiguous tensors: one launch per (device, dtypes) group. The
+    hyper-parameters are one :class:`AdaXHyper` or its fields as keywords.
+    ``stochastic_rounding`` rounds bf16/fp16 parameters stochastically
+    (``core.precision.rounds_stochastically``)."""
+    h = AdaXHyper.given(hyper, keywords)
     for (ps, gs, ms, vs), _ in group_by_dtypes([params, grads, exp_avgs, exp_avg_sqs]):
         contiguous_or_raise([*ps, *gs, *ms, *vs], "AdaX")
         tables = launch_tables([ps, gs, ms, vs])
@@ -157,29 +186,19 @@ def adax_triton(
         device = ps[0].device
         compute = compute_dtype(ps[0].dtype, vs[0].dtype)
         stochastic = rounds_stochastically(stochastic_rounding, ps[0].dtype)
-        lr_t = lr_tensor(lr, compute, device)
+        lr_t = lr_tensor(h.lr, compute, device)
+        scalars = _scalars(h, torch.finfo(compute).tiny, square_bound(vs[0].dtype))
         _adax_kernel[(tables.num_programs,)](
             *tables.addresses,
             tables.sizes,
             tables.block_tensor,
             tables.block_index,
             lr_t,
-            device_scalars(
-                [
-                    1 - beta1,
-                    new_sample_weight,
-                    eps,
-                    weight_decay,
-                    torch.finfo(compute).tiny,
-                    square_bound(vs[0].dtype),
-                ],
-                compute,
-                device,
-            ),
+            device_scalars(scalars, compute, device),
             seed_tensor(device) if stochastic else lr_t,  # the seed is unused without SR
-            MAXIMIZE=maximize,
-            EPS_INSIDE_SQRT=eps_inside_sqrt,
-            DECAY=weight_decay != 0,
+            MAXIMIZE=h.maximize,
+            EPS_INSIDE_SQRT=h.eps_inside_sqrt,
+            DECAY=h.weight_decay != 0,
             STOCHASTIC=stochastic,
             ALIGNED=tables.aligned,
             P_DTYPE=triton_dtype(ps[0].dtype),
