@@ -40,34 +40,6 @@ __all__ = [
 _MAX_EXPONENT = 700.0
 
 
-def adax_new_sample_weight(step: float, beta2: float) -> float:
-    """1 − β̂_t = β2 / ((1+β2)^t − 1): the weight of the newest g² in v̂ (1 at t = 1).
-
-    Evaluated as β2 / expm1(t·log1p(β2)) in float64: exact at t = 1 (β̂_1 = 0), and it
-    underflows gracefully to 0 (β̂ = 1) for very large t."""
-    if step <= 1:
-        return 1.0  # (1+β2)^1 − 1 = β2 exactly
-    exponent = float(step) * math.log1p(beta2)
-    if exponent > _MAX_EXPONENT:
-        return 0.0
-    return min(1.0, beta2 / math.expm1(exponent))
-
-
-def _new_sample_weight_tensor(step: Tensor, beta2: float) -> Tensor:
-    """:func:`adax_new_sample_weight` of a 0-d tensor step (float64), on the tensor's device:
-    the same formula in torch ops, so that the step count does not recompile a graph."""
-    step = step.to(torch.float64)
-    exponent = step * math.log1p(beta2)
-    weight = (beta2 / torch.expm1(exponent)).clamp(max=1.0)
-    weight = torch.where(exponent > _MAX_EXPONENT, 0.0, weight)
-    return torch.where(step <= 1, 1.0, weight)
-
-
-def adax_beta2_hat(step: float, beta2: float) -> float:
-    """β̂_t = 1 − β2 / ((1+β2)^t − 1): 0 at t = 1, ≈ 1 − 1/t for t ≪ 1/β2, → 1."""
-    return 1.0 - adax_new_sample_weight(step, beta2)
-
-
 @dataclass(frozen=True)
 class AdaXHyper(StepHyper):
     """One AdaX step's hyper-parameters: the weight 1 − β̂_t of the newest g² in v̂ (a 0-d
@@ -108,36 +80,6 @@ class AdaXHyper(StepHyper):
         )
 
 
-def read_grad(grad: Tensor, v_dtype: torch.dtype, maximize: bool) -> Tensor:
-    """g (−g with ``maximize``) in v̂'s dtype, saturated where g² would overflow it (about
-    1.3e19 in float32): one huge finite gradient cannot turn v̂ into inf. A new tensor."""
-    if maximize:
-        grad = -grad
-    g = grad.to(v_dtype)
-    return saturate(g, square_bound(v_dtype), owned=maximize or g.dtype != grad.dtype)
-
-
-def denominator_floor(eps: float, dtype: torch.dtype) -> float | None:
-    """Where ε is below the smallest normal number of ``dtype`` (ε = 0, or 1e-8 lost in fp16),
-    that number, the denominator's floor: v̂ = 0 only where every gradient was 0 (so m = 0),
-    and the step there is 0, not 0/0. ``None`` where ε keeps the denominator above it."""
-    tiny = torch.finfo(dtype).tiny
-    return tiny if eps < tiny else None
-
-
-def denominator(exp_avg_sq: Tensor, h: AdaXHyper) -> Tensor:
-    """√v̂ + ε (the code), or √(v̂ + ε) with ``eps_inside_sqrt`` (the blog); a new tensor."""
-    v = exp_avg_sq
-    denom = v.add(h.eps).sqrt_() if h.eps_inside_sqrt else v.sqrt().add_(h.eps)
-    floor = denominator_floor(h.eps, denom.dtype)
-    return denom if floor is None else denom.clamp_min_(floor)
-
-
-def decay_factor(h: AdaXHyper) -> float | Tensor:
-    """1 − αλ: decoupled weight decay multiplies the old θ by it."""
-    return 1 - h.lr * h.weight_decay
-
-
 def adax_rule(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, h: AdaXHyper
 ) -> None:
@@ -147,8 +89,9 @@ def adax_rule(
         v̂_t = β̂_t·v̂_{t−1} + (1 − β̂_t)·g_t²,   1 − β̂_t = β2 / ((1+β2)^t − 1)
         θ_t = θ_{t−1}·(1 − αλ) − α·m_t / (√v̂_t + ε)
 
-    m has any float dtype (usually the parameter's), v̂ float32 or wider; g is read in v̂'s
-    dtype (:func:`read_grad`), and the update reads the stored, rounded m.
+    with √(v̂_t + ε) under ``eps_inside_sqrt``. m has any float dtype (usually the
+    parameter's), v̂ float32 or wider; g is read in v̂'s dtype (:func:`read_grad`), and the
+    update reads the stored, rounded m.
     """
     g = read_grad(grad, exp_avg_sq.dtype, h.maximize)
     exp_avg.lerp_(g.to(exp_avg.dtype), 1 - h.beta1)  # m_t
@@ -160,3 +103,61 @@ def adax_rule(
         param.addcmul_(exp_avg.div(denom), h.lr, value=-1.0)
     else:
         param.addcdiv_(exp_avg, denom, value=-h.lr)
+
+
+def read_grad(grad: Tensor, v_dtype: torch.dtype, maximize: bool) -> Tensor:
+    """g (−g with ``maximize``) in v̂'s dtype, saturated where g² would overflow it (about
+    1.3e19 in float32): one huge finite gradient cannot turn v̂ into inf. A new tensor."""
+    if maximize:
+        grad = -grad
+    g = grad.to(v_dtype)
+    return saturate(g, square_bound(v_dtype), owned=maximize or g.dtype != grad.dtype)
+
+
+def denominator(exp_avg_sq: Tensor, h: AdaXHyper) -> Tensor:
+    """√v̂ + ε (the code), or √(v̂ + ε) with ``eps_inside_sqrt`` (the blog); a new tensor."""
+    v = exp_avg_sq
+    denom = v.add(h.eps).sqrt_() if h.eps_inside_sqrt else v.sqrt().add_(h.eps)
+    floor = denominator_floor(h.eps, denom.dtype)
+    return denom if floor is None else denom.clamp_min_(floor)
+
+
+def denominator_floor(eps: float, dtype: torch.dtype) -> float | None:
+    """Where ε is below the smallest normal number of ``dtype`` (ε = 0, or 1e-8 lost in fp16),
+    that number, the denominator's floor: v̂ = 0 only where every gradient was 0 (so m = 0),
+    and the step there is 0, not 0/0. ``None`` where ε keeps the denominator above it."""
+    tiny = torch.finfo(dtype).tiny
+    return tiny if eps < tiny else None
+
+
+def decay_factor(h: AdaXHyper) -> float | Tensor:
+    """1 − αλ: decoupled weight decay multiplies the old θ by it."""
+    return 1 - h.lr * h.weight_decay
+
+
+def adax_new_sample_weight(step: float, beta2: float) -> float:
+    """1 − β̂_t = β2 / ((1+β2)^t − 1): the weight of the newest g² in v̂ (1 at t = 1).
+
+    Evaluated as β2 / expm1(t·log1p(β2)) in float64: exact at t = 1 (β̂_1 = 0), and it
+    underflows gracefully to 0 (β̂ = 1) for very large t."""
+    if step <= 1:
+        return 1.0  # (1+β2)^1 − 1 = β2 exactly
+    exponent = float(step) * math.log1p(beta2)
+    if exponent > _MAX_EXPONENT:
+        return 0.0
+    return min(1.0, beta2 / math.expm1(exponent))
+
+
+def _new_sample_weight_tensor(step: Tensor, beta2: float) -> Tensor:
+    """:func:`adax_new_sample_weight` of a 0-d tensor step (float64), on the tensor's device:
+    the same formula in torch ops, so that the step count does not recompile a graph."""
+    step = step.to(torch.float64)
+    exponent = step * math.log1p(beta2)
+    weight = (beta2 / torch.expm1(exponent)).clamp(max=1.0)
+    weight = torch.where(exponent > _MAX_EXPONENT, 0.0, weight)
+    return torch.where(step <= 1, 1.0, weight)
+
+
+def adax_beta2_hat(step: float, beta2: float) -> float:
+    """β̂_t = 1 − β2 / ((1+β2)^t − 1): 0 at t = 1, ≈ 1 − 1/t for t ≪ 1/β2, → 1."""
+    return 1.0 - adax_new_sample_weight(step, beta2)

@@ -37,19 +37,6 @@ class LionHyper(StepHyper):
         return cls(group["lr"], beta1, beta2, group["weight_decay"], group["maximize"])
 
 
-def decay_factor(h: LionHyper) -> float | Tensor:
-    """1 − ηλ: decoupled weight decay multiplies the old θ by it (google/automl lion_pytorch)."""
-    return 1 - h.lr * h.weight_decay
-
-
-def read_grad(grad: Tensor, bound: float, maximize: bool) -> Tensor:
-    """g (−g with ``maximize``) saturated at ±``bound``, as a new tensor: with |g| ≤ half the
-    largest value of m's dtype, both averages of the rule stay finite (±inf included)."""
-    if maximize:
-        grad = -grad
-    return saturate(grad, bound, owned=maximize)
-
-
 def lion_rule(
     param: Tensor, grad: Tensor, exp_avg: Tensor, h: LionHyper, grad_bound: float | None = None
 ) -> None:
@@ -69,3 +56,16 @@ def lion_rule(
         param.mul_(decay_factor(h))
     param.sub_(update.mul_(h.lr))
     exp_avg.lerp_(g, 1 - h.beta2)  # m_t
+
+
+def read_grad(grad: Tensor, bound: float, maximize: bool) -> Tensor:
+    """g (−g with ``maximize``) saturated at ±``bound``, as a new tensor: with |g| ≤ half the
+    largest value of m's dtype, both averages of the rule stay finite (±inf included)."""
+    if maximize:
+        grad = -grad
+    return saturate(grad, bound, owned=maximize)
+
+
+def decay_factor(h: LionHyper) -> float | Tensor:
+    """1 − ηλ: decoupled weight decay multiplies the old θ by it (google/automl lion_pytorch)."""
+    return 1 - h.lr * h.weight_decay
