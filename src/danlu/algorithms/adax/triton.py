@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from danlu.algorithms.adax.rule import AdaXHyper
+from danlu.algorithms.adax.rule import AdaXHyper, denominator_floor
 from danlu.core.overflow import square_bound
 from danlu.core.precision import rounds_stochastically
 from danlu.core.triton import (
@@ -46,7 +46,7 @@ UPDATE_WEIGHT = tl.constexpr(0)  # 1 − β1
 NEW_SAMPLE_WEIGHT = tl.constexpr(1)  # 1 − β̂_t
 EPS = tl.constexpr(2)  # ε
 WEIGHT_DECAY = tl.constexpr(3)  # λ
-TINY = tl.constexpr(4)  # the denominator's floor: the compute dtype's smallest normal number
+DENOM_FLOOR = tl.constexpr(4)  # rule.denominator_floor (0 where ε keeps the denominator above it)
 GRAD_BOUND = tl.constexpr(5)  # where g² would overflow v̂'s dtype
 
 
@@ -93,8 +93,8 @@ def _adax_block(
     tl.store(v_ptr + offs, round_to(v, V_DTYPE), mask=mask)
     # denominator: √v̂ + ε or √(v̂ + ε), at least its floor (a no-op where ε is above it)
     denom = sqrt_rn(v + eps) if EPS_INSIDE_SQRT else sqrt_rn(v) + eps
-    tiny = tl.load(hyper_ptr + TINY)
-    denom = tl.where(denom < tiny, tiny, denom)
+    floor = tl.load(hyper_ptr + DENOM_FLOOR)
+    denom = tl.where(denom < floor, floor, denom)
     # θ·(1 − αλ) − α·m / denominator
     p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
     if DECAY:
@@ -149,15 +149,16 @@ def _adax_kernel(
         )  # fmt: skip
 
 
-def _scalars(h: AdaXHyper, tiny: float, grad_bound: float) -> list[float]:
+def _scalars(h: AdaXHyper, compute: torch.dtype, grad_bound: float) -> list[float]:
     """The kernel's scalars, each at its offset (1 − β1 computed on the host in fp64, as the
     eager path does)."""
+    floor = denominator_floor(h.eps, compute)
     at = {
         UPDATE_WEIGHT.value: 1 - h.beta1,
         NEW_SAMPLE_WEIGHT.value: float(h.new_sample_weight),
         EPS.value: h.eps,
         WEIGHT_DECAY.value: h.weight_decay,
-        TINY.value: tiny,
+        DENOM_FLOOR.value: 0.0 if floor is None else floor,
         GRAD_BOUND.value: grad_bound,
     }
     return [at[i] for i in range(len(at))]
@@ -187,7 +188,7 @@ def adax_triton(
         compute = compute_dtype(ps[0].dtype, vs[0].dtype)
         stochastic = rounds_stochastically(stochastic_rounding, ps[0].dtype)
         lr_t = lr_tensor(h.lr, compute, device)
-        scalars = _scalars(h, torch.finfo(compute).tiny, square_bound(vs[0].dtype))
+        scalars = _scalars(h, compute, square_bound(vs[0].dtype))
         _adax_kernel[(tables.num_programs,)](
             *tables.addresses,
             tables.sizes,
