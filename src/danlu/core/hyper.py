@@ -1,26 +1,31 @@
-"""The base of each algorithm's hyper-parameter dataclass (``LionHyper``, ``AdaXHyper``, ...):
-the values of one step, built once per call and handed to every path as one object."""
+"""Paths that take an algorithm's hyper-parameters as one frozen dataclass (``LionHyper``,
+``AdaXHyper``, ...) and can still be called with its fields as keywords."""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
-H = TypeVar("H", bound="StepHyper")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-class StepHyper:
-    """Mixin of the frozen dataclasses that hold one step's hyper-parameters."""
+def accepts_keywords(hyper_type: type) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Let a path ``fn(*tensor_lists, hyper, **extra)`` also be called with the fields of the
+    dataclass ``hyper_type`` as keywords (``lr=..., beta1=..., ...``, as the parity tests and
+    older callers do): they build the one ``hyper``; every other keyword passes through."""
+    names = frozenset(field.name for field in dataclasses.fields(hyper_type))
 
-    @classmethod
-    def given(cls: type[H], hyper: H | None, keywords: dict[str, Any]) -> H:
-        """``hyper``, or one built from its fields passed as keywords (``lr=..., ...``): the
-        private path functions take either form, the keyword one being the way their parity
-        tests and ``upcast_step`` call them."""
-        if hyper is None:
-            return cls(**keywords)
-        if keywords:
-            raise TypeError(
-                f"pass either a {cls.__name__} or its fields as keywords, not both "
-                f"(got {cls.__name__} and {sorted(keywords)})"
-            )
-        return hyper
+    def decorate(path: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(path)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if "hyper" not in kwargs and not any(isinstance(a, hyper_type) for a in args):
+                fields = {name: kwargs.pop(name) for name in list(kwargs) if name in names}
+                kwargs["hyper"] = hyper_type(**fields)
+            return path(*args, **kwargs)
+
+        return call
+
+    return decorate

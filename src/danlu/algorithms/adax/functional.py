@@ -1,6 +1,6 @@
 """AdaX, docs/reference/algorithms.md#adax: ``danlu.functional.adax`` and the paths it chooses
 between, tensors in, tensors updated in place. The rule itself, with β̂_t and the state's
-normalised form, is :func:`danlu.algorithms.adax.rule.adax_rule`.
+normalised form, is :func:`danlu.algorithms.adax.rule.adax_update_`.
 
 Decoupled weight decay (docs/reference/algorithms.md#conventions): θ ← θ − α(u + λθ) with the
 old θ. Gradients are read saturated at the largest magnitude whose square stays finite in v̂'s
@@ -11,7 +11,6 @@ cannot turn v̂ into inf and the next update into NaN.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,11 +19,12 @@ from danlu.algorithms.adax.rule import (
     AdaXHyper,
     adax_beta2_hat,
     adax_new_sample_weight,
-    adax_rule,
+    adax_update_,
     decay_factor,
     denominator_floor,
 )
 from danlu.core.dtensor import any_dtensor, local
+from danlu.core.hyper import accepts_keywords
 from danlu.core.overflow import saturate_all, square_bound
 from danlu.core.precision import stochastically_rounded_params
 from danlu.core.tensors import foreach_lerp_, group_by_device_and_dtype, select_path
@@ -144,58 +144,55 @@ def _implementation(path: str) -> Callable[..., None]:
     return adax_compiled
 
 
+@accepts_keywords(AdaXHyper)
 def _single_tensor_adax(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    hyper: AdaXHyper | None = None,
-    **keywords: Any,
+    hyper: AdaXHyper,
 ) -> None:
-    """:func:`~danlu.algorithms.adax.rule.adax_rule` on each tensor; the hyper-parameters are
-    one :class:`AdaXHyper` or its fields as keywords."""
-    h = AdaXHyper.given(hyper, keywords)
+    """:func:`~danlu.algorithms.adax.rule.adax_update_` on each tensor."""
     for param, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
-        adax_rule(param, grad, exp_avg, exp_avg_sq, h)
+        adax_update_(param, grad, exp_avg, exp_avg_sq, hyper)
 
 
+@accepts_keywords(AdaXHyper)
 def _multi_tensor_adax(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    hyper: AdaXHyper | None = None,
-    **keywords: Any,
+    hyper: AdaXHyper,
 ) -> None:
-    """:func:`~danlu.algorithms.adax.rule.adax_rule` with foreach ops over each (device,
+    """:func:`~danlu.algorithms.adax.rule.adax_update_` with foreach ops over each (device,
     dtype) group; the comments name the rule line each op mirrors."""
-    h = AdaXHyper.given(hyper, keywords)
     grouped = group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs])
     for (device_params, device_grads, device_exp_avgs, device_exp_avg_sqs), _ in grouped:
         # read_grad: −g with maximize, in v̂'s dtype, saturated
-        if h.maximize:
+        if hyper.maximize:
             device_grads = list(torch._foreach_neg(device_grads))
         m_dtype, v_dtype = device_exp_avgs[0].dtype, device_exp_avg_sqs[0].dtype
         gs = saturate_all([g.to(v_dtype) for g in device_grads], square_bound(v_dtype))
         # m ← lerp(m, g, 1 − β1); v̂ ← lerp(v̂, g², 1 − β̂_t)
-        torch._foreach_lerp_(device_exp_avgs, [g.to(m_dtype) for g in gs], 1 - h.beta1)
+        torch._foreach_lerp_(device_exp_avgs, [g.to(m_dtype) for g in gs], 1 - hyper.beta1)
         squares = list(torch._foreach_mul(gs, gs))
-        foreach_lerp_(device_exp_avg_sqs, squares, h.new_sample_weight)
+        foreach_lerp_(device_exp_avg_sqs, squares, hyper.new_sample_weight)
         # denominator: √v̂ + ε or √(v̂ + ε), at least its floor
-        if h.eps_inside_sqrt:
-            denoms = torch._foreach_add(device_exp_avg_sqs, h.eps)
+        if hyper.eps_inside_sqrt:
+            denoms = torch._foreach_add(device_exp_avg_sqs, hyper.eps)
             torch._foreach_sqrt_(denoms)
         else:
             denoms = torch._foreach_sqrt(device_exp_avg_sqs)
-            torch._foreach_add_(denoms, h.eps)
-        floor = denominator_floor(h.eps, denoms[0].dtype)
+            torch._foreach_add_(denoms, hyper.eps)
+        floor = denominator_floor(hyper.eps, denoms[0].dtype)
         if floor is not None:
             torch._foreach_clamp_min_(denoms, floor)
         # θ·(1 − αλ) − α·m / denominator
-        if h.weight_decay != 0:
-            torch._foreach_mul_(device_params, decay_factor(h))
-        if isinstance(h.lr, Tensor):
+        if hyper.weight_decay != 0:
+            torch._foreach_mul_(device_params, decay_factor(hyper))
+        if isinstance(hyper.lr, Tensor):
             updates = torch._foreach_div(device_exp_avgs, denoms)
-            torch._foreach_addcmul_(device_params, updates, [h.lr] * len(updates), value=-1.0)
+            torch._foreach_addcmul_(device_params, updates, [hyper.lr] * len(updates), value=-1.0)
         else:
-            torch._foreach_addcdiv_(device_params, device_exp_avgs, denoms, -h.lr)
+            torch._foreach_addcdiv_(device_params, device_exp_avgs, denoms, -hyper.lr)

@@ -37,7 +37,7 @@ class AdaX(DanluOptimizer):
         \theta_t = \theta_{t-1} - \alpha\Big(\frac{m_t}{\sqrt{\hat v_t} + \epsilon}
                    + \lambda\theta_{t-1}\Big)
 
-    The rule for one tensor is ``danlu.algorithms.adax.rule.adax_rule``
+    The rule for one tensor is ``danlu.algorithms.adax.rule.adax_update_``
     (docs/reference/algorithms.md#adax-rule). Older gradients get exponentially *larger*
     weight in v̂ ("exponential long-term memory"); there is no bias correction on m, so the
     first step is 0.1·α·sign(g) for β1 = 0.9.

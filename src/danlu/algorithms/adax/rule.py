@@ -3,7 +3,7 @@
 docs/reference/algorithms.md#adax-rule; Li et al. 2020, "AdaX: Adaptive Gradient Descent with
 Exponential Long Term Memory" (arXiv 2004.09740); kexue.fm/archives/7387; code bojone/adax.
 Every other path (foreach, chunked, compiled, Triton) computes the same update and is held to
-:func:`adax_rule` by a parity test.
+:func:`adax_update_` by a parity test.
 
 The blog's v_t = (1+β2)·v + β2·g² grows like (1+β2)^t and overflows float32 after about
 9·10⁵ steps at β2 = 1e-4, so the state is v̂ = v_t / ((1+β2)^t − 1) itself, in the equivalent
@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from danlu.core.hyper import StepHyper
 from danlu.core.overflow import saturate, square_bound
 from danlu.core.tensors import scalar_like
 
@@ -29,7 +28,7 @@ __all__ = [
     "AdaXHyper",
     "adax_beta2_hat",
     "adax_new_sample_weight",
-    "adax_rule",
+    "adax_update_",
     "decay_factor",
     "denominator",
     "denominator_floor",
@@ -41,7 +40,7 @@ _MAX_EXPONENT = 700.0
 
 
 @dataclass(frozen=True)
-class AdaXHyper(StepHyper):
+class AdaXHyper:
     """One AdaX step's hyper-parameters: the weight 1 − β̂_t of the newest g² in v̂ (a 0-d
     tensor inside ``torch.compile``), step size α, β1, ε (under the root with
     ``eps_inside_sqrt``), decoupled weight decay λ and ``maximize`` (the rule reads −g)."""
@@ -80,7 +79,7 @@ class AdaXHyper(StepHyper):
         )
 
 
-def adax_rule(
+def adax_update_(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, h: AdaXHyper
 ) -> None:
     """One AdaX step on one tensor, in place (docs/reference/algorithms.md#adax-rule)::

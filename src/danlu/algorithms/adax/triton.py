@@ -1,4 +1,4 @@
-"""AdaX (docs/reference/algorithms.md#adax-rule, ``rule.adax_rule``) as one Triton kernel
+"""AdaX (docs/reference/algorithms.md#adax-rule, ``rule.adax_update_``) as one Triton kernel
 launch per dtype combination, several tensors per launch: m, the normalised v̂ and θ are
 read and written once each.
 
@@ -10,14 +10,13 @@ scheduler or the step count changes them without recompiling or synchronising.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from danlu.algorithms.adax.rule import AdaXHyper, denominator_floor
+from danlu.core.hyper import accepts_keywords
 from danlu.core.overflow import square_bound
 from danlu.core.precision import rounds_stochastically
 from danlu.core.triton import (
@@ -40,14 +39,33 @@ from danlu.core.triton import (
 
 __all__ = ["adax_triton"]
 
-# Offsets into the kernel's buffer of scalars (``hyper_ptr``): the one definition of its
-# layout, which ``_scalars`` fills by these names.
-UPDATE_WEIGHT = tl.constexpr(0)  # 1 − β1
-NEW_SAMPLE_WEIGHT = tl.constexpr(1)  # 1 − β̂_t
-EPS = tl.constexpr(2)  # ε
-WEIGHT_DECAY = tl.constexpr(3)  # λ
-DENOM_FLOOR = tl.constexpr(4)  # rule.denominator_floor (0 where ε keeps the denominator above it)
-GRAD_BOUND = tl.constexpr(5)  # where g² would overflow v̂'s dtype
+# The kernel's scalar table (``hyper_ptr``, in the compute dtype): this order is the one
+# definition of the offsets named below.
+_SCALARS = ("one_minus_beta1", "new_sample_weight", "eps", "weight_decay", "floor", "bound")
+_AT = {name: offset for offset, name in enumerate(_SCALARS)}
+_ONE_MINUS_BETA1 = tl.constexpr(_AT["one_minus_beta1"])  # 1 − β1
+_NEW_SAMPLE_WEIGHT = tl.constexpr(_AT["new_sample_weight"])  # 1 − β̂_t
+_EPS = tl.constexpr(_AT["eps"])  # ε
+_WEIGHT_DECAY = tl.constexpr(_AT["weight_decay"])  # λ
+_FLOOR = tl.constexpr(_AT["floor"])  # rule.denominator_floor (0 where ε keeps it above 0)
+_BOUND = tl.constexpr(_AT["bound"])  # where g² would overflow v̂'s dtype
+
+
+def _scalar_table(
+    hyper: AdaXHyper, bound: float, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """The kernel's scalars by name; 1 − β1 computed on the host in fp64, as the eager path
+    does."""
+    floor = denominator_floor(hyper.eps, dtype)
+    values = {
+        "one_minus_beta1": 1 - hyper.beta1,
+        "new_sample_weight": float(hyper.new_sample_weight),
+        "eps": hyper.eps,
+        "weight_decay": hyper.weight_decay,
+        "floor": 0.0 if floor is None else floor,
+        "bound": bound,
+    }
+    return device_scalars([values[name] for name in _SCALARS], dtype, device)
 
 
 @triton.jit
@@ -71,34 +89,34 @@ def _adax_block(
     V_DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
 ):
-    # the lines of rule.adax_rule, on the loaded values:
+    # the lines of rule.adax_update_, on the loaded values:
     # read_grad: −g with maximize, in v̂'s dtype, saturated where g² would overflow it
     # (NaN stays NaN)
     g = tl.load(g_ptr + offs, mask=mask)
     if MAXIMIZE:
         g = -g
-    eps = tl.load(hyper_ptr + EPS)
+    eps = tl.load(hyper_ptr + _EPS)
     gv = round_to(g, V_DTYPE).to(COMPUTE)
-    bound = tl.load(hyper_ptr + GRAD_BOUND)
+    bound = tl.load(hyper_ptr + _BOUND)
     gv = tl.where(gv > bound, bound, tl.where(gv < -bound, -bound, gv))
     # m ← lerp(m, g, 1 − β1) in m's dtype; the update reads the stored (rounded) m
     m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
     m = round_to(
-        lerp(m, round_to(gv, M_DTYPE).to(COMPUTE), tl.load(hyper_ptr + UPDATE_WEIGHT)), M_DTYPE
+        lerp(m, round_to(gv, M_DTYPE).to(COMPUTE), tl.load(hyper_ptr + _ONE_MINUS_BETA1)), M_DTYPE
     )
     tl.store(m_ptr + offs, m, mask=mask)
     # v̂ ← lerp(v̂, g², 1 − β̂_t)
     v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
-    v = lerp(v, gv * gv, tl.load(hyper_ptr + NEW_SAMPLE_WEIGHT))
+    v = lerp(v, gv * gv, tl.load(hyper_ptr + _NEW_SAMPLE_WEIGHT))
     tl.store(v_ptr + offs, round_to(v, V_DTYPE), mask=mask)
     # denominator: √v̂ + ε or √(v̂ + ε), at least its floor (a no-op where ε is above it)
     denom = sqrt_rn(v + eps) if EPS_INSIDE_SQRT else sqrt_rn(v) + eps
-    floor = tl.load(hyper_ptr + DENOM_FLOOR)
+    floor = tl.load(hyper_ptr + _FLOOR)
     denom = tl.where(denom < floor, floor, denom)
     # θ·(1 − αλ) − α·m / denominator
     p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
     if DECAY:
-        p = p * (1 - lr * tl.load(hyper_ptr + WEIGHT_DECAY))
+        p = p * (1 - lr * tl.load(hyper_ptr + _WEIGHT_DECAY))
     p = p - div_rn(lr * m.to(COMPUTE), denom)
     store_rounded(p_ptr, offs, p, mask, seed_ptr, tid, P_DTYPE, STOCHASTIC)
 
@@ -113,7 +131,7 @@ def _adax_kernel(
     block_tensor,
     block_index,
     lr_ptr,
-    hyper_ptr,  # the scalars at the offsets above, in the compute dtype
+    hyper_ptr,  # _scalar_table
     seed_ptr,
     MAXIMIZE: tl.constexpr,
     EPS_INSIDE_SQRT: tl.constexpr,
@@ -149,36 +167,19 @@ def _adax_kernel(
         )  # fmt: skip
 
 
-def _scalars(h: AdaXHyper, compute: torch.dtype, grad_bound: float) -> list[float]:
-    """The kernel's scalars, each at its offset (1 − β1 computed on the host in fp64, as the
-    eager path does)."""
-    floor = denominator_floor(h.eps, compute)
-    at = {
-        UPDATE_WEIGHT.value: 1 - h.beta1,
-        NEW_SAMPLE_WEIGHT.value: float(h.new_sample_weight),
-        EPS.value: h.eps,
-        WEIGHT_DECAY.value: h.weight_decay,
-        DENOM_FLOOR.value: 0.0 if floor is None else floor,
-        GRAD_BOUND.value: grad_bound,
-    }
-    return [at[i] for i in range(len(at))]
-
-
+@accepts_keywords(AdaXHyper)
 def adax_triton(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    hyper: AdaXHyper | None = None,
+    hyper: AdaXHyper,
     *,
     stochastic_rounding: bool | None = False,
-    **keywords: Any,
 ) -> None:
-    """AdaX on contiguous tensors: one launch per (device, dtypes) group. The
-    hyper-parameters are one :class:`AdaXHyper` or its fields as keywords.
+    """AdaX on contiguous tensors: one launch per (device, dtypes) group.
     ``stochastic_rounding`` rounds bf16/fp16 parameters stochastically
     (``core.precision.rounds_stochastically``)."""
-    h = AdaXHyper.given(hyper, keywords)
     for (ps, gs, ms, vs), _ in group_by_dtypes([params, grads, exp_avgs, exp_avg_sqs]):
         contiguous_or_raise([*ps, *gs, *ms, *vs], "AdaX")
         tables = launch_tables([ps, gs, ms, vs])
@@ -187,19 +188,18 @@ def adax_triton(
         device = ps[0].device
         compute = compute_dtype(ps[0].dtype, vs[0].dtype)
         stochastic = rounds_stochastically(stochastic_rounding, ps[0].dtype)
-        lr_t = lr_tensor(h.lr, compute, device)
-        scalars = _scalars(h, compute, square_bound(vs[0].dtype))
+        lr_t = lr_tensor(hyper.lr, compute, device)
         _adax_kernel[(tables.num_programs,)](
             *tables.addresses,
             tables.sizes,
             tables.block_tensor,
             tables.block_index,
             lr_t,
-            device_scalars(scalars, compute, device),
+            _scalar_table(hyper, square_bound(vs[0].dtype), compute, device),
             seed_tensor(device) if stochastic else lr_t,  # the seed is unused without SR
-            MAXIMIZE=h.maximize,
-            EPS_INSIDE_SQRT=h.eps_inside_sqrt,
-            DECAY=h.weight_decay != 0,
+            MAXIMIZE=hyper.maximize,
+            EPS_INSIDE_SQRT=hyper.eps_inside_sqrt,
+            DECAY=hyper.weight_decay != 0,
             STOCHASTIC=stochastic,
             ALIGNED=tables.aligned,
             P_DTYPE=triton_dtype(ps[0].dtype),

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,27 +20,27 @@ from danlu.core.chunked import (
     small_tensor,
 )
 from danlu.core.compiled import compiled_once, lr_tensor, recompile_limit
+from danlu.core.hyper import accepts_keywords
 from danlu.core.overflow import average_bound
 from danlu.core.precision import store_state_
 
 
+@accepts_keywords(LionHyper)
 def lion_chunked(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
-    hyper: LionHyper | None = None,
+    hyper: LionHyper,
     *,
     chunk: int = CHUNK,
-    **keywords: Any,
 ) -> None:
-    """:func:`~danlu.algorithms.lion.rule.lion_rule` slice by slice, bit-identical to it: the
+    """:func:`~danlu.algorithms.lion.rule.lion_update_` slice by slice, bit-identical to it: the
     same elementwise ops in the same order, written into scratch buffers instead of
     parameter-sized temporaries (the comments name the rule line each op mirrors)."""
-    h = LionHyper.given(hyper, keywords)
     for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
         bound = average_bound(exp_avg.dtype, param.dtype)
         if param.numel() <= chunk or not all_contiguous(param, grad, exp_avg):
-            small_tensor(_single_tensor_lion, param, grad, exp_avg, hyper=h, grad_bound=bound)
+            small_tensor(_single_tensor_lion, param, grad, exp_avg, hyper=hyper, grad_bound=bound)
             continue
         update_buf = scratch_buffer(param, chunk, slot=0)
         grad_buf = scratch_buffer(grad, chunk, slot=1)
@@ -50,32 +49,28 @@ def lion_chunked(
             slices(param, chunk), slices(grad, chunk), slices(exp_avg, chunk), strict=True
         ):
             n = p.numel()
-            g = saturated(g, bound, h.maximize, grad_buf[:n])  # read_grad
+            g = saturated(g, bound, hyper.maximize, grad_buf[:n])  # read_grad
             work = m if state_buf is None else state_buf[:n].copy_(m)
             # update = sign(lerp(m, g, 1 − β1))
-            update = torch.lerp(work, g, 1 - h.beta1, out=update_buf[:n]).sign_()
-            if h.weight_decay != 0:
-                p.mul_(decay_factor(h))
-            if isinstance(h.lr, Tensor):
-                p.sub_(update.mul_(h.lr))
+            update = torch.lerp(work, g, 1 - hyper.beta1, out=update_buf[:n]).sign_()
+            if hyper.weight_decay != 0:
+                p.mul_(decay_factor(hyper))
+            if isinstance(hyper.lr, Tensor):
+                p.sub_(update.mul_(hyper.lr))
             else:  # one op instead of two; u ∈ {−1, 0, 1} makes −lr·u exact: same bits
-                p.add_(update, alpha=-h.lr)
-            work.lerp_(g, 1 - h.beta2)  # m ← lerp(m, g, 1 − β2)
+                p.add_(update, alpha=-hyper.lr)
+            work.lerp_(g, 1 - hyper.beta2)  # m ← lerp(m, g, 1 − β2)
             if state_buf is not None:
                 store_state_(m, work)
 
 
+@accepts_keywords(LionHyper)
 def lion_compiled(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    hyper: LionHyper | None = None,
-    **keywords: Any,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], hyper: LionHyper
 ) -> None:
     """The foreach path (``functional._multi_tensor_lion``) compiled; the lr is passed as a
     0-d tensor, so that a scheduler does not recompile."""
-    h = LionHyper.given(hyper, keywords)
     with recompile_limit():
         compiled_once(_multi_tensor_lion)(
-            params, grads, exp_avgs, dataclasses.replace(h, lr=lr_tensor(h.lr, params[0]))
+            params, grads, exp_avgs, dataclasses.replace(hyper, lr=lr_tensor(hyper.lr, params[0]))
         )

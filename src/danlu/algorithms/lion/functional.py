@@ -1,6 +1,6 @@
 """Lion, docs/reference/algorithms.md#lion-rule: ``danlu.functional.lion`` and the paths it
 chooses between, tensors in, tensors updated in place. The rule itself is
-:func:`danlu.algorithms.lion.rule.lion_rule`.
+:func:`danlu.algorithms.lion.rule.lion_update_`.
 
 The gradient is read saturated at half the largest value of the momentum's dtype
 (``core.overflow.average_bound``; ±inf too): both averages then stay finite for every
@@ -12,13 +12,13 @@ unchanged, bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from danlu.algorithms.lion.rule import LionHyper, decay_factor, lion_rule
+from danlu.algorithms.lion.rule import LionHyper, decay_factor, lion_update_
 from danlu.core.dtensor import any_dtensor, local
+from danlu.core.hyper import accepts_keywords
 from danlu.core.overflow import average_bound, average_bounds, saturate_all
 from danlu.core.precision import needs_upcast_copies, upcast_step
 from danlu.core.tensors import group_by_device_and_dtype, select_path
@@ -114,52 +114,50 @@ def _implementation(path: str) -> Callable[..., None]:
     return lion_compiled
 
 
+@accepts_keywords(LionHyper)
 def _single_tensor_lion(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
-    hyper: LionHyper | None = None,
+    hyper: LionHyper,
     *,
     grad_bound: float | None = None,
-    **keywords: Any,
 ) -> None:
-    """:func:`~danlu.algorithms.lion.rule.lion_rule` on each tensor. The hyper-parameters are
-    one :class:`LionHyper` or its fields as keywords; ``grad_bound``: the saturation bound of
-    every gradient (default: each momentum's :func:`~danlu.core.overflow.average_bound`)."""
-    h = LionHyper.given(hyper, keywords)
+    """:func:`~danlu.algorithms.lion.rule.lion_update_` on each tensor. ``grad_bound``: the
+    saturation bound of every gradient (default: each momentum's
+    :func:`~danlu.core.overflow.average_bound`)."""
     for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
-        lion_rule(param, grad, exp_avg, h, grad_bound)
+        lion_update_(param, grad, exp_avg, hyper, grad_bound)
 
 
+@accepts_keywords(LionHyper)
 def _multi_tensor_lion(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
-    hyper: LionHyper | None = None,
+    hyper: LionHyper,
     *,
     grad_bound: float | None = None,
-    **keywords: Any,
 ) -> None:
-    """:func:`~danlu.algorithms.lion.rule.lion_rule` with foreach ops over each (device,
+    """:func:`~danlu.algorithms.lion.rule.lion_update_` with foreach ops over each (device,
     dtype) group; the comments name the rule line each op mirrors."""
-    h = LionHyper.given(hyper, keywords)
     for (device_params, device_grads, device_exp_avgs), _ in group_by_device_and_dtype(
         [params, grads, exp_avgs]
     ):
         # read_grad
-        if h.maximize:
+        if hyper.maximize:
             device_grads = list(torch._foreach_neg(device_grads))
         bounds = (
             average_bounds(device_params, device_exp_avgs) if grad_bound is None else grad_bound
         )
-        device_grads = saturate_all(device_grads, bounds, owned=h.maximize)
+        device_grads = saturate_all(device_grads, bounds, owned=hyper.maximize)
         # update = sign(lerp(m, g, 1 − β1))
-        updates = torch._foreach_lerp(device_exp_avgs, device_grads, 1 - h.beta1)
+        updates = torch._foreach_lerp(device_exp_avgs, device_grads, 1 - hyper.beta1)
         torch._foreach_sign_(updates)
-        if h.weight_decay != 0:  # θ·(1 − ηλ)
-            torch._foreach_mul_(device_params, decay_factor(h))
+        if hyper.weight_decay != 0:  # θ·(1 − ηλ)
+            torch._foreach_mul_(device_params, decay_factor(hyper))
         # θ − η·update
-        torch._foreach_mul_(updates, h.lr)
+        torch._foreach_mul_(updates, hyper.lr)
         torch._foreach_sub_(device_params, updates)
         # m ← lerp(m, g, 1 − β2)
-        torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - h.beta2)
+        torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - hyper.beta2)

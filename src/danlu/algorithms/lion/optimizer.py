@@ -34,7 +34,7 @@ class Lion(DanluOptimizer):
         \theta_t = \theta_{t-1} - \eta\,(\mathrm{sign}(c_t) + \lambda\theta_{t-1}),\quad
         m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t
 
-    The rule for one tensor is ``danlu.algorithms.lion.rule.lion_rule``
+    The rule for one tensor is ``danlu.algorithms.lion.rule.lion_update_``
     (docs/reference/algorithms.md#lion-rule).
 
     Defaults are google/automl's ``lion_pytorch.py`` (docs/reference/algorithms.md#lion-defaults):

@@ -2,7 +2,7 @@
 
 docs/reference/algorithms.md#lion-rule; Chen et al. 2023, "Symbolic Discovery of Optimization
 Algorithms" (arXiv 2302.06675); kexue.fm/archives/9473. Every other path (foreach, chunked,
-compiled, Triton) computes the same update and is held to :func:`lion_rule` by a parity test.
+compiled, Triton) computes the same update and is held to :func:`lion_update_` by a parity test.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from danlu.core.hyper import StepHyper
 from danlu.core.overflow import average_bound, saturate
 
-__all__ = ["LionHyper", "decay_factor", "lion_rule", "read_grad"]
+__all__ = ["LionHyper", "decay_factor", "lion_update_", "read_grad"]
 
 
 @dataclass(frozen=True)
-class LionHyper(StepHyper):
+class LionHyper:
     """One Lion step's hyper-parameters: step size η, interpolation β1, momentum decay β2,
     decoupled weight decay λ, and ``maximize`` (ascend: the rule reads −g)."""
 
@@ -37,7 +36,7 @@ class LionHyper(StepHyper):
         return cls(group["lr"], beta1, beta2, group["weight_decay"], group["maximize"])
 
 
-def lion_rule(
+def lion_update_(
     param: Tensor, grad: Tensor, exp_avg: Tensor, h: LionHyper, grad_bound: float | None = None
 ) -> None:
     """One Lion step on one tensor, in place (docs/reference/algorithms.md#lion-rule)::

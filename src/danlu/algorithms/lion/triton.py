@@ -1,4 +1,4 @@
-"""Lion (docs/reference/algorithms.md#lion-rule, ``rule.lion_rule``) as one Triton kernel launch
+"""Lion (docs/reference/algorithms.md#lion-rule, ``rule.lion_update_``) as one Triton kernel launch
 per dtype combination, several tensors per launch.
 
 Math in fp32 (fp64 for fp64 parameters) on the loaded values, with one rounding when storing:
@@ -12,13 +12,13 @@ synchronising.
 
 from __future__ import annotations
 
-from typing import Any
-
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from danlu.algorithms.lion.rule import LionHyper
+from danlu.core.hyper import accepts_keywords
 from danlu.core.overflow import average_bound
 from danlu.core.precision import rounds_stochastically
 from danlu.core.triton import (
@@ -40,12 +40,28 @@ from danlu.core.triton import (
 
 __all__ = ["lion_triton"]
 
-# Offsets into the kernel's buffer of scalars (``hyper_ptr``): the one definition of its
-# layout, which ``_scalars`` fills by these names.
-UPDATE_WEIGHT = tl.constexpr(0)  # 1 − β1
-MOMENTUM_WEIGHT = tl.constexpr(1)  # 1 − β2
-WEIGHT_DECAY = tl.constexpr(2)  # λ
-GRAD_BOUND = tl.constexpr(3)  # half the largest value of the momentum's dtype
+# The kernel's scalar table (``hyper_ptr``, in the compute dtype): this order is the one
+# definition of the offsets named below.
+_SCALARS = ("one_minus_beta1", "one_minus_beta2", "weight_decay", "bound")
+_AT = {name: offset for offset, name in enumerate(_SCALARS)}
+_ONE_MINUS_BETA1 = tl.constexpr(_AT["one_minus_beta1"])  # 1 − β1
+_ONE_MINUS_BETA2 = tl.constexpr(_AT["one_minus_beta2"])  # 1 − β2
+_WEIGHT_DECAY = tl.constexpr(_AT["weight_decay"])  # λ
+_BOUND = tl.constexpr(_AT["bound"])  # the gradient's saturation bound
+
+
+def _scalar_table(
+    hyper: LionHyper, bound: float, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """The kernel's scalars by name; 1 − β computed on the host in fp64, as the eager path
+    does."""
+    values = {
+        "one_minus_beta1": 1 - hyper.beta1,
+        "one_minus_beta2": 1 - hyper.beta2,
+        "weight_decay": hyper.weight_decay,
+        "bound": bound,
+    }
+    return device_scalars([values[name] for name in _SCALARS], dtype, device)
 
 
 @triton.jit
@@ -68,16 +84,16 @@ def _lion_block(
     p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
     g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
     m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-    # the lines of rule.lion_rule, on the loaded values:
+    # the lines of rule.lion_update_, on the loaded values:
     # read_grad: −g with maximize, saturated (the averages cannot overflow; NaN stays NaN)
     if MAXIMIZE:
         g = -g
-    bound = tl.load(hyper_ptr + GRAD_BOUND)
+    bound = tl.load(hyper_ptr + _BOUND)
     g = tl.where(g > bound, bound, tl.where(g < -bound, -bound, g))
     # update = sign(lerp(m, g, 1 − β1)); θ·(1 − ηλ) − η·update; m ← lerp(m, g, 1 − β2)
-    update = sign(lerp(m, g, tl.load(hyper_ptr + UPDATE_WEIGHT)))
-    p = p * (1 - lr * tl.load(hyper_ptr + WEIGHT_DECAY)) - update * lr
-    m = lerp(m, g, tl.load(hyper_ptr + MOMENTUM_WEIGHT))
+    update = sign(lerp(m, g, tl.load(hyper_ptr + _ONE_MINUS_BETA1)))
+    p = p * (1 - lr * tl.load(hyper_ptr + _WEIGHT_DECAY)) - update * lr
+    m = lerp(m, g, tl.load(hyper_ptr + _ONE_MINUS_BETA2))
     store_rounded(p_ptr, offs, p, mask, seed_ptr, tid, P_DTYPE, STOCHASTIC)
     tl.store(m_ptr + offs, round_to(m, M_DTYPE), mask=mask)
 
@@ -91,7 +107,7 @@ def _lion_kernel(
     block_tensor,
     block_index,
     lr_ptr,
-    hyper_ptr,  # the scalars at the offsets above, in the compute dtype
+    hyper_ptr,  # _scalar_table
     seed_ptr,
     MAXIMIZE: tl.constexpr,
     STOCHASTIC: tl.constexpr,
@@ -123,31 +139,18 @@ def _lion_kernel(
         )  # fmt: skip
 
 
-def _scalars(h: LionHyper, grad_bound: float) -> list[float]:
-    """The kernel's scalars, each at its offset; 1 − β computed on the host in fp64, as the
-    eager path does."""
-    at = {
-        UPDATE_WEIGHT.value: 1 - h.beta1,
-        MOMENTUM_WEIGHT.value: 1 - h.beta2,
-        WEIGHT_DECAY.value: h.weight_decay,
-        GRAD_BOUND.value: grad_bound,
-    }
-    return [at[i] for i in range(len(at))]
-
-
+@accepts_keywords(LionHyper)
 def lion_triton(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
-    hyper: LionHyper | None = None,
+    hyper: LionHyper,
     *,
     stochastic_rounding: bool | None = False,
-    **keywords: Any,
 ) -> None:
-    """Lion on contiguous tensors: one launch per (device, dtypes) group. The hyper-parameters
-    are one :class:`LionHyper` or its fields as keywords. ``exp_avgs`` may have any float
-    dtype; ``stochastic_rounding`` rounds bf16/fp16 parameters stochastically."""
-    h = LionHyper.given(hyper, keywords)
+    """Lion on contiguous tensors: one launch per (device, dtypes) group. ``exp_avgs`` may
+    have any float dtype; ``stochastic_rounding`` rounds bf16/fp16 parameters
+    stochastically."""
     for (ps, gs, ms), _ in group_by_dtypes([params, grads, exp_avgs]):
         contiguous_or_raise([*ps, *gs, *ms], "Lion")
         tables = launch_tables([ps, gs, ms])
@@ -156,16 +159,16 @@ def lion_triton(
         device, dtype = ps[0].device, ps[0].dtype
         compute = compute_dtype(dtype)
         stochastic = rounds_stochastically(stochastic_rounding, dtype)
-        lr_t = lr_tensor(h.lr, compute, device)
+        lr_t = lr_tensor(hyper.lr, compute, device)
         _lion_kernel[(tables.num_programs,)](
             *tables.addresses,
             tables.sizes,
             tables.block_tensor,
             tables.block_index,
             lr_t,
-            device_scalars(_scalars(h, average_bound(ms[0].dtype, dtype)), compute, device),
+            _scalar_table(hyper, average_bound(ms[0].dtype, dtype), compute, device),
             seed_tensor(device) if stochastic else lr_t,  # the seed is unused without SR
-            MAXIMIZE=h.maximize,
+            MAXIMIZE=hyper.maximize,
             STOCHASTIC=stochastic,
             ALIGNED=tables.aligned,
             P_DTYPE=triton_dtype(dtype),
