@@ -9,7 +9,7 @@ import dataclasses
 from torch import Tensor
 
 from danlu.algorithms.tiger.functional import _multi_tensor_tiger, _single_tensor_tiger
-from danlu.algorithms.tiger.rule import TigerHyper, accepts_keywords, accumulate_, direction
+from danlu.algorithms.tiger.rule import TigerHyper, accumulate_, direction
 from danlu.algorithms.tiger.rule import step_size as rule_step_size
 from danlu.core.chunked import (
     CHUNK,
@@ -20,11 +20,12 @@ from danlu.core.chunked import (
     small_tensor,
 )
 from danlu.core.compiled import compiled_once, lr_tensor, recompile_limit
+from danlu.core.hyper import accepts_keywords
 from danlu.core.overflow import average_bound
 from danlu.core.precision import store_state_
 
 
-@accepts_keywords
+@accepts_keywords(TigerHyper)
 def tiger_chunked(
     params: list[Tensor],
     grads: list[Tensor],
@@ -76,7 +77,7 @@ def tiger_chunked(
             p.sub_(update)
 
 
-@accepts_keywords
+@accepts_keywords(TigerHyper)
 def tiger_compiled(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], hyper: TigerHyper
 ) -> None:

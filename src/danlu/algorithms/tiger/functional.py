@@ -35,13 +35,13 @@ from torch import Tensor
 
 from danlu.algorithms.tiger.rule import (
     TigerHyper,
-    accepts_keywords,
     eta_from_rms_,
     rms_root,
     step_size,
     tiger_update_,
 )
 from danlu.core.dtensor import any_dtensor, is_dtensor, local, sharded_sums
+from danlu.core.hyper import accepts_keywords
 from danlu.core.nonfinite import shrink_
 from danlu.core.overflow import average_bound, average_bounds, saturate_all
 from danlu.core.precision import needs_upcast, needs_upcast_copies, upcast_step
@@ -247,7 +247,7 @@ def _implementation(path: str) -> Callable[..., None]:
     return tiger_compiled
 
 
-@accepts_keywords
+@accepts_keywords(TigerHyper)
 def _single_tensor_tiger(
     params: list[Tensor],
     grads: list[Tensor],

@@ -7,10 +7,8 @@ docs/reference/algorithms.md#tiger-rule; blog kexue.fm/archives/9512; code bojon
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +21,6 @@ from danlu.core.shell import KINDS
 
 __all__ = [
     "TigerHyper",
-    "accepts_keywords",
     "accumulate_",
     "direction",
     "eta_from_rms_",
@@ -178,23 +175,3 @@ def direction(exp_avg: Tensor, param: Tensor, decay: float, out: Tensor | None =
     if decay != 0:
         update.add_(param, alpha=decay)
     return update
-
-
-_FIELDS = frozenset(field.name for field in dataclasses.fields(TigerHyper))
-
-
-def accepts_keywords(path: Callable[..., None]) -> Callable[..., None]:
-    """``path(params, grads, exp_avgs, hyper, **extra)`` callable with the settings as keywords
-    as well (``lr=..., beta=..., ...``, as the parity tests call the paths): the fields of
-    :class:`TigerHyper` make one, every other keyword passes through."""
-
-    @functools.wraps(path)
-    def call(
-        params: Any, grads: Any, exp_avgs: Any, hyper: TigerHyper | None = None, **kwargs: Any
-    ) -> None:
-        if hyper is None:
-            settings = {name: kwargs.pop(name) for name in list(kwargs) if name in _FIELDS}
-            hyper = TigerHyper.of(**settings)
-        path(params, grads, exp_avgs, hyper, **kwargs)
-
-    return call

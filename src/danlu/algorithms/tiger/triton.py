@@ -16,11 +16,11 @@ from torch import Tensor
 
 from danlu.algorithms.tiger.rule import (
     TigerHyper,
-    accepts_keywords,
     eta_from_rms_,
     rms_root,
     step_size,
 )
+from danlu.core.hyper import accepts_keywords
 from danlu.core.overflow import average_bound
 from danlu.core.precision import rounds_stochastically
 from danlu.core.triton import (
@@ -199,7 +199,7 @@ def _step_sizes(params: list[Tensor], hyper: TigerHyper, lr: Tensor) -> Tensor:
     return eta_from_rms_(norms / roots, lr, hyper.rms_floor)
 
 
-@accepts_keywords
+@accepts_keywords(TigerHyper)
 def tiger_triton(
     params: list[Tensor],
     grads: list[Tensor],
