@@ -7,10 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from danlu.algorithms.adafactor.functional import (
+from danlu.algorithms.adafactor.functional import adafactor_step
+from danlu.algorithms.adafactor.rule import (
     FACTORED_DIMS,
     MOMENTUM_MODES,
-    adafactor,
+    AdaFactorHyper,
     adafactor_factored_axes,
 )
 from danlu.core.dtensor import new_state
@@ -282,23 +283,9 @@ class AdaFactor(DanluOptimizer):
     def _apply(self, plan: list[tuple[Any, ...]]) -> None:
         for group, lists, buckets in plan:
             for b, indices in enumerate(buckets.indices):
-                adafactor(
-                    *([lst[i] for i in indices] for lst in lists),
-                    step=buckets.step(b),
-                    lr=group["lr"],
-                    relative_step=group["relative_step"],
-                    beta1=group["beta1"],
-                    beta2=group["beta2"],
-                    decay_rate=group["decay_rate"],
-                    eps1=group["eps1"],
-                    eps2=group["eps2"],
-                    clip_threshold=group["clip_threshold"],
-                    multiply_by_parameter_scale=group["multiply_by_parameter_scale"],
-                    weight_decay=group["weight_decay"],
-                    factored_dims=group["factored_dims"],
-                    min_dim_size_to_factor=group["min_dim_size_to_factor"],
-                    momentum_mode=group["momentum_mode"],
-                    maximize=group["maximize"],
+                adafactor_step(
+                    tuple([lst[i] for i in indices] for lst in lists),  # type: ignore[arg-type]
+                    AdaFactorHyper.at_step(buckets.step(b), group),
                     stochastic_rounding=group.get("stochastic_rounding"),
                     foreach=group["foreach"],
                     fused=group.get("fused"),  # absent from state dicts saved before it existed
