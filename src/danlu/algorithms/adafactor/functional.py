@@ -1,28 +1,11 @@
-"""AdaFactor, docs/reference/algorithms.md#adafactor-rule: the functional entry and its paths,
-tensors in, tensors updated in place. The rule itself, and every piece of it the paths share,
-is in ``rule.py`` (:func:`~danlu.algorithms.adafactor.rule.adafactor_rule`).
+"""AdaFactor's functional entry and its paths, tensors in, tensors updated in place
+(docs/reference/algorithms.md#adafactor-rule).
 
-One call is one update of tensors that share the step count ``t`` (1-based)::
-
-    β̂_t  = 1 − t^(−c)                       (or a constant beta2)
-    V     = g² + ε1
-    factored:    R ← β̂ R + (1−β̂) mean(V, largest axis)      C ← β̂ C + (1−β̂) mean(V, second axis)
-                 v̂ = R·C / mean(R, second axis)              (all other axes kept)
-    unfactored:  v̂ ← β̂ v̂ + (1−β̂) V
-    u  = g / √v̂,   û = u / max(1, RMS(u)/d)                   (update clipping, whole tensor)
-    momentum (β1 > 0, "unit" order, bert4keras):   m ← β1 m + (1−β1) û;  û ← m
-    α_t = lr, or the relative step min(1e-2, 1/√t) · lr  (× 0.05 without parameter scaling)
-    s   = max(ε2, RMS(θ_{t−1}))  with parameter scaling, else 1
-    θ  ← θ − α_t·λ·θ − α_t·s·û
-
-In the ``"scaled"`` momentum order (transformers/fairseq) the EMA is taken over α_t·s·û and
-θ ← θ − α_t·λ·θ − m. Statistics (R, C, v̂) are kept in float32 or wider whatever the
-parameter dtype: ε1 = 1e-30 underflows in fp16, and bf16 is too coarse for the EMA.
-
-Huge finite gradients: each gradient is read saturated at the largest magnitude for which a
-row of its squares sums to a finite number (:func:`gradient_bound`, ``functional.overflow``),
-and RMS(u) and RMS(θ) are computed without overflowing the sum of squares, so that one huge
-gradient cannot turn R, C or v̂ into inf and the parameters into NaN.
+The rule itself, and every piece of it that the paths share, is in ``rule.py``
+(:func:`~danlu.algorithms.adafactor.rule.adafactor_rule`). Paths: the single-tensor loop over
+the rule (the reference, and the fastest on CPU), the foreach path (the rule on lists), the
+DTensor path (the rule's pieces on local slices, every mean and norm over the whole tensor)
+and the Triton kernels (``triton.py``).
 """
 
 from __future__ import annotations

@@ -2,13 +2,33 @@
 
 docs/reference/algorithms.md#adafactor-rule; the blog https://kexue.fm/archives/7302; Shazeer &
 Stern 2018, *Adafactor: Adaptive Learning Rates with Sublinear Memory Cost* (arXiv:1804.04235);
-the code bert4keras ``AdaFactorV2`` and bojone/adafactor.
+the code bert4keras ``AdaFactorV2`` and bojone/adafactor. At step t (1-based)::
 
-:func:`adafactor_rule` is the update, one tensor at a time; the single-tensor path of
-``functional.py`` is a loop over it. The named pieces below it (the β̂2 schedule, the relative
-step, the factored second moment and its floor, the update clipping, the parameter scale, the
-momentum and the step) are computed here once; the foreach, DTensor and Triton paths call them,
-or, where they work on lists or inside a kernel, say which piece they mirror.
+    β̂_t  = 1 − t^(−c)                       (or a constant beta2)        adafactor_beta2
+    V     = g² + ε1
+    factored:    R ← β̂ R + (1−β̂) mean(V, largest axis)                    moment_ema_
+                 C ← β̂ C + (1−β̂) mean(V, second axis)
+                 v̂ = R·C / mean(R, second axis)  (all other axes kept)    inverse_sqrt_factors
+    unfactored:  v̂ ← β̂ v̂ + (1−β̂) V                                       inverse_sqrt_moment
+    u  = g / √v̂,   û = u / max(1, RMS(u)/d)   (whole tensor)               clip_denominator_
+    α_t = lr, or lr·min(1e-2, 1/√t) (× 0.05 without parameter scaling)    adafactor_step_size
+    s   = max(ε2, RMS(θ_{t−1})) with parameter scaling, else 1            parameter_scale_
+    momentum (β1 > 0, "unit", bert4keras):   m ← β1 m + (1−β1) û;  û ← m  apply_update_
+    θ  ← θ − α_t·λ·θ − α_t·s·û
+
+In the ``"scaled"`` momentum order (transformers/fairseq) the EMA is taken over α_t·s·û and
+θ ← θ − α_t·λ·θ − m. Statistics (R, C, v̂) are kept in float32 or wider whatever the
+parameter dtype: ε1 = 1e-30 underflows in fp16, and bf16 is too coarse for the EMA.
+
+Huge finite gradients: each gradient is read saturated at the largest magnitude for which a
+row of its squares sums to a finite number (:func:`gradient_bound`, ``core.overflow``), and
+RMS(u) and RMS(θ) are computed without overflowing the sum of squares, so that one huge
+gradient cannot turn R, C or v̂ into inf and the parameters into NaN.
+
+:func:`adafactor_rule` is the update of one tensor; the single-tensor path of
+``functional.py`` is a loop over it. The named pieces below it are computed here once; the
+foreach, DTensor and Triton paths call them, or, where they work on lists or inside a kernel,
+say which piece they mirror.
 """
 
 from __future__ import annotations
