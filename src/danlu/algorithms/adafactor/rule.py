@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -91,7 +91,10 @@ class AdaFactorHyper:
         return self.momentum_mode if self.beta1 > 0 else None
 
 
-_CONSTANT_FIELDS = tuple(AdaFactorHyper.__dataclass_fields__)[2:]  # all but β̂_t and α_t
+# the fields taken from the options as they are (all but β̂_t and α_t)
+_CONSTANT_FIELDS = tuple(
+    f.name for f in fields(AdaFactorHyper) if f.name not in ("beta2_t", "step_size")
+)
 
 
 def adafactor_rule(
@@ -103,40 +106,36 @@ def adafactor_rule(
     exp_avg: Tensor | None,
     hyper: AdaFactorHyper,
 ) -> None:
-    r"""One AdaFactor update of one tensor, in place (docs/reference/algorithms.md#adafactor-rule):
+    r"""One AdaFactor update of one tensor, in place (docs/reference/algorithms.md#adafactor-rule).
 
     .. math::
-        V = g^2 + \epsilon_1,\quad
-        R \leftarrow \hat\beta_t R + (1-\hat\beta_t)\,\mathrm{mean}_{\text{largest}}(V),\quad
-        C \leftarrow \hat\beta_t C + (1-\hat\beta_t)\,\mathrm{mean}_{\text{second}}(V),\quad
+        R, C \leftarrow \hat\beta_t\,(R, C) + (1-\hat\beta_t)\,
+            (\mathrm{mean}_{\text{largest}}, \mathrm{mean}_{\text{second}})(g^2+\epsilon_1),\quad
         \hat v = R\,C/\mathrm{mean}_{\text{second}}(R)
-        \ \ (\text{unfactored: } \hat v \leftarrow \hat\beta_t\hat v + (1-\hat\beta_t)V),
+            \ \text{or}\ \hat v \leftarrow \hat\beta_t\hat v + (1-\hat\beta_t)(g^2+\epsilon_1),
 
-        u = g/\sqrt{\hat v},\quad \hat u = u/\max(1, \mathrm{RMS}(u)/d),\quad
-        \theta \leftarrow \theta - \alpha_t\lambda\theta
-                          - \alpha_t\max(\epsilon_2, \mathrm{RMS}(\theta))\,\hat u .
+        u = g/\sqrt{\hat v},\quad
+        \theta \leftarrow \theta(1 - \alpha_t\lambda)
+            - \alpha_t\max(\epsilon_2, \mathrm{RMS}(\theta))\,u/\max(1, \mathrm{RMS}(u)/d).
 
-    Either ``row``/``col`` (factored, see :func:`adafactor_factored_axes`) or ``full`` is
-    given; ``exp_avg`` is the momentum (``beta1 > 0``, :func:`apply_update_`).
+    Factored (``row``, ``col``) or not (``full``); ``exp_avg``: the momentum, β1 > 0.
     """
-    stats = row if full is None else full
-    assert stats is not None  # the shell always passes one layout
+    stats = cast(Tensor, row if full is None else full)  # the shell passes one layout
     axes = None if full is not None else factored_axes_of(param, row, hyper)
     bound = gradient_bound(param.shape, axes, stats.dtype)
     g = saturated_gradient(grad, stats.dtype, bound, maximize=hyper.maximize)
     buffer = torch.square(g)  # the one full-size temporary: g², then the update
-    if full is None:
-        assert row is not None and col is not None and axes is not None
+    if axes is not None:
+        assert row is not None and col is not None
         largest, second = axes
         moment_ema_(row, buffer.mean(dim=largest, keepdim=True), hyper)
         moment_ema_(col, buffer.mean(dim=second, keepdim=True), hyper)
-        [row_factor], [col_factor] = inverse_sqrt_factors(
-            [row], [col], [row.mean(dim=second, keepdim=True)]
-        )
+        normaliser = row.mean(dim=second, keepdim=True)
+        [row_factor], [col_factor] = inverse_sqrt_factors([row], [col], [normaliser])
         update = torch.mul(g, row_factor, out=buffer).mul_(col_factor)
     else:
-        moment_ema_(full, buffer, hyper)
-        update = inverse_sqrt_moment(full, hyper.eps1, out=buffer).mul_(g)
+        moment_ema_(stats, buffer, hyper)
+        update = inverse_sqrt_moment(stats, hyper.eps1, out=buffer).mul_(g)
     clip_denom = None
     if hyper.clip_threshold is not None:
         clip_denom = clip_denominator_(
