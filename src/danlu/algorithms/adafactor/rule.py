@@ -137,10 +137,8 @@ def adafactor_rule(
         moment_ema_(stats, buffer, hyper)
         update = inverse_sqrt_moment(stats, hyper.eps1, out=buffer).mul_(g)
     clip_denom = None
-    if hyper.clip_threshold is not None:
-        clip_denom = clip_denominator_(
-            finite_norm(update), root_size(update) * hyper.clip_threshold
-        )
+    if (d := hyper.clip_threshold) is not None:
+        clip_denom = clip_denominator_(finite_norm(update), root_size(update) * d)
     factor = hyper.step_size
     if hyper.multiply_by_parameter_scale:
         norm = finite_norm(param, dtype=stats.dtype)
