@@ -2,7 +2,7 @@
 (docs/reference/algorithms.md#adafactor-rule).
 
 The rule itself, and every piece of it that the paths share, is in ``rule.py``
-(:func:`~danlu.algorithms.adafactor.rule.adafactor_rule`). Paths: the single-tensor loop over
+(:func:`~danlu.algorithms.adafactor.rule.adafactor_update_`). Paths: the single-tensor loop over
 the rule (the reference, and the fastest on CPU), the foreach path (the rule on lists), the
 DTensor path (the rule's pieces on local slices, every mean and norm over the whole tensor)
 and the Triton kernels (``triton.py``).
@@ -22,8 +22,8 @@ from danlu.algorithms.adafactor.rule import (
     AdaFactorHyper,
     adafactor_beta2,
     adafactor_factored_axes,
-    adafactor_rule,
     adafactor_step_size,
+    adafactor_update_,
     apply_update_,
     check_modes,
     clip_denominator_,
@@ -190,13 +190,13 @@ def _single_tensor_adafactor(
     hyper: AdaFactorHyper | None = None,
     **settings: Any,
 ) -> None:
-    """The reference rule (:func:`~danlu.algorithms.adafactor.rule.adafactor_rule`), one
+    """The reference rule (:func:`~danlu.algorithms.adafactor.rule.adafactor_update_`), one
     tensor at a time."""
     hyper = hyper_of(hyper, settings)
     for param, grad, row, col, full, exp_avg in zip(
         params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, strict=True
     ):
-        adafactor_rule(param, grad, row, col, full, exp_avg, hyper)
+        adafactor_update_(param, grad, row, col, full, exp_avg, hyper)
 
 
 def _dtensor_adafactor(

@@ -41,7 +41,7 @@ _STATISTICS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
 class AdaFactor(DanluOptimizer):
     r"""AdaFactor, docs/reference/algorithms.md#adafactor; Shazeer & Stern 2018 (arXiv 1804.04235);
     the blog https://kexue.fm/archives/7302; code bert4keras ``AdaFactorV2`` and bojone/adafactor.
-    The reference rule of one tensor is ``danlu.algorithms.adafactor.rule.adafactor_rule``.
+    The reference rule of one tensor is ``danlu.algorithms.adafactor.rule.adafactor_update_``.
 
     .. math::
         \hat v_t = \hat\beta_{2,t}\hat v_{t-1} + (1-\hat\beta_{2,t})(g_t^2+\epsilon_1)

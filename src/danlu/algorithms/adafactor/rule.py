@@ -25,7 +25,7 @@ row of its squares sums to a finite number (:func:`gradient_bound`, ``core.overf
 RMS(u) and RMS(θ) are computed without overflowing the sum of squares, so that one huge
 gradient cannot turn R, C or v̂ into inf and the parameters into NaN.
 
-:func:`adafactor_rule` is the update of one tensor; the single-tensor path of
+:func:`adafactor_update_` is the update of one tensor; the single-tensor path of
 ``functional.py`` is a loop over it. The named pieces below it are computed here once; the
 foreach, DTensor and Triton paths call them, or, where they work on lists or inside a kernel,
 say which piece they mirror.
@@ -44,6 +44,29 @@ from torch import Tensor
 from danlu.core.overflow import finite_norm, square_bound
 from danlu.core.precision import saturating_cast
 from danlu.core.tensors import scalar_like
+
+__all__ = [
+    "FACTORED_DIMS",
+    "MOMENTUM_MODES",
+    "AdaFactorHyper",
+    "adafactor_beta2",
+    "adafactor_factored_axes",
+    "adafactor_step_size",
+    "adafactor_update_",
+    "apply_update_",
+    "check_modes",
+    "clip_denominator_",
+    "factored_axes_of",
+    "gradient_bound",
+    "hyper_of",
+    "inverse_sqrt_factors",
+    "inverse_sqrt_moment",
+    "moment_ema_",
+    "moment_floor",
+    "parameter_scale_",
+    "root_size",
+    "saturated_gradient",
+]
 
 FACTORED_DIMS = ("two_largest", "last_two")
 MOMENTUM_MODES = ("unit", "scaled")
@@ -97,7 +120,7 @@ _CONSTANT_FIELDS = tuple(
 )
 
 
-def adafactor_rule(
+def adafactor_update_(
     param: Tensor,
     grad: Tensor,
     row: Tensor | None,
