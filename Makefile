@@ -29,6 +29,7 @@ $(VENV)/.compare-installed: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 test: lint
 	$(BIN)/python -m pytest -n 2

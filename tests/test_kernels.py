@@ -8,6 +8,7 @@ from danlu.algorithms.adax.fast import adax_chunked, adax_compiled
 from danlu.algorithms.adax.functional import _single_tensor_adax, adax_new_sample_weight
 from danlu.algorithms.amos.fast import amos_compiled
 from danlu.algorithms.amos.functional import _single_tensor_amos, amos_slot_shape
+from danlu.algorithms.amos.rule import AmosHyper
 from danlu.algorithms.lion.fast import lion_chunked, lion_compiled
 from danlu.algorithms.lion.functional import _single_tensor_lion
 from danlu.algorithms.tiger.fast import tiger_chunked, tiger_compiled
@@ -368,8 +369,9 @@ def test_amos_compiled_matches_single():
             "eps": 2.0**-125,
             "maximize": True,  # constant: a changed flag would compile a second variant
         }
-        _single_tensor_amos(a[0], g, *a[1:], **kw)
-        amos_compiled(b[0], g, *b[1:], **kw)
+        etas, hyper = kw.pop("etas"), AmosHyper(**kw)  # the paths take the hyper-parameters as one
+        _single_tensor_amos(a[0], g, *a[1:], etas=etas, hyper=hyper)
+        amos_compiled(b[0], g, *b[1:], etas=etas, hyper=hyper)
     for x, y in zip([*a[0], *a[1], *a[2], *a[3]], [*b[0], *b[1], *b[2], *b[3]], strict=True):
         assert x.shape == y.shape
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)

@@ -29,8 +29,23 @@ def modules() -> dict[str, ast.Module]:
     }
 
 
-def parameter_lists(trees: dict[str, ast.Module]) -> list[tuple[int, str]]:
-    """(number of parameters, qualified name) of every function except public ``__init__``s."""
+def is_triton_kernel(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """``@triton.jit`` functions: Triton passes every pointer and constant as an argument."""
+    return any("jit" in ast.unparse(d) for d in node.decorator_list)
+
+
+def public_functions(trees: dict[str, ast.Module]) -> set[str]:
+    """The names ``danlu.functional`` exports: public API whose signatures stay as they are."""
+    for node in ast.walk(trees["danlu.functional"]):
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "__all__":
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
+def parameter_lists(trees: dict[str, ast.Module], *, triton: bool = False) -> list[tuple[int, str]]:
+    """(number of parameters, qualified name) of every function except ``__init__``s and the
+    public functional API, either outside Triton kernels (default) or of the kernels only."""
+    public = public_functions(trees)
     found = []
     for mod, tree in trees.items():
         for node in ast.walk(tree):
@@ -38,7 +53,9 @@ def parameter_lists(trees: dict[str, ast.Module]) -> list[tuple[int, str]]:
                 a = node.args
                 count = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs)
                 count -= bool(a.args and a.args[0].arg in ("self", "cls"))
-                if node.name == "__init__":
+                if node.name == "__init__" or node.name in public:
+                    continue
+                if is_triton_kernel(node) != triton:
                     continue
                 found.append((count, f"{mod}.{node.name}"))
     return sorted(found, reverse=True)
@@ -86,8 +103,12 @@ def cycles_between_packages(graph: dict[str, set[str]]) -> list[tuple[str, str]]
 def main() -> int:
     trees = modules()
     lists = parameter_lists(trees)
-    print(f"longest parameter lists (outside __init__): {lists[:5]}")
+    kernels = parameter_lists(trees, triton=True)
+    print(f"longest parameter lists (outside __init__, danlu.functional and kernels): {lists[:5]}")
     print(f"functions with >= 12 parameters: {sum(n >= 12 for n, _ in lists)}")
+    print(f"Triton kernels: {len(kernels)}, the longest: {kernels[:2]}")
+    threaded = sum(ast.unparse(tree).count("first_micro_step") for tree in trees.values())
+    print(f"mentions of first_micro_step: {threaded}")
     cycles = cycles_between_packages(import_graph(trees))
     print(f"package pairs importing each other: {len(cycles)}")
     for a, b in cycles:

@@ -7,10 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from danlu.algorithms.adafactor.functional import (
+from danlu.algorithms.adafactor.functional import adafactor_step
+from danlu.algorithms.adafactor.rule import (
     FACTORED_DIMS,
     MOMENTUM_MODES,
-    adafactor,
+    AdaFactorHyper,
     adafactor_factored_axes,
 )
 from danlu.core.dtensor import new_state
@@ -39,7 +40,8 @@ _STATISTICS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
 
 class AdaFactor(DanluOptimizer):
     r"""AdaFactor, docs/reference/algorithms.md#adafactor; Shazeer & Stern 2018 (arXiv 1804.04235);
-    kexue 7302; code bert4keras ``AdaFactorV2`` and bojone/adafactor.
+    the blog https://kexue.fm/archives/7302; code bert4keras ``AdaFactorV2`` and bojone/adafactor.
+    The reference rule of one tensor is ``danlu.algorithms.adafactor.rule.adafactor_update_``.
 
     .. math::
         \hat v_t = \hat\beta_{2,t}\hat v_{t-1} + (1-\hat\beta_{2,t})(g_t^2+\epsilon_1)
@@ -50,6 +52,12 @@ class AdaFactor(DanluOptimizer):
 
     with :math:`\hat\beta_{2,t} = 1 - t^{-c}` (c = ``decay_rate``; 0 at t = 1, so there is no
     bias correction) unless a constant ``beta2`` is given. Steps count from 1.
+
+    **Defaults** (docs/reference/algorithms.md#adafactor-defaults) are the reference code's
+    (bert4keras, bojone/adafactor): ``lr=1e-3``, ``beta1=0``, the β̂ schedule, ε1 = 1e-30,
+    ε2 = 1e-3, d = 1, parameter scaling on, ``min_dim_size_to_factor=128``; the paper and the
+    blog give the same ε1, ε2, d and c = 0.8 (the paper defaults to the relative step instead
+    of an lr). Edge cases: docs/reference/algorithms.md#adafactor-edge-cases.
 
     **Factoring.** ``factored_dims="two_largest"`` (the reference code, mesh-tensorflow style):
     a tensor with ndim ≥ 2 keeps a row statistic (mean of g²+ε1 over its largest axis) and a
@@ -92,6 +100,12 @@ class AdaFactor(DanluOptimizer):
           second time inside the square root, which changes nothing unless v̂ ≈ ε1.
         * ties between equal dims are broken toward the later axis (numpy's ``argpartition``
           happens to do the same for 2-D tensors).
+        * v̂ (and R/mean(R), C) is floored at the smallest normal number before its inverse
+          square root, so that a zero gradient with ε1 = 0 gives a 0 update, not NaN; each
+          gradient is saturated where its squares would overflow the statistics' dtype, so
+          one huge finite gradient cannot make the parameters NaN.
+        * the other differences between the blog, the paper and the code (factored axes,
+          momentum order) are choices here: docs/reference/algorithms.md#adafactor-differences.
 
     Args:
         params: parameters, named parameters or param groups.
@@ -282,23 +296,9 @@ class AdaFactor(DanluOptimizer):
     def _apply(self, plan: list[tuple[Any, ...]]) -> None:
         for group, lists, buckets in plan:
             for b, indices in enumerate(buckets.indices):
-                adafactor(
-                    *([lst[i] for i in indices] for lst in lists),
-                    step=buckets.step(b),
-                    lr=group["lr"],
-                    relative_step=group["relative_step"],
-                    beta1=group["beta1"],
-                    beta2=group["beta2"],
-                    decay_rate=group["decay_rate"],
-                    eps1=group["eps1"],
-                    eps2=group["eps2"],
-                    clip_threshold=group["clip_threshold"],
-                    multiply_by_parameter_scale=group["multiply_by_parameter_scale"],
-                    weight_decay=group["weight_decay"],
-                    factored_dims=group["factored_dims"],
-                    min_dim_size_to_factor=group["min_dim_size_to_factor"],
-                    momentum_mode=group["momentum_mode"],
-                    maximize=group["maximize"],
+                adafactor_step(
+                    tuple([lst[i] for i in indices] for lst in lists),  # type: ignore[arg-type]
+                    AdaFactorHyper.at_step(buckets.step(b), group),
                     stochastic_rounding=group.get("stochastic_rounding"),
                     foreach=group["foreach"],
                     fused=group.get("fused"),  # absent from state dicts saved before it existed

@@ -17,21 +17,37 @@ No host synchronisation: every per-tensor number stays on the device, hyper-para
 tables are small cached device tensors. The factored statistics are indexed by integer
 arithmetic on the flat element index, specialised per layout so that a matrix costs one
 division per element.
+
+The host side takes the hyper-parameters as one ``AdaFactorHyper`` and the rule's named pieces
+from ``rule.py`` (saturation bound, factored second moment, clipping and scale coefficients);
+the kernel bodies restate the per-element arithmetic, each block naming the rule piece it
+mirrors (tests/test_kernels_triton.py keeps them equal to the single-tensor path). The kernels
+keep long argument lists: Triton needs every pointer and constexpr as its own argument.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import astuple, dataclass, fields
+from typing import Any, cast
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from danlu.algorithms.adafactor.functional import gradient_bound, inverse_sqrt_factors
+from danlu.algorithms.adafactor.rule import (
+    AdaFactorHyper,
+    clip_denominator_,
+    factored_axes_of,
+    gradient_bound,
+    hyper_of,
+    inverse_sqrt_factors,
+    parameter_scale_,
+    root_size,
+    saturated_gradient,
+)
 from danlu.core.precision import rounds_stochastically
 from danlu.core.triton import (
     BLOCK,
@@ -55,7 +71,37 @@ from danlu.core.triton import (
 
 __all__ = ["adafactor_triton"]
 
-_MOMENTUM = {"none": 0, "unit": 1, "scaled": 2}
+_MOMENTUM = {None: 0, "unit": 1, "scaled": 2}  # the MOMENTUM constexpr of hyper.momentum
+
+
+@dataclass(frozen=True)
+class _KernelScalars:
+    """The scalars the kernels read from ``hyper_ptr``, in this field order (one definition:
+    the buffer is ``astuple`` of it, the offsets below are the field indices)."""
+
+    one_minus_beta2: float  # 1 − β̂_t
+    eps1: float  # ε1
+    one_minus_beta1: float  # 1 − β1
+    weight_decay: float  # λ
+    tiny: float  # the floor of a full v̂ (rule.moment_floor)
+
+    @classmethod
+    def of(cls, hyper: AdaFactorHyper, compute: torch.dtype) -> _KernelScalars:
+        return cls(
+            one_minus_beta2=1 - cast(float, hyper.beta2_t),
+            eps1=hyper.eps1,
+            one_minus_beta1=1 - hyper.beta1,
+            weight_decay=hyper.weight_decay,
+            tiny=torch.finfo(compute).tiny,
+        )
+
+
+_OFFSET = {field.name: index for index, field in enumerate(fields(_KernelScalars))}
+ONE_MINUS_BETA2 = tl.constexpr(_OFFSET["one_minus_beta2"])
+EPS1 = tl.constexpr(_OFFSET["eps1"])
+ONE_MINUS_BETA1 = tl.constexpr(_OFFSET["one_minus_beta1"])
+WEIGHT_DECAY = tl.constexpr(_OFFSET["weight_decay"])
+TINY = tl.constexpr(_OFFSET["tiny"])
 
 
 @triton.jit
@@ -132,18 +178,20 @@ def _unit_update(
     else:
         v = load(v_ptr + offs, mask, 1.0).to(COMPUTE)
         if UPDATE_V:
-            # v̂ ← lerp(v̂, g² + ε1, 1 − β̂_t)
-            v = lerp(v, g * g + tl.load(hyper_ptr + 1), tl.load(hyper_ptr))
+            # rule.moment_ema_: v̂ ← lerp(v̂, g² + ε1, 1 − β̂_t)
+            v = lerp(v, g * g + tl.load(hyper_ptr + EPS1), tl.load(hyper_ptr + ONE_MINUS_BETA2))
             tl.store(v_ptr + offs, round_to(v, V_DTYPE), mask=mask)
-        # v̂ = 0 only where every gradient was 0 (ε1 = 0): a 0 update, not 0·∞
-        tiny = tl.load(hyper_ptr + 4)
+        # rule.inverse_sqrt_moment: v̂ = 0 only where every gradient was 0 (ε1 = 0), a 0
+        # update, not 0·∞; floored always here (a no-op where the rule needs no floor)
+        tiny = tl.load(hyper_ptr + TINY)
         u = _rsqrt(tl.where(v < tiny, tiny, v)) * g
     return u
 
 
 @triton.jit
 def _saturated(g, bound_ptr, tid):
-    """g clamped to ± the tensor's bound (its squares along a row stay finite); NaN kept."""
+    """rule.saturated_gradient: g clamped to ± the tensor's bound (its squares along a row
+    stay finite); NaN kept."""
     bound = tl.load(bound_ptr + tid).to(g.dtype)
     return tl.where(g > bound, bound, tl.where(g < -bound, -bound, g))
 
@@ -199,7 +247,7 @@ def _adafactor_reduce_kernel(
     block_index,
     info_ptr,
     factors_ptr,
-    hyper_ptr,  # 1 − β̂_t, ε1, 1 − β1, λ, the smallest normal number
+    hyper_ptr,  # _KernelScalars: 1 − β̂_t, ε1, 1 − β1, λ, the smallest normal number
     bound_ptr,  # per tensor: the gradient's saturation bound
     partials,  # (2, programs): Σu², Σθ² per block, float64
     num_programs,
@@ -284,30 +332,28 @@ def _update_block(
         g, v_ptr, offs, mask, tid, info_ptr, factors_ptr, hyper_ptr,
         FACTORED, UPDATE_V, V_DTYPE, COMPUTE, P1, Q1, S1, INDEX,
     )  # fmt: skip
-    if MOMENTUM == 1:
-        # unit order: the EMA of the clipped û, then θ ← θ − α_t·s·m
-        m_ptr = typed_pointer(m_addrs, tid, M_DTYPE, ALIGNED)
-        u = div_rn(u, tl.load(clip_ptr + tid).to(COMPUTE))
-        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-        m = round_to(lerp(m, round_to(u, M_DTYPE).to(COMPUTE), tl.load(hyper_ptr + 2)), M_DTYPE)
-        tl.store(m_ptr + offs, m, mask=mask)
-        source = m.to(COMPUTE)
-        coef = tl.load(factor_ptr + tid).to(COMPUTE)
-    elif MOMENTUM == 2:
-        # scaled order: the EMA of α_t·s·û, then θ ← θ − m
-        m_ptr = typed_pointer(m_addrs, tid, M_DTYPE, ALIGNED)
-        u = u * tl.load(coef_ptr + tid).to(COMPUTE)
-        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-        m = round_to(lerp(m, round_to(u, M_DTYPE).to(COMPUTE), tl.load(hyper_ptr + 2)), M_DTYPE)
-        tl.store(m_ptr + offs, m, mask=mask)
-        source = m.to(COMPUTE)
-        coef = 1.0
-    else:
+    # rule.apply_update_
+    if MOMENTUM == 0:
         source = u
         coef = tl.load(coef_ptr + tid).to(COMPUTE)
+    else:
+        if MOMENTUM == 1:
+            # unit order: the EMA of the clipped û, then θ ← θ − α_t·s·m
+            u = div_rn(u, tl.load(clip_ptr + tid).to(COMPUTE))
+            coef = tl.load(factor_ptr + tid).to(COMPUTE)
+        else:
+            # scaled order: the EMA of α_t·s·û, then θ ← θ − m
+            u = u * tl.load(coef_ptr + tid).to(COMPUTE)
+            coef = 1.0
+        m_ptr = typed_pointer(m_addrs, tid, M_DTYPE, ALIGNED)
+        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+        weight = tl.load(hyper_ptr + ONE_MINUS_BETA1)
+        m = round_to(lerp(m, round_to(u, M_DTYPE).to(COMPUTE), weight), M_DTYPE)
+        tl.store(m_ptr + offs, m, mask=mask)
+        source = m.to(COMPUTE)
     p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
     if DECAY:
-        p = p * (1 - tl.load(step_ptr).to(COMPUTE) * tl.load(hyper_ptr + 3))
+        p = p * (1 - tl.load(step_ptr).to(COMPUTE) * tl.load(hyper_ptr + WEIGHT_DECAY))
     p = p - coef * source
     store_rounded(p_ptr, offs, p, mask, seed_ptr, tid, P_DTYPE, STOCHASTIC)
 
@@ -323,7 +369,7 @@ def _adafactor_update_kernel(
     block_index,
     info_ptr,
     factors_ptr,
-    hyper_ptr,  # 1 − β̂_t, ε1, 1 − β1, λ, the smallest normal number
+    hyper_ptr,  # _KernelScalars: 1 − β̂_t, ε1, 1 − β1, λ, the smallest normal number
     bound_ptr,  # per tensor: the gradient's saturation bound
     step_ptr,  # α_t, for the decay
     clip_ptr,  # per tensor: max(1, RMS(u)/d)
@@ -392,39 +438,15 @@ def adafactor_triton(
     exp_avg_sq_cols: list[Tensor | None],
     exp_avg_sqs: list[Tensor | None],
     exp_avgs: list[Tensor | None],
+    hyper: AdaFactorHyper | None = None,
     *,
-    beta2_t: float,
-    step_size: float | Tensor,
-    beta1: float,
-    eps1: float,
-    eps2: float,
-    clip_threshold: float | None,
-    multiply_by_parameter_scale: bool,
-    weight_decay: float,
-    factored_dims: str,
-    min_dim_size_to_factor: int,
-    momentum_mode: str,
-    maximize: bool,
     stochastic_rounding: bool | None = False,
+    **settings: Any,
 ) -> None:
-    """AdaFactor on contiguous tensors (same arguments as
-    ``functional.adafactor._single_tensor_adafactor``); ``stochastic_rounding`` rounds bf16/fp16
-    parameters stochastically (``functional.precision.rounds_stochastically``)."""
-    from danlu.algorithms.adafactor.functional import _axes
-
-    settings = _Settings(
-        beta2_t=beta2_t,
-        step_size=step_size,
-        beta1=beta1,
-        eps1=eps1,
-        eps2=eps2,
-        clip_threshold=clip_threshold,
-        scale=multiply_by_parameter_scale,
-        weight_decay=weight_decay,
-        momentum=_MOMENTUM[momentum_mode] if beta1 > 0 else 0,
-        maximize=maximize,
-        stochastic_rounding=stochastic_rounding,
-    )
+    """AdaFactor on contiguous tensors (same arguments as ``functional._single_tensor_adafactor``:
+    ``hyper``, or its fields by name); ``stochastic_rounding`` rounds bf16/fp16 parameters
+    stochastically (``core.precision.rounds_stochastically``)."""
+    hyper = hyper_of(hyper, settings)
     # Tensors are grouped by device and dtypes (the kernels' pointer types), and factored ones
     # also by layout: which of P, Q, S are 1 (so a matrix needs one division per element)
     # and whether 64-bit indices are needed.
@@ -433,7 +455,7 @@ def adafactor_triton(
     for i, (p, g, full, m) in enumerate(zip(params, grads, exp_avg_sqs, exp_avgs, strict=True)):
         layout_key: tuple = ()
         if full is None:
-            axes[i] = _axes(p, exp_avg_sq_rows[i], factored_dims, min_dim_size_to_factor)
+            axes[i] = factored_axes_of(p, exp_avg_sq_rows[i], hyper)
             lay = _layout(p.shape, *axes[i])
             layout_key = (lay[0] == 1, lay[2] == 1, lay[4] == 1, p.numel() >= 2**31)
         stats = exp_avg_sq_rows[i] if full is None else full
@@ -448,25 +470,16 @@ def adafactor_triton(
         if is_factored:
             rows = [cast(Tensor, exp_avg_sq_rows[i]) for i in indices]
             cols = [cast(Tensor, exp_avg_sq_cols[i]) for i in indices]
-            _launch(ps, gs, rows, ms, settings, cols=cols, axes=[axes[i] for i in indices])
+            group_axes: list[tuple[int, int]] | None = [axes[i] for i in indices]
         else:
-            fulls = [cast(Tensor, exp_avg_sqs[i]) for i in indices]
-            _launch(ps, gs, fulls, ms, settings, cols=None, axes=None)
-
-
-@dataclass(frozen=True)
-class _Settings:
-    beta2_t: float
-    step_size: float | Tensor
-    beta1: float
-    eps1: float
-    eps2: float
-    clip_threshold: float | None
-    scale: bool
-    weight_decay: float
-    momentum: int
-    maximize: bool
-    stochastic_rounding: bool | None
+            rows = [cast(Tensor, exp_avg_sqs[i]) for i in indices]
+            cols, group_axes = None, None
+        _launch(
+            (ps, gs, rows, cols, ms),
+            group_axes,
+            hyper,
+            stochastic=rounds_stochastically(stochastic_rounding, ps[0].dtype),
+        )
 
 
 def _factors(
@@ -475,17 +488,14 @@ def _factors(
     cols: list[Tensor],
     axes: list[tuple[int, int]],
     bounds: list[float],
-    settings: _Settings,
+    hyper: AdaFactorHyper,
 ) -> tuple[Tensor, list[int], list[int]]:
-    """Update R and C with torch ops; return the packed row factors (R/mean(R))^(-1/2) and
-    column factors C^(-1/2), with each one's offset in the workspace."""
+    """Update R and C with torch ops (rule.moment_ema_ on lists); return the packed row factors
+    (R/mean(R))^(-1/2) and column factors C^(-1/2), with each one's offset in the workspace."""
     dtype = rows[0].dtype
     # the gradients saturated like the kernels read them (one tensor's copy at a time would
     # do, but the norms below read each twice)
-    grads = [
-        g.to(dtype).clamp_(-b, b) if g.dtype != dtype else g.clamp(-b, b)
-        for g, b in zip(grads, bounds, strict=True)
-    ]
+    grads = [saturated_gradient(g, dtype, b) for g, b in zip(grads, bounds, strict=True)]
     # mean(g²) over an axis as ‖g‖²/n: one read of g, no g² temporary
     row_means = [
         torch.linalg.vector_norm(g, dim=a[0], keepdim=True, dtype=dtype)
@@ -499,10 +509,10 @@ def _factors(
     torch._foreach_mul_(col_means, col_means)
     torch._foreach_div_(row_means, [float(g.shape[a[0]]) for g, a in zip(grads, axes, strict=True)])
     torch._foreach_div_(col_means, [float(g.shape[a[1]]) for g, a in zip(grads, axes, strict=True)])
-    torch._foreach_add_(row_means, settings.eps1)
-    torch._foreach_add_(col_means, settings.eps1)
-    torch._foreach_lerp_(rows, row_means, 1 - settings.beta2_t)
-    torch._foreach_lerp_(cols, col_means, 1 - settings.beta2_t)
+    torch._foreach_add_(row_means, hyper.eps1)
+    torch._foreach_add_(col_means, hyper.eps1)
+    torch._foreach_lerp_(rows, row_means, 1 - cast(float, hyper.beta2_t))
+    torch._foreach_lerp_(cols, col_means, 1 - cast(float, hyper.beta2_t))
     normalisers = [r.mean(dim=a[1], keepdim=True) for r, a in zip(rows, axes, strict=True)]
     row_factors, col_factors = inverse_sqrt_factors(rows, cols, normalisers)
     packed = [t.reshape(-1) for t in (*row_factors, *col_factors)]
@@ -514,33 +524,25 @@ def _factors(
 
 
 def _launch(
-    params: list[Tensor],
-    grads: list[Tensor],
-    stats: list[Tensor],
-    exp_avgs: list[Tensor | None],
-    settings: _Settings,
-    *,
-    cols: list[Tensor] | None,
+    tensors: tuple[
+        list[Tensor], list[Tensor], list[Tensor], list[Tensor] | None, list[Tensor | None]
+    ],
     axes: list[tuple[int, int]] | None,
+    hyper: AdaFactorHyper,
+    *,
+    stochastic: bool,
 ) -> None:
-    """One group: the statistics, the reduction pass, the coefficients, the update pass."""
-    momenta = [cast(Tensor, m) for m in exp_avgs] if settings.momentum else params
+    """One group (params, grads, the row statistics or full v̂, the column statistics or
+    None, the momenta) with its factored axes (None: unfactored): the statistics, the
+    reduction pass, the coefficients, the update pass."""
+    params, grads, stats, cols, exp_avgs = tensors
+    momenta = [cast(Tensor, m) for m in exp_avgs] if hyper.momentum else params
     contiguous_or_raise([*params, *grads, *stats, *momenta], "AdaFactor")
     device, stat_dtype = params[0].device, stats[0].dtype
     compute = compute_dtype(params[0].dtype, stat_dtype)
     tables = launch_tables([params, grads, stats, momenta])
-    hyper = device_scalars(
-        [
-            1 - settings.beta2_t,
-            settings.eps1,
-            1 - settings.beta1,
-            settings.weight_decay,
-            torch.finfo(compute).tiny,
-        ],
-        compute,
-        device,
-    )
-    step = lr_tensor(settings.step_size, compute, device)
+    hyper_table = device_scalars(astuple(_KernelScalars.of(hyper, compute)), compute, device)
+    step = lr_tensor(hyper.step_size, compute, device)
     factored = cols is not None
     bounds = [
         gradient_bound(p.shape, None if axes is None else axes[i], stat_dtype)
@@ -549,7 +551,7 @@ def _launch(
     bound_table = device_scalars(bounds, compute, device)
     if factored:
         assert axes is not None and cols is not None
-        factors, row_offsets, col_offsets = _factors(grads, stats, cols, axes, bounds, settings)
+        factors, row_offsets, col_offsets = _factors(grads, stats, cols, axes, bounds, hyper)
         layouts = [_layout(p.shape, *a) for p, a in zip(params, axes, strict=True)]
         info = int_table(
             [
@@ -563,12 +565,12 @@ def _launch(
         p1, q1, s1 = (all(lay[k] == 1 for lay in layouts) for k in (0, 2, 4))
         wide = any(p.numel() >= 2**31 for p in params)
     else:
-        factors, info = hyper, hyper  # unused placeholders
+        factors, info = hyper_table, hyper_table  # unused placeholders
         p1 = q1 = s1 = True
         wide = False
     if tables.num_programs == 0:  # only empty tensors
         return
-    clip = settings.clip_threshold is not None
+    clip = hyper.clip_threshold is not None
     common = {
         "FACTORED": factored,
         "P_DTYPE": triton_dtype(params[0].dtype),
@@ -583,7 +585,7 @@ def _launch(
         "BLOCK": BLOCK,
     }
     n = len(params)
-    reduce_first = clip or settings.scale
+    reduce_first = clip or hyper.multiply_by_parameter_scale
     sums = None
     if reduce_first:
         partials = torch.empty(2, tables.num_programs, dtype=torch.float64, device=device)
@@ -594,34 +596,31 @@ def _launch(
             tables.block_index,
             info,
             factors,
-            hyper,
+            hyper_table,
             bound_table,
             partials,
             tables.num_programs,
             UPDATE_V=not factored,
             CLIP=clip,
-            SCALE=settings.scale,
+            SCALE=hyper.multiply_by_parameter_scale,
             **common,
         )
         # the roots in float64, then in the compute dtype (inf only where RMS(u) itself
         # exceeds its range: that tensor's update is then 0, not NaN)
         sums = segment_sums(partials, tables).sqrt_().to(compute)
-    roots = [math.sqrt(max(p.numel(), 1)) for p in params]
+    roots = [root_size(p) for p in params]
     if clip:
         assert sums is not None
-        divisors = [r * cast(float, settings.clip_threshold) for r in roots]
-        clip_denoms = sums[0].div_(device_scalars(divisors, compute, device))
-        clip_denoms.clamp_min_(1.0)
+        divisors = [r * cast(float, hyper.clip_threshold) for r in roots]
+        clip_denoms = clip_denominator_(sums[0], device_scalars(divisors, compute, device))
     else:
         clip_denoms = device_scalars([1.0] * n, compute, device)
-    if settings.scale:
+    if hyper.multiply_by_parameter_scale:
         assert sums is not None
-        scales = sums[1].div_(device_scalars(roots, compute, device))
-        factor = scales.clamp_min_(settings.eps2).mul_(step)
+        factor = parameter_scale_(sums[1], device_scalars(roots, compute, device), hyper.eps2, step)
     else:
         factor = step.expand(n).contiguous()
     coef = clip_denoms.reciprocal().mul_(factor)
-    stochastic = rounds_stochastically(settings.stochastic_rounding, params[0].dtype)
     _adafactor_update_kernel[(tables.num_programs,)](
         *tables.addresses,
         tables.sizes,
@@ -629,7 +628,7 @@ def _launch(
         tables.block_index,
         info,
         factors,
-        hyper,
+        hyper_table,
         bound_table,
         step,
         clip_denoms,
@@ -637,9 +636,9 @@ def _launch(
         coef,
         seed_tensor(device) if stochastic else step,
         UPDATE_V=not factored and not reduce_first,
-        MOMENTUM=settings.momentum,
-        MAXIMIZE=settings.maximize,
-        DECAY=settings.weight_decay != 0,
+        MOMENTUM=_MOMENTUM[hyper.momentum],
+        MAXIMIZE=hyper.maximize,
+        DECAY=hyper.weight_decay != 0,
         STOCHASTIC=stochastic,
         M_DTYPE=triton_dtype(momenta[0].dtype),
         **common,

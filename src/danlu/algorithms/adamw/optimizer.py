@@ -48,8 +48,9 @@ class AdamW(WindowedOptimizer):
     r"""AdamW (Loshchilov & Hutter 2019), with gradient accumulation hidden in the moments as in
     docs/reference/algorithms.md#hidden-accumulation-rule (kexue 8634).
 
-    With ``grad_accum_steps=1`` this is ``torch.optim.AdamW`` (same defaults, same state keys
-    ``step``, ``exp_avg``, ``exp_avg_sq``, equal results to float rounding).
+    With ``grad_accum_steps=1`` this is ``torch.optim.AdamW`` (same defaults: lr 1e-3, betas
+    (0.9, 0.999), eps 1e-8, weight_decay 1e-2; same state keys ``step``, ``exp_avg``,
+    ``exp_avg_sq``; equal results to float rounding).
 
     With ``grad_accum_steps=k > 1`` call ``step()`` after every micro-batch: the moments decay on
     the first micro-step of each window and take (1-β)/k of each micro-gradient (of its square
@@ -57,13 +58,19 @@ class AdamW(WindowedOptimizer):
 
     .. math::
         m_t = [(\beta_1-1)\chi_{(t-1)/k}+1]\,m_{t-1} + \tfrac{1-\beta_1}{k} g_t,\qquad
-        v_t = [(\beta_2-1)\chi_{(t-1)/k}+1]\,v_{t-1} + \tfrac{1-\beta_2}{k} g_t^2
+        v_t = [(\beta_2-1)\chi_{(t-1)/k}+1]\,v_{t-1} + \tfrac{1-\beta_2}{k} g_t^2,
 
+        \theta_t = \theta_{t-1} - \chi_{t/k}\,\eta\Big(\lambda\theta_{t-1}
+                   + \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}\Big),\qquad
+        \hat m_t = \frac{m_t}{1-\beta_1^{n}},\quad \hat v_t = \frac{v_t}{1-\beta_2^{n}}
+
+    with χ_{t/k} = 1 when k divides the micro-step t (else 0) and n = t/k the update count.
     m is exactly the momentum of the mean gradient; v uses the mean of the squares instead of
     the square of the mean (the blog's approximation). Bias correction counts updates
     (``state["step"]``). No gradient buffer is kept: 8 bytes of state per fp32 parameter,
     against 12 for exact accumulation (``danlu.GradientAccumulation``). Step an lr scheduler
-    once per update.
+    once per update. The rule for one tensor is ``danlu.algorithms.adamw.rule.adamw_rule``;
+    the for-loop, foreach and compiled paths compute the same numbers.
 
     The windows are counted by the optimizer's ``step()`` calls (``micro_step``, saved in
     ``state_dict``), the same for every parameter: a parameter without a gradient on a

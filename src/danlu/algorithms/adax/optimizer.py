@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from danlu.algorithms.adax.functional import adax
+from danlu.algorithms.adax.functional import adax_step
+from danlu.algorithms.adax.rule import AdaXHyper
 from danlu.core.precision import check_stochastic_rounding
 from danlu.core.shell import (
     DanluOptimizer,
@@ -27,8 +28,8 @@ __all__ = ["AdaX"]
 
 
 class AdaX(DanluOptimizer):
-    r"""AdaX, docs/reference/algorithms.md#adax; Li et al. 2020 (arXiv 2004.09740); kexue 7387; code
-    bojone/adax.
+    r"""AdaX, docs/reference/algorithms.md#adax; Li et al. 2020 (arXiv 2004.09740);
+    kexue.fm/archives/7387; code bojone/adax.
 
     .. math::
         m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
@@ -36,8 +37,10 @@ class AdaX(DanluOptimizer):
         \theta_t = \theta_{t-1} - \alpha\Big(\frac{m_t}{\sqrt{\hat v_t} + \epsilon}
                    + \lambda\theta_{t-1}\Big)
 
-    Older gradients get exponentially *larger* weight in v̂ ("exponential long-term memory");
-    there is no bias correction on m, so the first step is 0.1·α·sign(g) for β1 = 0.9.
+    The rule for one tensor is ``danlu.algorithms.adax.rule.adax_update_``
+    (docs/reference/algorithms.md#adax-rule). Older gradients get exponentially *larger*
+    weight in v̂ ("exponential long-term memory"); there is no bias correction on m, so the
+    first step is 0.1·α·sign(g) for β1 = 0.9.
 
     The state keeps v̂ itself in the normalised EMA form of docs/reference/algorithms.md#adax-rule,
     v̂_t = β̂_t v̂_{t−1} + (1 − β̂_t) g² with 1 − β̂_t = β2/((1+β2)^t − 1): it equals the blog's
@@ -46,14 +49,19 @@ class AdaX(DanluOptimizer):
     parameter dtype, because 1 − β̂_t ≈ 1/t soon drops below bf16's resolution and a bf16 v̂
     would stop moving; m has the parameter's dtype.
 
-    Defaults are the reference code's tf.keras version: ``lr=1e-3``, ``betas=(0.9, 1e-4)``,
+    Defaults are the reference code's tf.keras version
+    (docs/reference/algorithms.md#adax-defaults): ``lr=1e-3``, ``betas=(0.9, 1e-4)``,
     ``eps=1e-6`` added after the square root (``eps_inside_sqrt=True`` gives the blog's
-    √(v̂ + ε)).
+    √(v̂ + ε); docs/reference/algorithms.md#adax-differences).
 
     Deviations from the reference:
-        * decoupled weight decay (docs/reference/algorithms.md#conventions, multiplied by the lr; 0
-          by default) is an addition: the reference code has none.
+        * decoupled weight decay (docs/reference/algorithms.md#conventions, multiplied by the
+          lr; 0 by default) is an addition: the reference code has none.
         * v̂ is stored normalised (see above) instead of the growing v_t.
+        * gradients are read saturated where g² would overflow v̂'s dtype (about 1.3e19 in
+          float32), so one huge finite gradient cannot turn v̂ into inf; ordinary gradients
+          are read bit for bit.
+        * stochastic rounding of bf16/fp16 parameters (on by default) is an addition.
 
     Args:
         params: parameters, named parameters or param groups.
@@ -146,21 +154,13 @@ class AdaX(DanluOptimizer):
     ) -> None:
         for work, exp_avgs, exp_avg_sqs, buckets in plan:
             group = work.group
-            beta1, beta2 = group["betas"]
             for b, indices in enumerate(buckets.indices):
-                adax(
+                adax_step(
                     [work.params[i] for i in indices],
                     [work.grads[i] for i in indices],
                     [exp_avgs[i] for i in indices],
                     [exp_avg_sqs[i] for i in indices],
-                    step=buckets.step(b),
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    eps_inside_sqrt=group["eps_inside_sqrt"],
-                    weight_decay=group["weight_decay"],
-                    maximize=group["maximize"],
+                    AdaXHyper.from_group(group, buckets.step(b)),
                     stochastic_rounding=group.get("stochastic_rounding"),
                     foreach=group["foreach"],
                     fused=group.get("fused"),  # absent from state dicts saved before it existed

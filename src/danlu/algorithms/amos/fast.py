@@ -1,12 +1,16 @@
-"""Amos's CPU fast paths: the single-tensor rule on cache-sized slices
-(``*_chunked``) and the foreach rule compiled by ``torch.compile`` (``*_compiled``).
+"""Amos's compiled CPU/GPU path: the reference rule's for-loop (``functional._single_tensor_amos``)
+compiled by ``torch.compile`` (``*_compiled``). There is no chunked path: a slot's mean square
+needs the whole tensor.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
+from danlu.algorithms.amos.rule import AmosHyper
 from danlu.core.compiled import compiled_once, lr_tensor, recompile_limit
 
 
@@ -18,21 +22,11 @@ def amos_compiled(
     exp_avgs: list[Tensor | None],
     *,
     etas: list[float],
-    bias_correction: float,
-    lr: float | Tensor,
-    beta: float,
-    zeta: float,
-    finetune_rate: float,
-    center: float,
-    momentum: float,
-    clip_value: float | None,
-    eps: float,
-    maximize: bool,
+    hyper: AmosHyper,
 ) -> None:
-    """Amos (docs/reference/algorithms.md#amos-optimizer): ``functional.amos._single_tensor_amos``
-    compiled into one fused loop per tensor. The per-step bias correction 1 − β^t is a 0-d tensor
-    like the lr, so the step count does not recompile; the per-tensor η are constants of the
-    compiled code."""
+    """Amos (docs/reference/algorithms.md#amos-optimizer): ``rule.amos_rule`` compiled into one
+    fused loop per tensor. The per-step bias correction 1 − β^t is a 0-d tensor like the lr, so
+    the step count does not recompile; the per-tensor η are constants of the compiled code."""
     from danlu.algorithms.amos.functional import _single_tensor_amos
 
     # 0-d tensors (params, and the scalar slots of vectors) as 1-element views with the
@@ -46,6 +40,14 @@ def amos_compiled(
         ]
 
     like = exp_avg_sqs[0]
+    correction = hyper.bias_correction
+    if isinstance(correction, Tensor):  # from a step tensor, inside a compiled optimizer step
+        correction = correction.to(dtype=like.dtype, device=like.device)
+    else:
+        correction = torch.full((), correction, dtype=like.dtype, device=like.device)
+    tensor_hyper = dataclasses.replace(
+        hyper, bias_correction=correction, lr=lr_tensor(hyper.lr, like)
+    )
     with recompile_limit():
         compiled_once(_single_tensor_amos)(
             lift(params),  # type: ignore[arg-type]
@@ -54,14 +56,5 @@ def amos_compiled(
             lift(bs),  # type: ignore[arg-type]
             lift(exp_avgs),
             etas=etas,
-            bias_correction=torch.full((), bias_correction, dtype=like.dtype, device=like.device),
-            lr=lr_tensor(lr, like),
-            beta=beta,
-            zeta=zeta,
-            finetune_rate=finetune_rate,
-            center=center,
-            momentum=momentum,
-            clip_value=clip_value,
-            eps=eps,
-            maximize=maximize,
+            hyper=tensor_hyper,
         )

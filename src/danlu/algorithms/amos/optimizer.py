@@ -7,13 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from danlu.algorithms.amos.functional import (
-    AMOS_EPS,
-    SLOT_RULES,
-    amos,
-    amos_default_eta,
-    amos_slot_shape,
-)
+from danlu.algorithms.amos.functional import amos
+from danlu.algorithms.amos.rule import AMOS_EPS, SLOT_RULES, amos_default_eta, amos_slot_shape
 from danlu.core.dtensor import new_state
 from danlu.core.precision import check_stochastic_rounding
 from danlu.core.shell import (
@@ -95,6 +90,9 @@ class Amos(DanluOptimizer):
     ``finetune_rate``; ``momentum`` is an EMA of δ without debiasing, applied after the step;
     ``clip_value`` clips each gradient entry to [−clip_value, clip_value] first.
 
+    The rule for one tensor is ``danlu.algorithms.amos.rule.amos_rule``; every path (for-loop,
+    foreach, compiled, FSDP2) computes the same numbers.
+
     **Under FSDP2** the mean square over a slot's reduced axes is over the whole tensor (one
     all-reduce per step for all tensors); slots are sharded like the parameter along the axes
     they keep and replicated along the ones they reduce.
@@ -109,7 +107,7 @@ class Amos(DanluOptimizer):
             ``init_b``, ``finetune_rate``, ``kind``, ``center`` and the arguments below).
         lr: the global learning rate ξ (≥ 0).
         eta: η > 0, ``"auto"`` or ``"output"``.
-        beta: decay rate of the squared-gradient EMA, in [0, 1).
+        beta: decay rate of the squared-gradient EMA, in [0, 1) (jestimator's 0.999).
         momentum: μ in [0, 1); 0 keeps no momentum. Not for cycling: ``step()`` refuses a
             group that ``OneCycleLR``/``CyclicLR`` with ``cycle_momentum=True`` has written
             (pass ``cycle_momentum=False``; see docs/recipes.md, "Schedulers").
@@ -117,8 +115,8 @@ class Amos(DanluOptimizer):
         slots: ``"per_output"``, ``"scalar"`` or ``"full"``.
         init_b: initial value of b (≥ 0).
         finetune_rate: f ≥ 0.
-        zeta: ζ ≥ 0 for both decay factors c and d.
-        eps: floor ε > 0 of v (2⁻¹²⁵).
+        zeta: ζ ≥ 0 for both decay factors c and d (jestimator's 0.25).
+        eps: floor ε > 0 of v (jestimator's 2⁻¹²⁵).
         stochastic_rounding: how bf16/fp16 parameters are written. ``None`` (default) or
             ``True``: the parameter's update runs in fp32 and the result is rounded
             stochastically (unbiased), so updates below the dtype's spacing are not lost

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from danlu.algorithms.lion.functional import lion
+from danlu.algorithms.lion.functional import lion_step
+from danlu.algorithms.lion.rule import LionHyper
 from danlu.core.precision import check_stochastic_rounding
 from danlu.core.shell import (
     DanluOptimizer,
@@ -26,26 +27,34 @@ __all__ = ["Lion"]
 
 class Lion(DanluOptimizer):
     r"""Lion (EvoLved Sign Momentum), docs/reference/algorithms.md#lion; Chen et al. 2023 (arXiv
-    2302.06675); kexue 9473.
+    2302.06675); kexue.fm/archives/9473; code google/automl ``lion/lion_pytorch.py``.
 
     .. math::
         c_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
         \theta_t = \theta_{t-1} - \eta\,(\mathrm{sign}(c_t) + \lambda\theta_{t-1}),\quad
         m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t
 
-    Defaults are google/automl's ``lion_pytorch.py``: ``lr=1e-4``, ``betas=(0.9, 0.99)``,
-    ``weight_decay=0``. Weight decay uses the old parameter and is multiplied by the lr (so
-    when moving from AdamW, divide the lr by 3-10 and multiply weight_decay by the same factor;
-    ``danlu.recipes.adamw_to_lion``). For language models the paper uses ``betas=(0.95, 0.98)``.
+    The rule for one tensor is ``danlu.algorithms.lion.rule.lion_update_``
+    (docs/reference/algorithms.md#lion-rule).
+
+    Defaults are google/automl's ``lion_pytorch.py`` (docs/reference/algorithms.md#lion-defaults):
+    ``lr=1e-4``, ``betas=(0.9, 0.99)``, ``weight_decay=0``. Weight decay uses the old parameter
+    and is multiplied by the lr (so when moving from AdamW, divide the lr by 3-10 and multiply
+    weight_decay by the same factor; ``danlu.recipes.adamw_to_lion``). For language models the
+    paper uses ``betas=(0.95, 0.98)``.
 
     State: one momentum buffer ``exp_avg`` per parameter (4 bytes per fp32 parameter), the same
     key and layout as ``lion_pytorch.Lion``. Lion cannot hide gradient accumulation in its
     momentum (docs/reference/algorithms.md#lion-edge-cases); wrap it in
     ``danlu.GradientAccumulation`` or use ``danlu.Tiger``.
 
-    Gradients beyond half the largest value of the momentum's dtype (±inf included) are read
-    saturated at that bound, so the momentum and the parameters stay finite; ordinary
-    gradients are read bit for bit (docs/optimizers/lion.md, "Huge gradients").
+    Deviations from the reference:
+        * gradients beyond half the largest value of the momentum's dtype (±inf included) are
+          read saturated at that bound, so the momentum and the parameters stay finite;
+          ordinary gradients are read bit for bit (docs/optimizers/lion.md, "Huge gradients").
+        * ``state_dtype`` (e.g. a bf16 momentum) and stochastic rounding of bf16/fp16
+          parameters (on by default) are additions; with fp32 parameters and state the
+          update is the reference's.
 
     Args:
         params: parameters, named parameters or param groups.
@@ -132,20 +141,15 @@ class Lion(DanluOptimizer):
     def _apply(self, plan: list[tuple[GroupTensors, list[Tensor]]]) -> None:
         for work, exp_avgs in plan:
             group = work.group
-            beta1, beta2 = group["betas"]
-            lion(
+            lion_step(
                 work.params,
                 work.grads,
                 exp_avgs,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-                # absent from state dicts saved before it existed
+                LionHyper.from_group(group),
+                # absent from state dicts saved before they existed
                 stochastic_rounding=group.get("stochastic_rounding"),
                 foreach=group["foreach"],
-                fused=group.get("fused"),  # absent from state dicts saved before it existed
+                fused=group.get("fused"),
             )
 
 

@@ -1,5 +1,9 @@
-"""Tiger, docs/reference/algorithms.md#tiger-rule: the math only, tensors in, tensors updated in
-place.
+"""Tiger, docs/reference/algorithms.md#tiger-rule: the functional entry and its paths (single
+tensor, foreach, DTensor); tensors in, tensors updated in place.
+
+The rule itself, one tensor at a time, is :func:`danlu.algorithms.tiger.rule.tiger_update_`;
+the single-tensor path is a loop over it, and the other paths use its named pieces (η, the
+gradient read, the momentum update, the update direction) where they can.
 
 One call is one micro-step of the reference code (bojone/tiger tiger.py). With
 ``grad_accum_steps = k`` the momentum decays by β on the first micro-step of a window, adds
@@ -17,54 +21,47 @@ with the per-kind step size (the reference code's name rules, as explicit kinds)
 The decay is multiplied by the same η, RMS factor included, as in the reference code.
 
 The gradient is read saturated at half the largest value of the momentum's dtype
-(``functional.overflow.average_bound``), so the momentum stays finite for every finite
+(``core.overflow.average_bound``), so the momentum stays finite for every finite
 gradient (+max then −max used to make it ±inf, then NaN); gradients within the bound are read
 unchanged, bit for bit. Non-finite gradients go to the non-finite policy as before.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from danlu.algorithms.tiger.rule import (
+    TigerHyper,
+    eta_from_rms_,
+    rms_root,
+    step_size,
+    tiger_update_,
+)
 from danlu.core.dtensor import any_dtensor, is_dtensor, local, sharded_sums
+from danlu.core.hyper import accepts_keywords
 from danlu.core.nonfinite import shrink_
-from danlu.core.overflow import average_bound, average_bounds, saturate, saturate_all
+from danlu.core.overflow import average_bound, average_bounds, saturate_all
 from danlu.core.precision import needs_upcast, needs_upcast_copies, upcast_step
-from danlu.core.row_norm import row_norm
 from danlu.core.shell import KINDS
 from danlu.core.tensors import group_by_device_and_dtype, select_path
 
-__all__ = ["KINDS", "tiger", "tiger_step_size"]
+__all__ = ["KINDS", "tiger", "tiger_step", "tiger_step_size"]
 
 
 def tiger_step_size(
     param: Tensor, *, lr: float | Tensor, kind: str, rms_floor: float
 ) -> float | Tensor:
-    """η for one tensor: 0.5·α, α·max(RMS(θ), floor), or a column of per-row values.
+    """η for one tensor: 0.5·α, α·max(RMS(θ), floor), or a column of per-row values
+    (:func:`~danlu.algorithms.tiger.rule.step_size`).
 
     For a DTensor (FSDP2) parameter the RMS is over the whole tensor (or whole rows), summed
     over the ranks that shard it; the result is laid out like the local slice."""
-    if kind == "elementwise":
-        return 0.5 * lr
-    dtype = torch.promote_types(param.dtype, torch.float32)
-    if is_dtensor(param):
+    if kind != "elementwise" and is_dtensor(param):
         return _sharded_step_sizes([param], lr=lr, kind=kind, rms_floor=rms_floor)[0]
-    if kind == "matrix":
-        rms = torch.linalg.vector_norm(param, dtype=dtype) / math.sqrt(max(param.numel(), 1))
-    elif kind == "embedding":
-        width = param.shape[-1] if param.dim() > 0 else 1
-        # an opaque op inside torch.compile (Inductor's CPU code generation fails on the row
-        # reduction fused with the update, pytorch#196570); the same call eagerly
-        rms = row_norm(param, dtype) / math.sqrt(max(width, 1))
-    else:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return rms.clamp_min_(rms_floor).mul_(lr)
+    return step_size(param, lr=lr, kind=kind, rms_floor=rms_floor)
 
 
 def _sharded_step_sizes(
@@ -80,12 +77,11 @@ def _sharded_step_sizes(
         dtype = torch.promote_types(param.dtype, torch.float32)
         squares.append(local(param).to(dtype).square())
         dims.append(-1 if kind == "embedding" and param.dim() > 0 else None)
-    out = []
-    for param, total, dim in zip(params, sharded_sums(squares, params, dims), dims, strict=True):
-        count = param.numel() if dim is None else param.shape[-1]
-        rms = total.sqrt_().div_(math.sqrt(max(count, 1)))
-        out.append(rms.clamp_min_(rms_floor).mul_(lr))
-    return out
+    totals = sharded_sums(squares, params, dims)
+    return [
+        eta_from_rms_(total.sqrt_().div_(rms_root(param, kind)), lr, rms_floor)
+        for param, total in zip(params, totals, strict=True)
+    ]
 
 
 def tiger(
@@ -117,70 +113,17 @@ def tiger(
     finite; the others get the non-finite policy of the reference code instead of the update:
     ``nonfinite="shrink"`` sets θ ← (θ − center)·shrink_ratio + center, ``"skip"`` leaves θ;
     the momentum is untouched either way. ``foreach``/``fused`` choose the implementation
-    (see ``functional._utils.select_path``); all of them compute the same update. Momentum
+    (see ``core.tensors.select_path``); all of them compute the same update. Momentum
     in another dtype than its parameter (e.g. bf16) and ``stochastic_rounding`` of bf16/fp16
     parameters (``None``/``True``: on for them) run the math in fp32: inside the Triton
-    kernel on CUDA, elsewhere on upcast copies (``functional.precision``).
+    kernel on CUDA, elsewhere on upcast copies (``core.precision``).
 
     DTensor (FSDP2) tensors take a simple path (:func:`_dtensor_tiger`): the momentum and the
     update run on the local slices, and the RMS factor is computed over the whole tensor (or
     whole rows) across the ranks. ``finite`` must then be the same on every rank (as
     ``finite_mask`` returns it).
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if nonfinite not in ("shrink", "skip"):
-        raise ValueError(f"nonfinite must be 'shrink' or 'skip', got {nonfinite!r}")
-    if not params:
-        return
-    if any_dtensor(params):
-        _dtensor_tiger(
-            params,
-            grads,
-            exp_avgs,
-            lr=lr,
-            beta=beta,
-            weight_decay=0.0 if kind == "elementwise" else weight_decay,
-            kind=kind,
-            rms_floor=rms_floor,
-            grad_accum_steps=grad_accum_steps,
-            first_micro_step=first_micro_step,
-            last_micro_step=last_micro_step,
-            maximize=maximize,
-            finite=finite,
-            nonfinite=nonfinite,
-            center=center,
-            shrink_ratio=shrink_ratio,
-            stochastic_rounding=stochastic_rounding,
-        )
-        return
-    path = select_path(foreach, fused, params)
-    if path == "triton":
-        from danlu.algorithms.tiger.triton import tiger_triton
-
-        tiger_triton(
-            list(params),
-            list(grads),
-            list(exp_avgs),
-            lr=lr,
-            beta=beta,
-            weight_decay=0.0 if kind == "elementwise" else weight_decay,
-            kind=kind,
-            rms_floor=rms_floor,
-            grad_accum_steps=grad_accum_steps,
-            first_micro_step=first_micro_step,
-            last_micro_step=last_micro_step,
-            maximize=maximize,
-            finite=finite,
-            nonfinite=nonfinite,
-            center=center,
-            shrink_ratio=shrink_ratio,
-            stochastic_rounding=stochastic_rounding,
-        )
-        return
-    update = functools.partial(
-        _update,
-        path,
+    hyper = TigerHyper.of(
         lr=lr,
         beta=beta,
         weight_decay=weight_decay,
@@ -190,34 +133,56 @@ def tiger(
         first_micro_step=first_micro_step,
         last_micro_step=last_micro_step,
         maximize=maximize,
+        nonfinite=nonfinite,
+        center=center,
+        shrink_ratio=shrink_ratio,
         stochastic_rounding=stochastic_rounding,
     )
+    tiger_step(params, grads, exp_avgs, hyper, finite=finite, foreach=foreach, fused=fused)
+
+
+def tiger_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    hyper: TigerHyper,
+    *,
+    finite: Tensor | None = None,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> None:
+    """:func:`tiger` with its settings as one :class:`TigerHyper`: the path is chosen here."""
+    if not params:
+        return
+    if any_dtensor(params):
+        _dtensor_tiger(params, grads, exp_avgs, hyper, finite)
+        return
+    path = select_path(foreach, fused, params)
+    if path == "triton":
+        from danlu.algorithms.tiger.triton import tiger_triton
+
+        tiger_triton(list(params), list(grads), list(exp_avgs), hyper, finite=finite)
+        return
     if finite is not None and torch.compiler.is_compiling():
         # inside torch.compile the flags are not read to the host (a graph break, and a
         # recompile whenever they change): every tensor is updated and the non-finite ones
         # are put back (shrunk) with torch.where
         _masked_update(
-            params,
-            exp_avgs,
-            finite,
-            lambda: update(params, grads, exp_avgs),
-            nonfinite=nonfinite,
-            center=center,
-            shrink_ratio=shrink_ratio,
+            params, exp_avgs, finite, lambda: _update(path, params, grads, exp_avgs, hyper), hyper
         )
         return
     if finite is not None:
         flags = finite.tolist()
         bad = [p for p, ok in zip(params, flags, strict=True) if not ok]
-        if nonfinite == "shrink":
-            shrink_(bad, center=center, ratio=shrink_ratio)
+        if hyper.nonfinite == "shrink":
+            shrink_(bad, center=hyper.center, ratio=hyper.shrink_ratio)
         keep = [i for i, ok in enumerate(flags) if ok]
         params = [params[i] for i in keep]
         grads = [grads[i] for i in keep]
         exp_avgs = [exp_avgs[i] for i in keep]
         if not params:
             return
-    update(params, grads, exp_avgs)
+    _update(path, params, grads, exp_avgs, hyper)
 
 
 def _update(
@@ -225,31 +190,10 @@ def _update(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
-    *,
-    lr: float | Tensor,
-    beta: float,
-    weight_decay: float,
-    kind: str,
-    rms_floor: float,
-    grad_accum_steps: int,
-    first_micro_step: bool,
-    last_micro_step: bool,
-    maximize: bool,
-    stochastic_rounding: bool | None,
+    hyper: TigerHyper,
 ) -> None:
     """The update of every tensor given (finite gradients) on ``path``."""
-    settings: dict[str, Any] = {
-        "lr": lr,
-        "beta": beta,
-        "weight_decay": 0.0 if kind == "elementwise" else weight_decay,
-        "kind": kind,
-        "rms_floor": rms_floor,
-        "grad_accum_steps": grad_accum_steps,
-        "first_micro_step": first_micro_step,
-        "last_micro_step": last_micro_step,
-        "maximize": maximize,
-    }
-    if needs_upcast_copies(path, params, grads, [exp_avgs], stochastic_rounding):
+    if needs_upcast_copies(path, params, grads, [exp_avgs], hyper.stochastic_rounding):
         # one tensor at a time (as upcast_step goes anyway): the fp32 copies no longer show
         # the momentum's own dtype, so its bound is passed along
         for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
@@ -258,12 +202,12 @@ def _update(
                 [param],
                 [grad],
                 [[exp_avg]],
-                stochastic_rounding=stochastic_rounding,
+                stochastic_rounding=hyper.stochastic_rounding,
+                hyper=hyper,
                 grad_bound=average_bound(exp_avg.dtype, param.dtype),
-                **settings,
             )
         return
-    _implementation(path)(list(params), list(grads), list(exp_avgs), **settings)
+    _implementation(path)(list(params), list(grads), list(exp_avgs), hyper)
 
 
 def _masked_update(
@@ -271,14 +215,11 @@ def _masked_update(
     exp_avgs: Sequence[Tensor],
     finite: Tensor,
     update: Callable[[], None],
-    *,
-    nonfinite: str,
-    center: float,
-    shrink_ratio: float,
+    hyper: TigerHyper,
 ) -> None:
     """``update()`` of every tensor, then θ and m of the tensors whose ``finite`` flag is
     False put back to their old values (θ shrunk with ``nonfinite="shrink"``): the policy of
-    :func:`tiger` without reading the flags to the host."""
+    :func:`tiger_step` without reading the flags to the host."""
     old_params = [p.clone() for p in params]
     old_exp_avgs = [m.clone() for m in exp_avgs]
     update()
@@ -286,8 +227,8 @@ def _masked_update(
         zip(params, exp_avgs, old_params, old_exp_avgs, strict=True)
     ):
         ok = finite[i].to(p.device)
-        if nonfinite == "shrink":
-            shrink_([p0], center=center, ratio=shrink_ratio)
+        if hyper.nonfinite == "shrink":
+            shrink_([p0], center=hyper.center, ratio=hyper.shrink_ratio)
         p.copy_(torch.where(ok, p, p0))
         m.copy_(torch.where(ok.to(m.device), m, m0))
 
@@ -306,92 +247,66 @@ def _implementation(path: str) -> Callable[..., None]:
     return tiger_compiled
 
 
+@accepts_keywords(TigerHyper)
 def _single_tensor_tiger(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
+    hyper: TigerHyper,
     *,
-    lr: float | Tensor,
-    beta: float,
-    weight_decay: float,
-    kind: str,
-    rms_floor: float,
-    grad_accum_steps: int,
-    first_micro_step: bool,
-    last_micro_step: bool,
-    maximize: bool,
     grad_bound: float | None = None,
 ) -> None:
+    """The reference rule, one tensor at a time."""
     for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
-        # η reads θ only, which the momentum update leaves alone: computed first
-        step_size = (
-            tiger_step_size(param, lr=lr, kind=kind, rms_floor=rms_floor)
-            if last_micro_step
-            else 0.0
-        )
-        _tiger_with_step_size(
-            [param],
-            [grad],
-            [exp_avg],
-            step_size=step_size,
-            beta=beta,
-            weight_decay=weight_decay,
-            grad_accum_steps=grad_accum_steps,
-            first_micro_step=first_micro_step,
-            last_micro_step=last_micro_step,
-            maximize=maximize,
-            grad_bound=grad_bound,
-        )
+        tiger_update_(param, grad, exp_avg, hyper, grad_bound=grad_bound)
 
 
 def _multi_tensor_tiger(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
+    hyper: TigerHyper,
     *,
-    lr: float | Tensor,
-    beta: float,
-    weight_decay: float,
-    kind: str,
-    rms_floor: float,
-    grad_accum_steps: int,
-    first_micro_step: bool,
-    last_micro_step: bool,
-    maximize: bool,
     grad_bound: float | None = None,
 ) -> None:
+    """:func:`~danlu.algorithms.tiger.rule.tiger_update_` restated with foreach ops, one
+    call per device and dtype (compiled as it is by ``fast.tiger_compiled``)."""
     for (device_params, device_grads, device_exp_avgs), _ in group_by_device_and_dtype(
         [params, grads, exp_avgs]
     ):
-        if maximize:
+        # rule.read_grad
+        if hyper.maximize:
             device_grads = list(torch._foreach_neg(device_grads))
         bounds = (
             average_bounds(device_params, device_exp_avgs) if grad_bound is None else grad_bound
         )
-        device_grads = saturate_all(device_grads, bounds, owned=maximize)
-        if grad_accum_steps == 1:
-            torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta)
+        device_grads = saturate_all(device_grads, bounds, owned=hyper.maximize)
+        # rule.accumulate_
+        if hyper.grad_accum_steps == 1:
+            torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - hyper.beta)
         else:
-            if first_micro_step:
-                torch._foreach_mul_(device_exp_avgs, beta)
-            torch._foreach_add_(device_exp_avgs, device_grads, alpha=(1 - beta) / grad_accum_steps)
-        if not last_micro_step:
+            if hyper.first_micro_step:
+                torch._foreach_mul_(device_exp_avgs, hyper.beta)
+            torch._foreach_add_(device_exp_avgs, device_grads, alpha=hyper.grad_weight)
+        if not hyper.last_micro_step:
             continue
+        # rule.direction, then θ ← θ − η·direction
         updates = torch._foreach_sign(device_exp_avgs)
-        if weight_decay != 0:
-            torch._foreach_add_(updates, device_params, alpha=weight_decay)
-        if kind == "elementwise":
-            torch._foreach_mul_(updates, 0.5 * lr)
-        elif kind == "matrix":
+        if hyper.decay != 0:
+            torch._foreach_add_(updates, device_params, alpha=hyper.decay)
+        if hyper.kind == "matrix":
+            # rule.step_size of every tensor: the norms in one foreach call
             dtype = torch.promote_types(device_params[0].dtype, torch.float32)
             norms = list(torch._foreach_norm(device_params, 2, dtype=dtype))
-            torch._foreach_div_(norms, [math.sqrt(max(p.numel(), 1)) for p in device_params])
-            torch._foreach_clamp_min_(norms, rms_floor)
-            torch._foreach_mul_(norms, lr)
+            torch._foreach_div_(norms, [rms_root(p, "matrix") for p in device_params])
+            torch._foreach_clamp_min_(norms, hyper.rms_floor)  # rule.eta_from_rms_
+            torch._foreach_mul_(norms, hyper.lr)
             torch._foreach_mul_(updates, norms)
         else:
             for update, param in zip(updates, device_params, strict=True):
-                update.mul_(tiger_step_size(param, lr=lr, kind=kind, rms_floor=rms_floor))
+                update.mul_(
+                    step_size(param, lr=hyper.lr, kind=hyper.kind, rms_floor=hyper.rms_floor)
+                )
         torch._foreach_sub_(device_params, updates)
 
 
@@ -399,99 +314,57 @@ def _dtensor_tiger(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
-    *,
-    lr: float | Tensor,
-    beta: float,
-    weight_decay: float,
-    kind: str,
-    rms_floor: float,
-    grad_accum_steps: int,
-    first_micro_step: bool,
-    last_micro_step: bool,
-    maximize: bool,
+    hyper: TigerHyper,
     finite: Tensor | None,
-    nonfinite: str,
-    center: float,
-    shrink_ratio: float,
-    stochastic_rounding: bool | None,
 ) -> None:
     """Tiger on DTensors: η of every tensor from the whole tensor (or whole rows), one
-    collective for all of them; the momentum and the update on the local slices."""
+    collective for all of them; the rule on the local slices."""
     flags = [True] * len(params) if finite is None else finite.tolist()
-    step_sizes: list[float | Tensor] = [0.0] * len(params)
-    if last_micro_step:
+    etas: list[float | Tensor | None] = [None] * len(params)
+    if hyper.last_micro_step:
+        # η from θ_{t−1}: before any parameter of the call changes
         stepped = [i for i, ok in enumerate(flags) if ok]
+        lr, kind, floor = hyper.lr, hyper.kind, hyper.rms_floor
+        sizes: Sequence[float | Tensor]
         if kind == "elementwise":
-            for i in stepped:
-                step_sizes[i] = 0.5 * lr
-        else:  # η from θ_{t−1}: before any parameter of the call changes
+            sizes = [step_size(params[i], lr=lr, kind=kind, rms_floor=floor) for i in stepped]
+        else:  # one collective for all of them
             sizes = _sharded_step_sizes(
-                [params[i] for i in stepped], lr=lr, kind=kind, rms_floor=rms_floor
+                [params[i] for i in stepped], lr=lr, kind=kind, rms_floor=floor
             )
-            for i, size in zip(stepped, sizes, strict=True):
-                step_sizes[i] = size
-    for param, grad, exp_avg, ok, step_size in zip(
-        params, grads, exp_avgs, flags, step_sizes, strict=True
-    ):
+        for i, size in zip(stepped, sizes, strict=True):
+            etas[i] = size
+    for param, grad, exp_avg, ok, eta in zip(params, grads, exp_avgs, flags, etas, strict=True):
         p, g, m = local(param), local(grad), local(exp_avg)
         if not ok:
-            if nonfinite == "shrink":
-                shrink_([p], center=center, ratio=shrink_ratio)
+            if hyper.nonfinite == "shrink":
+                shrink_([p], center=hyper.center, ratio=hyper.shrink_ratio)
             continue
-        settings: dict[str, Any] = {
-            "step_size": step_size,
-            "beta": beta,
-            "weight_decay": weight_decay,
-            "grad_accum_steps": grad_accum_steps,
-            "first_micro_step": first_micro_step,
-            "last_micro_step": last_micro_step,
-            "maximize": maximize,
-            "grad_bound": average_bound(m.dtype, p.dtype),
-        }
-        if needs_upcast([p], [[m]], stochastic_rounding):
+        bound = average_bound(m.dtype, p.dtype)
+        if needs_upcast([p], [[m]], hyper.stochastic_rounding):
             upcast_step(
-                _tiger_with_step_size,
+                _rule_on_lists,
                 [p],
                 [g],
                 [[m]],
-                stochastic_rounding=stochastic_rounding,
-                **settings,
+                stochastic_rounding=hyper.stochastic_rounding,
+                hyper=hyper,
+                eta=eta,
+                grad_bound=bound,
             )
         else:
-            _tiger_with_step_size([p], [g], [m], **settings)
+            tiger_update_(p, g, m, hyper, eta=eta, grad_bound=bound)
 
 
-def _tiger_with_step_size(
+def _rule_on_lists(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     *,
-    step_size: float | Tensor,
-    beta: float,
-    weight_decay: float,
-    grad_accum_steps: int,
-    first_micro_step: bool,
-    last_micro_step: bool,
-    maximize: bool,
-    grad_bound: float | None = None,
+    hyper: TigerHyper,
+    eta: float | Tensor | None,
+    grad_bound: float,
 ) -> None:
-    """The ops of :func:`_single_tensor_tiger` with η given (already reduced over the ranks).
-    ``grad_bound``: the saturation bound of every gradient (default: each momentum's
-    :func:`~danlu.core.overflow.average_bound`)."""
-    for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
-        if maximize:
-            grad = -grad
-        bound = average_bound(exp_avg.dtype, param.dtype) if grad_bound is None else grad_bound
-        grad = saturate(grad, bound, owned=maximize)
-        if grad_accum_steps == 1:
-            exp_avg.lerp_(grad, 1 - beta)
-        else:
-            if first_micro_step:
-                exp_avg.mul_(beta)
-            exp_avg.add_(grad, alpha=(1 - beta) / grad_accum_steps)
-        if not last_micro_step:
-            continue
-        update = torch.sign(exp_avg)
-        if weight_decay != 0:
-            update.add_(param, alpha=weight_decay)
-        param.sub_(update.mul_(step_size))
+    """The rule with η given, in ``upcast_step``'s calling convention (one tensor per list)."""
+    (param,), (grad,), (exp_avg,) = params, grads, exp_avgs
+    tiger_update_(param, grad, exp_avg, hyper, eta=eta, grad_bound=grad_bound)

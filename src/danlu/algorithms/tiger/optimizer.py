@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from danlu.algorithms.tiger.functional import KINDS, tiger
+from danlu.algorithms.tiger.functional import KINDS, tiger_step
+from danlu.algorithms.tiger.rule import TigerHyper
 from danlu.core.nonfinite import finite_mask
 from danlu.core.precision import check_stochastic_rounding
 from danlu.core.shell import (
@@ -243,25 +244,13 @@ class Tiger(WindowedOptimizer):
             ]
         for part, mask in zip(partitions, masks, strict=True):
             group = part.group
-            tiger(
+            hyper = TigerHyper.from_group(group, kind=part.kind, first=part.first, last=part.last)
+            tiger_step(
                 part.params,
                 part.grads,
                 part.exp_avgs,
-                lr=group["lr"],
-                beta=group["beta"],
-                weight_decay=group["weight_decay"],
-                kind=part.kind,
-                rms_floor=group["rms_floor"],
-                grad_accum_steps=group["grad_accum_steps"],
-                first_micro_step=part.first,
-                last_micro_step=part.last,
-                maximize=group["maximize"],
+                hyper,
                 finite=None if group["nonfinite"] == "raise" else mask,
-                nonfinite="skip" if group["nonfinite"] == "raise" else group["nonfinite"],
-                center=float(group["center"]),
-                shrink_ratio=group["shrink_ratio"],
-                # absent from state dicts saved before it existed
-                stochastic_rounding=group.get("stochastic_rounding"),
                 foreach=group["foreach"],
                 fused=group.get("fused"),  # absent from state dicts saved before it existed
             )

@@ -9,13 +9,18 @@ value of the momentum's dtype, as in ``functional.tiger``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from danlu.algorithms.tiger.rule import (
+    TigerHyper,
+    eta_from_rms_,
+    rms_root,
+    step_size,
+)
+from danlu.core.hyper import accepts_keywords
 from danlu.core.overflow import average_bound
 from danlu.core.precision import rounds_stochastically
 from danlu.core.triton import (
@@ -39,6 +44,33 @@ from danlu.core.triton import (
 __all__ = ["tiger_triton"]
 
 _MODES = {None: 0, "shrink": 1, "skip": 2}
+
+# The kernels' scalar table (``hyper_ptr``, in the compute dtype): this order is the one
+# definition of the offsets named below.
+_SCALARS = ("beta", "one_minus_beta", "grad_weight", "decay", "center", "shrink_ratio", "bound")
+_AT = {name: offset for offset, name in enumerate(_SCALARS)}
+_BETA = tl.constexpr(_AT["beta"])  # β
+_ONE_MINUS_BETA = tl.constexpr(_AT["one_minus_beta"])  # 1 − β
+_GRAD_WEIGHT = tl.constexpr(_AT["grad_weight"])  # (1 − β)/k
+_DECAY = tl.constexpr(_AT["decay"])  # λ (0 for element-wise tensors)
+_CENTER = tl.constexpr(_AT["center"])  # c of the shrink
+_SHRINK_RATIO = tl.constexpr(_AT["shrink_ratio"])  # s of the shrink
+_BOUND = tl.constexpr(_AT["bound"])  # the gradient's saturation bound
+
+
+def _scalar_table(
+    hyper: TigerHyper, bound: float, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    values = {
+        "beta": hyper.beta,
+        "one_minus_beta": 1 - hyper.beta,
+        "grad_weight": hyper.grad_weight,
+        "decay": hyper.decay,
+        "center": hyper.center,
+        "shrink_ratio": hyper.shrink_ratio,
+        "bound": bound,
+    }
+    return device_scalars([values[name] for name in _SCALARS], dtype, device)
 
 
 @triton.jit
@@ -75,15 +107,16 @@ def _tiger_block(
         m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
         if MAXIMIZE:
             g = -g
-        # read saturated at half the momentum dtype's range: the average cannot overflow
-        bound = tl.load(hyper_ptr + 6)
+        # rule.read_grad: saturated at half the momentum dtype's range (m cannot overflow)
+        bound = tl.load(hyper_ptr + _BOUND)
         g = tl.where(g > bound, bound, tl.where(g < -bound, -bound, g))  # NaN stays NaN
+        # rule.accumulate_
         if K1:
-            m = lerp(m, g, tl.load(hyper_ptr + 1))
+            m = lerp(m, g, tl.load(hyper_ptr + _ONE_MINUS_BETA))
         else:
             if FIRST:
-                m = m * tl.load(hyper_ptr)
-            m = m + g * tl.load(hyper_ptr + 2)
+                m = m * tl.load(hyper_ptr + _BETA)
+            m = m + g * tl.load(hyper_ptr + _GRAD_WEIGHT)
         tl.store(m_ptr + offs, round_to(m, M_DTYPE), mask=mask)
         if LAST:
             p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
@@ -91,15 +124,15 @@ def _tiger_block(
                 eta = tl.load(eta_ptr + offs // width, mask=mask).to(COMPUTE)
             else:
                 eta = tl.load(eta_ptr + tid).to(COMPUTE)
-            update = sign(m)
+            update = sign(m)  # rule.direction
             if DECAY:
-                update = update + p * tl.load(hyper_ptr + 3)
+                update = update + p * tl.load(hyper_ptr + _DECAY)
             store_rounded(p_ptr, offs, p - update * eta, mask, seed_ptr, tid, P_DTYPE, STOCHASTIC)
     else:
-        if NONFINITE == 1:
-            center = tl.load(hyper_ptr + 4)
+        if NONFINITE == 1:  # the shrink: θ ← (θ − c)·s + c
+            center = tl.load(hyper_ptr + _CENTER)
             p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
-            p = (p - center) * tl.load(hyper_ptr + 5) + center
+            p = (p - center) * tl.load(hyper_ptr + _SHRINK_RATIO) + center
             tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
 
 
@@ -113,7 +146,7 @@ def _tiger_kernel(
     block_index,
     eta_ptr,
     ok_ptr,
-    hyper_ptr,  # β, 1 − β, (1 − β)/k, λ, centre, shrink ratio, gradient bound (compute dtype)
+    hyper_ptr,  # the scalar table: _SCALARS
     seed_ptr,
     width,
     K1: tl.constexpr,
@@ -154,72 +187,53 @@ def _tiger_kernel(
         )  # fmt: skip
 
 
-def _step_sizes(params: list[Tensor], *, lr: Tensor, kind: str, rms_floor: float) -> Tensor:
-    """η per tensor (elementwise and matrix kinds), on the device."""
-    if kind == "elementwise":
-        return (0.5 * lr).expand(len(params)).contiguous()
+def _step_sizes(params: list[Tensor], hyper: TigerHyper, lr: Tensor) -> Tensor:
+    """η per tensor (elementwise and matrix kinds), on the device: rule.step_size with the
+    norms of every tensor in one foreach call."""
+    if hyper.kind == "elementwise":
+        eta = step_size(params[0], lr=lr, kind="elementwise", rms_floor=hyper.rms_floor)
+        assert isinstance(eta, Tensor)
+        return eta.expand(len(params)).contiguous()
     norms = torch.stack(torch._foreach_norm(params, 2, dtype=lr.dtype))
-    roots = [math.sqrt(max(p.numel(), 1)) for p in params]
-    return (norms / device_scalars(roots, lr.dtype, lr.device)).clamp_min_(rms_floor).mul_(lr)
+    roots = device_scalars([rms_root(p, hyper.kind) for p in params], lr.dtype, lr.device)
+    return eta_from_rms_(norms / roots, lr, hyper.rms_floor)
 
 
+@accepts_keywords(TigerHyper)
 def tiger_triton(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
+    hyper: TigerHyper,
     *,
-    lr: float | Tensor,
-    beta: float,
-    weight_decay: float,
-    kind: str,
-    rms_floor: float,
-    grad_accum_steps: int,
-    first_micro_step: bool,
-    last_micro_step: bool,
-    maximize: bool,
     finite: Tensor | None = None,
-    nonfinite: str | None = None,
-    center: float = 0.0,
-    shrink_ratio: float = 1.0,
-    stochastic_rounding: bool | None = False,
 ) -> None:
     """One Tiger micro-step on contiguous tensors of one kind.
 
-    ``finite`` (a bool tensor, one entry per tensor, on the tensors' device) with
-    ``nonfinite="shrink"`` or ``"skip"`` applies the non-finite policy on the device.
-    ``exp_avgs`` may have any float dtype (rounded to nearest); ``stochastic_rounding``
-    rounds bf16/fp16 parameters stochastically.
+    ``finite`` (a bool tensor, one entry per tensor, on the tensors' device) applies
+    ``hyper.nonfinite`` (``"shrink"`` or ``"skip"``) on the device. ``exp_avgs`` may have any
+    float dtype (rounded to nearest); ``hyper.stochastic_rounding`` rounds bf16/fp16
+    parameters stochastically.
     """
-    mode = _MODES[nonfinite if finite is not None else None]
+    mode = _MODES[hyper.nonfinite if finite is not None else None]
+    last = hyper.last_micro_step
     for (ps, gs, ms), indices in group_by_dtypes([params, grads, exp_avgs]):
         contiguous_or_raise([*ps, *gs, *ms], "Tiger")
         device, dtype = ps[0].device, ps[0].dtype
         compute = compute_dtype(dtype)
-        lr_t = lr_tensor(lr, compute, device)
-        hyper = device_scalars(
-            [
-                beta,
-                1 - beta,
-                (1 - beta) / grad_accum_steps,
-                weight_decay,
-                center,
-                shrink_ratio,
-                average_bound(ms[0].dtype, dtype),
-            ],
-            compute,
-            device,
-        )
+        lr_t = lr_tensor(hyper.lr, compute, device)
+        table = _scalar_table(hyper, average_bound(ms[0].dtype, dtype), compute, device)
         ok = lr_t  # an unused placeholder pointer unless a non-finite policy applies
         if mode and finite is not None:
             ok = finite[int_table(indices, torch.int64, finite.device)].to(device, torch.int8)
-        stochastic = rounds_stochastically(stochastic_rounding, dtype) and last_micro_step
+        stochastic = rounds_stochastically(hyper.stochastic_rounding, dtype) and last
         common = {
-            "K1": grad_accum_steps == 1,
-            "FIRST": first_micro_step,
-            "LAST": last_micro_step,
-            "MAXIMIZE": maximize,
+            "K1": hyper.grad_accum_steps == 1,
+            "FIRST": hyper.first_micro_step,
+            "LAST": last,
+            "MAXIMIZE": hyper.maximize,
             "NONFINITE": mode,
-            "DECAY": weight_decay != 0,
+            "DECAY": hyper.decay != 0,
             "STOCHASTIC": stochastic,
             "P_DTYPE": triton_dtype(dtype),
             "G_DTYPE": triton_dtype(gs[0].dtype),
@@ -227,16 +241,15 @@ def tiger_triton(
             "COMPUTE": triton_dtype(compute),
             "BLOCK": BLOCK,
         }
-        if kind == "embedding":
+        if hyper.kind == "embedding":
             for i, (p, g, m) in enumerate(zip(ps, gs, ms, strict=True)):
                 if p.numel() == 0:
                     continue
-                width = p.shape[-1] if p.dim() > 0 else 1
-                if last_micro_step:
-                    rms = torch.linalg.vector_norm(p, dim=-1, dtype=compute) / math.sqrt(width)
-                    eta = rms.clamp_min_(rms_floor).mul_(lr_t).reshape(-1)
-                else:
-                    eta = lr_t
+                eta = lr_t
+                if last:  # one η per row
+                    rows = step_size(p, lr=lr_t, kind="embedding", rms_floor=hyper.rms_floor)
+                    assert isinstance(rows, Tensor)
+                    eta = rows.reshape(-1)
                 tables = launch_tables([[p], [g], [m]])
                 _tiger_kernel[(tables.num_programs,)](
                     *tables.addresses,
@@ -245,9 +258,9 @@ def tiger_triton(
                     tables.block_index,
                     eta,
                     ok[i:] if mode else ok,
-                    hyper,
+                    table,
                     seed_tensor(device) if stochastic else lr_t,
-                    width,
+                    p.shape[-1] if p.dim() > 0 else 1,
                     ROWWISE=True,
                     ALIGNED=tables.aligned,
                     **common,
@@ -256,7 +269,7 @@ def tiger_triton(
         tables = launch_tables([ps, gs, ms])
         if tables.num_programs == 0:
             continue
-        eta = _step_sizes(ps, lr=lr_t, kind=kind, rms_floor=rms_floor) if last_micro_step else lr_t
+        eta = _step_sizes(ps, hyper, lr_t) if last else lr_t
         _tiger_kernel[(tables.num_programs,)](
             *tables.addresses,
             tables.sizes,
@@ -264,7 +277,7 @@ def tiger_triton(
             tables.block_index,
             eta,
             ok,
-            hyper,
+            table,
             seed_tensor(device) if stochastic else lr_t,
             1,
             ROWWISE=False,
