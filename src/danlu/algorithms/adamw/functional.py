@@ -3,7 +3,7 @@ docs/reference/algorithms.md#hidden-accumulation-rule: the functional entry and 
 tensors in, tensors updated in place.
 
 The rule itself, one tensor and one micro-step, is
-:func:`danlu.algorithms.adamw.rule.adamw_rule`: the for-loop path runs it tensor by tensor,
+:func:`danlu.algorithms.adamw.rule.adamw_update_`: the for-loop path runs it tensor by tensor,
 DTensors (FSDP2) run it on their local slices (the update is elementwise), and the foreach
 path restates it over lists of tensors (each step names the line it mirrors).
 
@@ -25,7 +25,7 @@ from danlu.algorithms.adamw.rule import (
     AdamWHyper,
     adamw_bias_corrections,
     adamw_gradient_bound,
-    adamw_rule,
+    adamw_update_,
 )
 from danlu.core.dtensor import any_dtensor, local
 from danlu.core.overflow import saturate_all
@@ -110,7 +110,7 @@ def _single_tensor_adamw(
     for param, grad, exp_avg, exp_avg_sq, step in zip(
         params, grads, exp_avgs, exp_avg_sqs, steps, strict=True
     ):
-        adamw_rule(param, grad, exp_avg, exp_avg_sq, step, hyper)
+        adamw_update_(param, grad, exp_avg, exp_avg_sq, step, hyper)
 
 
 def _multi_tensor_adamw(
@@ -121,7 +121,7 @@ def _multi_tensor_adamw(
     steps: list[Tensor],
     hyper: AdamWHyper,
 ) -> None:
-    """:func:`adamw_rule` over lists of tensors (foreach ops, one group per device and dtype)."""
+    """:func:`adamw_update_` over lists of tensors (foreach ops, one group per device and dtype)."""
     h = hyper
     k = h.grad_accum_steps
     for (

@@ -69,7 +69,7 @@ class AdamW(WindowedOptimizer):
     the square of the mean (the blog's approximation). Bias correction counts updates
     (``state["step"]``). No gradient buffer is kept: 8 bytes of state per fp32 parameter,
     against 12 for exact accumulation (``danlu.GradientAccumulation``). Step an lr scheduler
-    once per update. The rule for one tensor is ``danlu.algorithms.adamw.rule.adamw_rule``;
+    once per update. The rule for one tensor is ``danlu.algorithms.adamw.rule.adamw_update_``;
     the for-loop, foreach and compiled paths compute the same numbers.
 
     The windows are counted by the optimizer's ``step()`` calls (``micro_step``, saved in

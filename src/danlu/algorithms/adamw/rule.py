@@ -17,11 +17,11 @@ __all__ = [
     "adamw_denominator",
     "adamw_gradient",
     "adamw_gradient_bound",
-    "adamw_rule",
+    "adamw_update_",
 ]
 
 
-def adamw_rule(
+def adamw_update_(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, h: AdamWHyper
 ) -> None:
     """One AdamW micro-step of one tensor, in place (Loshchilov & Hutter 2019, arXiv

@@ -24,7 +24,7 @@ def amos_compiled(
     etas: list[float],
     hyper: AmosHyper,
 ) -> None:
-    """Amos (docs/reference/algorithms.md#amos-optimizer): ``rule.amos_rule`` compiled into one
+    """Amos (docs/reference/algorithms.md#amos-optimizer): ``rule.amos_update_`` compiled into one
     fused loop per tensor. The per-step bias correction 1 − β^t is a 0-d tensor like the lr, so
     the step count does not recompile; the per-tensor η are constants of the compiled code."""
     from danlu.algorithms.amos.functional import _single_tensor_amos

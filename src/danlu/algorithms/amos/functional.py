@@ -1,7 +1,7 @@
 """Amos, docs/reference/algorithms.md#amos-optimizer: the functional entry and its paths,
 tensors in, tensors updated in place.
 
-The rule itself, one tensor and one step, is :func:`danlu.algorithms.amos.rule.amos_rule`:
+The rule itself, one tensor and one step, is :func:`danlu.algorithms.amos.rule.amos_update_`:
 the for-loop path runs it tensor by tensor, the compiled path (``fast.py``) compiles that
 loop, the DTensor path runs it on local slices with the mean square of the whole tensor, and
 the foreach path restates it over lists of tensors (each step names the line it mirrors).
@@ -25,8 +25,8 @@ from danlu.algorithms.amos.rule import (
     AmosHyper,
     amos_default_eta,
     amos_gradient,
-    amos_rule,
     amos_slot_shape,
+    amos_update_,
     fan_in,
     reduced_axes,
     slot_count,
@@ -137,7 +137,7 @@ def _single_tensor_amos(
     for param, grad, v, b, exp_avg, eta in zip(
         params, grads, exp_avg_sqs, bs, exp_avgs, etas, strict=True
     ):
-        amos_rule(param, grad, v, b, exp_avg, eta, hyper)
+        amos_update_(param, grad, v, b, exp_avg, eta, hyper)
 
 
 def _dtensor_amos(
@@ -169,7 +169,7 @@ def _dtensor_amos(
     for param, grad, v, b, exp_avg, eta, total, count in zip(
         params, grads, exp_avg_sqs, bs, exp_avgs, etas, totals, counts, strict=True
     ):
-        amos_rule(
+        amos_update_(
             local(param),
             local(grad),
             local(v),
@@ -192,7 +192,7 @@ def _multi_tensor_amos(
     etas: list[float],
     hyper: AmosHyper,
 ) -> None:
-    """:func:`amos_rule` over lists of tensors (one foreach op per line of the rule)."""
+    """:func:`amos_update_` over lists of tensors (one foreach op per line of the rule)."""
     h = hyper
     grouped = group_by_device_and_dtype([params, grads, exp_avg_sqs, bs, exp_avgs])
     for (device_params, device_grads, vs, device_bs, device_exp_avgs), indices in grouped:

@@ -90,7 +90,7 @@ class Amos(DanluOptimizer):
     ``finetune_rate``; ``momentum`` is an EMA of δ without debiasing, applied after the step;
     ``clip_value`` clips each gradient entry to [−clip_value, clip_value] first.
 
-    The rule for one tensor is ``danlu.algorithms.amos.rule.amos_rule``; every path (for-loop,
+    The rule for one tensor is ``danlu.algorithms.amos.rule.amos_update_``; every path (for-loop,
     foreach, compiled, FSDP2) computes the same numbers.
 
     **Under FSDP2** the mean square over a slot's reduced axes is over the whole tensor (one

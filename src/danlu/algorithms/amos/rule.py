@@ -22,8 +22,8 @@ __all__ = [
     "amos_decays",
     "amos_default_eta",
     "amos_gradient",
-    "amos_rule",
     "amos_slot_shape",
+    "amos_update_",
     "fan_in",
     "reduced_axes",
     "slot_count",
@@ -34,7 +34,7 @@ AMOS_EPS = 2.0**-125
 SLOT_RULES = ("per_output", "scalar", "full")
 
 
-def amos_rule(
+def amos_update_(
     param: Tensor,
     grad: Tensor,
     v: Tensor,
