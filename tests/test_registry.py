@@ -174,3 +174,15 @@ def test_the_registry_is_danlus():
         warnings.simplefilter("error")  # reading the new fields warns about nothing
         for info in REGISTRY.values():
             assert info.reference and info.paths
+
+
+def test_step_bench_floor_comes_from_the_registrys_state_bytes():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_bench
+
+    # read p, g and the state, write p and the state (4 bytes each per fp32 number)
+    expected = {"lion": 20, "tiger": 20, "adamw": 28, "adax": 28, "adafactor": 12, "amos": 12}
+    assert {n: step_bench.floor_bytes(n) for n in expected} == expected
+    assert {name for name, _, _ in step_bench._danlu_impls()} == set(REGISTRY)
