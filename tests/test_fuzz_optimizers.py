@@ -44,7 +44,7 @@ NAMES = sorted(REGISTRY)
 
 def test_every_registered_optimizer_has_a_fuzz_spec():
     for name in NAMES:
-        assert name in SPECS, f"add {name} to tests/fuzz_strategies.py SPECS"
+        assert name in SPECS, f"add a 'fuzz' entry for {name} to tests/optimizer_cases.py"
         args = [a for a in REGISTRY[name].defaults]
         assert sorted(SPECS[name]) == sorted(args), f"{name}: spec and signature differ"
 

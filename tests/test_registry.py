@@ -28,18 +28,20 @@ def anchors(page: Path) -> set[str]:
 
 
 def test_every_registered_optimizer_has_its_test_entries():
-    """The per-optimizer tables of the shared suites; everything else is generated from the
-    registry (paths, docs checks, CLI) or falls back to these entries."""
+    """The one per-optimizer table of the shared suites (tests/optimizer_cases.py); everything
+    else the tests list per optimizer is generated from the registry or falls back to it."""
     missing = [
-        f"{name}: add its entry to {where}"
+        f"{name}: add {key!r} to its entry in tests/optimizer_cases.py CASES ({what})"
         for name in NAMES
-        for table, where in (
-            (CASES, "tests/optimizer_cases.py CASES (conformance)"),
-            (SPECS, "tests/fuzz_strategies.py SPECS (fuzz)"),
+        for key, what in (
+            ("kwargs", "conformance: keywords for the small test problems"),
+            ("invalid", "conformance: (argument, bad value) pairs that must raise"),
+            ("fuzz", "fuzz: every constructor argument's valid and invalid values"),
         )
-        if name not in table
+        if key not in CASES.get(name, {})
     ]
     assert not missing, "\n".join(missing)
+    assert set(SPECS) == set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
