@@ -13,7 +13,7 @@ grid) and shown as a marked point, so the user sees what the rule gives.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from danlu.cli.common import (
@@ -175,6 +175,7 @@ class SweepTask(Task):
     def grid_hparams(self, name: str, ctx: Context) -> dict[str, Any]:
         """The grid's hyper-parameters other than the lr: the rule's (the weight decay
         included), with the task's ``grid_overrides``."""
+        overrides: Mapping[str, Any]
         if self.grid_overrides is not None:
             overrides = self.grid_overrides.get(name, {})
         else:
