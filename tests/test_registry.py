@@ -123,7 +123,7 @@ def test_compare_settings_are_complete(name):
 
 def test_transfer_rules_are_the_blogs():
     base = Baseline(lr=3e-3, weight_decay=0.1, batches_per_epoch=400)
-    lion = adamw_to_lion(base.lr, base.weight_decay)  # the recipe the rule restates
+    lion = adamw_to_lion(base.lr, base.weight_decay)  # the recipe the rule calls
     assert transfer_hparams("lion", base, None) == {
         "lr": lion.lr,
         "weight_decay": lion.weight_decay,

@@ -20,6 +20,7 @@ from danlu.core.shell import (
     check_non_negative,
     check_state_dtype,
 )
+from danlu.recipes import adamw_to_lion
 from danlu.registry import CompareSettings, register
 
 __all__ = ["Lion"]
@@ -168,8 +169,8 @@ register(
         "triton": {"fused": True},
     },
     compare=CompareSettings(
-        # as danlu.recipes.adamw_to_lion(lr, weight_decay): lr ÷ 10, weight decay × 10
-        rule=lambda base: {"lr": base.lr / 10.0, "weight_decay": float(base.weight_decay) * 10.0},
+        # lr ÷ 10, weight decay × 10
+        rule=lambda base: adamw_to_lion(base.lr, base.weight_decay)._asdict(),
         rule_note="lr ÷ 10, weight decay × 10 (blog 9473)",
         rule_claim="Lion: AdamW's lr ÷ 10 and weight decay × 10 carry over",
         matches_adamw_claim="Lion reaches AdamW's quality with half its optimizer state",
