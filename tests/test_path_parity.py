@@ -106,13 +106,20 @@ def run(name: str, path: str, shapes: dict, dtype: torch.dtype, device: str, for
         kwargs["stochastic_rounding"] = False
     opt = info.cls(groups, **kwargs)
     module = functional_module(name)
+    if force is not None and module is None:
+        # the keywords alone must then reach the path (they do for "single" without "chunked")
+        assert force == "single" and "chunked" not in info.paths, (
+            f"{name}: no functional module with select_path to force {force!r} through"
+        )
+    asked = []
     with pytest.MonkeyPatch.context() as patch:
         if force is not None and module is not None:
-            patch.setattr(module, "select_path", lambda *a, **k: force)
+            patch.setattr(module, "select_path", lambda *a, **k: asked.append(1) or force)
         for step_grads in make_grads(groups, dtype):
             for p, g in zip(params, step_grads, strict=True):
                 p.grad = g.to(device)
             opt.step()
+    assert not (force and module) or asked, f"{name}: select_path was never asked: not forced"
     state = [
         (i, key, value.cpu())
         for i, p in enumerate(params)
