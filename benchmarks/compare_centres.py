@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from danlu.cli.common import OPTIMIZERS, Context, RunSpec
+from danlu.cli.common import Context, RunSpec, optimizer_choices
 from danlu.cli.runner import Progress, available_cores, execute
 from danlu.cli.sweep import SweepTask, mean
 from danlu.cli.tasks import TASKS
@@ -34,7 +34,7 @@ from danlu.cli.tasks import TASKS
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="charlm", choices=["charlm", "digits"])
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--optimizers", default=",".join(optimizer_choices()))
     parser.add_argument("--factors", default="0.25,0.5,1,2,4")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)

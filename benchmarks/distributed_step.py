@@ -26,6 +26,7 @@ from torch import nn
 
 import danlu
 
+# Hyper-parameters per registered optimizer (one missing here runs at its defaults).
 SETTINGS = {
     "lion": {"lr": 1e-4, "weight_decay": 0.1},
     "tiger": {"lr": 1e-3, "weight_decay": 0.01},
@@ -61,7 +62,7 @@ def make_model(dim: int, layers: int, vocab: int) -> nn.Module:
 def build(name: str, model: nn.Module) -> torch.optim.Optimizer:
     if name == "torch.AdamW":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    return danlu.create_optimizer(name, model, **SETTINGS[name])
+    return danlu.create_optimizer(name, model, **SETTINGS.get(name, {}))
 
 
 def worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out: str) -> None:
@@ -73,7 +74,8 @@ def worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out:
     mesh = init_device_mesh("cpu", (world,))
     rows = []
     for layout in ("ddp", "fsdp2"):
-        for name in ["torch.AdamW", *SETTINGS]:
+        others = [n for n in sorted(danlu.REGISTRY) if n not in SETTINGS]
+        for name in ["torch.AdamW", *SETTINGS, *others]:
             model = make_model(args.dim, args.layers, args.vocab)
             if layout == "fsdp2":
                 for module in model:

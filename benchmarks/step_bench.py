@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -39,15 +40,20 @@ import torch
 
 REUSE_ALLOCATOR = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
-# Bytes per fp32 parameter that must be read or written by one step (the floor).
-FLOOR_BYTES = {
-    "lion": 20,  # read p, g, m; write p, m
-    "tiger": 20,
-    "adamw": 28,  # read p, g, m, v; write p, m, v
-    "adax": 28,
-    "adafactor": 12,  # β1 = 0, factored: read p, g; write p (row/col statistics are tiny)
-    "amos": 12,  # reduced v and b, no momentum: read p, g; write p
-}
+
+def floor_bytes(algorithm: str) -> int:
+    """Bytes per fp32 parameter that one step must read or write (the floor): read p, g and
+    the state, write p and the state, with the state's bytes per parameter from the registry
+    (``OptimizerInfo.state_bytes``, its default setting: "≈0" for AdaFactor's factored
+    statistics and Amos's reduced slots, whose few numbers per row are left out). Lion and
+    Tiger: 12 + 2·4 = 20; AdamW and AdaX: 12 + 2·8 = 28; AdaFactor (β1 = 0) and Amos: 12."""
+    import danlu
+
+    info = danlu.REGISTRY.get(algorithm)
+    match = re.match(r"\s*≈?\s*(\d+(?:\.\d+)?)", info.state_bytes) if info else None
+    state = float(match.group(1)) if match else 4.0
+    return int(12 + 2 * state)
+
 
 # Implementations that move fewer bytes than their algorithm's row above.
 FLOOR_BYTES_BY_LABEL = {
@@ -55,7 +61,8 @@ FLOOR_BYTES_BY_LABEL = {
     "danlu.Tiger(state_dtype=bf16)": 16,
 }
 
-# Hyper-parameters shared by every implementation of one algorithm.
+# Hyper-parameters shared by every implementation of one algorithm (a registered optimizer
+# missing here runs at its constructor's defaults).
 SETTINGS: dict[str, dict[str, Any]] = {
     "lion": {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.1},
     "tiger": {"lr": 1e-3, "beta": 0.965, "weight_decay": 0.01},
@@ -323,8 +330,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             error = None
         except Exception as exc:  # a peer that fails is reported, not fatal
             seconds, mib, sbytes, error = float("nan"), None, float("nan"), repr(exc)[:120]
-        floor_bytes = FLOOR_BYTES_BY_LABEL.get(label, FLOOR_BYTES.get(algorithm, 20))
-        floor = floor_bytes * ps.numel / bandwidth
+        floor = FLOOR_BYTES_BY_LABEL.get(label, floor_bytes(algorithm)) * ps.numel / bandwidth
         rows.append(
             {
                 "algorithm": algorithm,

@@ -1,11 +1,44 @@
-"""Per-optimizer settings for the shared conformance suite (tests/test_conformance.py).
+"""Per-optimizer settings for the shared suites: the one test file a new optimizer adds its entry
+to (everything else the tests list per optimizer is generated from the registry).
 
-Every registry entry must have a case here: its keyword arguments for the small test problems
-and the hyper-parameter values that must raise ValueError (argument name, bad value).
+Every registry entry must have a case here (tests/test_registry.py names a missing one): its
+keyword arguments for the small test problems of the conformance suite
+(tests/test_conformance.py), the hyper-parameter values that must raise ValueError (argument
+name, bad value), and ``"fuzz"``: every constructor argument's valid and invalid values for
+the fuzz tests (tests/fuzz_args.py's strategies; ``"group_extras"``: the param-group keys it
+reads beyond them).
 ``float32_state`` names the state keys that are float32 by design whatever the parameter dtype
 (statistics that underflow or stop moving in bf16); every other non-scalar state tensor must
 have the parameter's dtype.
 """
+
+from fuzz_args import (
+    BETA,
+    BOOL,
+    CENTER,
+    FOREACH,
+    FUSED,
+    KIND,
+    LR,
+    ROUNDING,
+    STATE_DTYPE,
+    WEIGHT_DECAY,
+    Arg,
+    choice,
+    integer,
+    interval,
+    log_uniform,
+    negative,
+    optional,
+    pair,
+    scale,
+)
+from hypothesis import strategies as st
+
+from danlu.algorithms.adafactor.functional import FACTORED_DIMS, MOMENTUM_MODES
+from danlu.algorithms.amos.functional import SLOT_RULES
+from danlu.algorithms.amos.optimizer import ETA_RULES
+from danlu.algorithms.tiger.optimizer import NONFINITE_MODES, NONFINITE_SCOPES
 
 CASES = {
     "adamw": {
@@ -27,6 +60,17 @@ CASES = {
             ("foreach", "yes"),
         ],
         "invalid_group": [("lr", -1.0), ("eps", float("nan")), ("grad_accum_steps", 0)],
+        "fuzz": {
+            "lr": LR,
+            "betas": pair(BETA, BETA),
+            "eps": scale(1e30),
+            "weight_decay": WEIGHT_DECAY,
+            "grad_accum_steps": integer(1, 4),
+            "eps_inside_sqrt": BOOL,
+            "stochastic_rounding": ROUNDING,
+            "maximize": BOOL,
+            "foreach": FOREACH,
+        },
     },
     "lion": {
         "kwargs": {"lr": 3e-3, "weight_decay": 0.1},
@@ -44,8 +88,19 @@ CASES = {
             ("maximize", 1),
         ],
         "invalid_group": [("lr", -1.0), ("betas", (0.9, 1.5))],
+        "fuzz": {
+            "lr": LR,
+            "betas": pair(BETA, BETA),
+            "weight_decay": WEIGHT_DECAY,
+            "state_dtype": STATE_DTYPE,
+            "stochastic_rounding": ROUNDING,
+            "maximize": BOOL,
+            "foreach": FOREACH,
+            "fused": FUSED,
+        },
     },
     "tiger": {
+        "group_extras": {"kind": KIND, "center": CENTER},
         "kwargs": {"lr": 2e-2, "weight_decay": 0.01},
         "invalid": [
             ("lr", -1e-3),
@@ -64,6 +119,21 @@ CASES = {
             ("state_dtype", "bfloat16"),
         ],
         "invalid_group": [("kind", "conv"), ("center", float("nan")), ("beta", 2.0)],
+        "fuzz": {
+            "lr": LR,
+            "beta": BETA,
+            "weight_decay": WEIGHT_DECAY,
+            "grad_accum_steps": integer(1, 4),
+            "shrink_ratio": interval(0.0, 1.0, low_open=True, high_open=False),
+            "nonfinite": choice(NONFINITE_MODES),
+            "nonfinite_scope": choice(NONFINITE_SCOPES),
+            "rms_floor": scale(1.0),
+            "state_dtype": STATE_DTYPE,
+            "stochastic_rounding": ROUNDING,
+            "maximize": BOOL,
+            "foreach": FOREACH,
+            "fused": FUSED,
+        },
     },
     "adafactor": {
         # min_dim_size_to_factor=4 factors TinyNet's 6-wide matrices (the head stays unfactored)
@@ -93,6 +163,25 @@ CASES = {
             ("fused", "no"),
         ],
         "invalid_group": [("decay_rate", 1.5), ("clip_threshold", 0.0), ("factored_dims", "rows")],
+        "fuzz": {
+            "lr": Arg(st.one_of(st.none(), LR.valid), LR.invalid.filter(lambda v: v is not None)),
+            "beta1": BETA,
+            "decay_rate": interval(0.0, 1.0, low_open=True, high_open=True),
+            "beta2": optional(BETA),
+            "eps1": scale(1.0),
+            "eps2": scale(1.0),
+            "clip_threshold": optional(scale(10.0, zero=False)),
+            "multiply_by_parameter_scale": BOOL,
+            "weight_decay": WEIGHT_DECAY,
+            "relative_step": BOOL,
+            "factored_dims": choice(FACTORED_DIMS),
+            "min_dim_size_to_factor": integer(0, 8),
+            "momentum_mode": choice(MOMENTUM_MODES),
+            "stochastic_rounding": ROUNDING,
+            "maximize": BOOL,
+            "foreach": FOREACH,
+            "fused": FUSED,
+        },
     },
     "adax": {
         "kwargs": {"lr": 1e-2, "weight_decay": 0.01},
@@ -111,8 +200,20 @@ CASES = {
             ("fused", 1),
         ],
         "invalid_group": [("betas", (0.9, -1e-4)), ("eps", -1.0)],
+        "fuzz": {
+            "lr": LR,
+            "betas": pair(BETA, interval(0.0, 1.0, low_open=True, high_open=True)),
+            "eps": scale(1e30),
+            "weight_decay": WEIGHT_DECAY,
+            "eps_inside_sqrt": BOOL,
+            "stochastic_rounding": ROUNDING,
+            "maximize": BOOL,
+            "foreach": FOREACH,
+            "fused": FUSED,
+        },
     },
     "amos": {
+        "group_extras": {"kind": KIND, "center": CENTER},
         "kwargs": {"lr": 0.1, "momentum": 0.5},
         "float32_state": ("exp_avg_sq", "b"),
         "invalid": [
@@ -138,5 +239,24 @@ CASES = {
             ("center", float("nan")),
             ("kind", "conv"),
         ],
+        "fuzz": {
+            "lr": LR,
+            "eta": Arg(
+                st.one_of(st.sampled_from(ETA_RULES), log_uniform(1e-30, 10.0)),
+                st.one_of(negative(), st.just(0.0), st.sampled_from(["large", None, float("nan")])),
+            ),
+            "beta": BETA,
+            "momentum": BETA,
+            "clip_value": optional(scale(10.0, zero=False)),
+            "slots": choice(SLOT_RULES),
+            "init_b": scale(10.0),
+            "finetune_rate": scale(10.0),
+            "zeta": scale(10.0),
+            "eps": scale(1.0, zero=False),
+            "stochastic_rounding": ROUNDING,
+            "maximize": BOOL,
+            "foreach": FOREACH,
+            "fused": FUSED,
+        },
     },
 }

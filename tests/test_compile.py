@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from optimizer_cases import CASES as OPTIMIZER_CASES
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import danlu
@@ -53,6 +54,14 @@ CASES = [
     ("adamw", {}, "aot_eager"),
     ("adamw", {"foreach": True}, "aot_eager"),
 ]
+
+# A registered optimizer not listed above: its default path and its foreach path (where it
+# declares one), at its conformance lr (tests/optimizer_cases.py). Add a line above to tune it.
+for _name in sorted(set(REGISTRY) - {n for n, _, _ in CASES}):
+    LR.setdefault(_name, OPTIMIZER_CASES[_name]["kwargs"]["lr"])
+    CASES.append((_name, {}, "aot_eager"))
+    if "foreach" in REGISTRY[_name].paths:
+        CASES.append((_name, {"foreach": True}, "aot_eager"))
 
 
 def test_every_registered_optimizer_is_covered():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import tiny_models
 import torch
+from optimizer_cases import CASES as OPTIMIZER_CASES
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import danlu
@@ -37,6 +38,12 @@ CASES = [
     ("amos", False),
     ("adamw", True),
 ]
+
+# A registered optimizer not listed above, at its conformance lr (tests/optimizer_cases.py),
+# with the head tied and untied in turn. Add a line above to tune it.
+for _i, _name in enumerate(sorted(set(REGISTRY) - {n for n, _ in CASES})):
+    LR.setdefault(_name, OPTIMIZER_CASES[_name]["kwargs"]["lr"])
+    CASES.append((_name, _i % 2 == 0))
 
 
 def test_every_registered_optimizer_is_covered():

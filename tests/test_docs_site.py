@@ -99,6 +99,19 @@ def test_every_optimizer_has_a_page(name):
             assert f"`{arg}`" in table, f"{page.name}: {arg} (default {default!r}) not in the table"
 
 
+@pytest.mark.parametrize("name", sorted(danlu.REGISTRY))
+def test_every_optimizer_is_in_the_nav_and_the_readme_table(name):
+    """Generated from the registry: its page in mkdocs.yml's nav, and its row in README's
+    optimizer table (the class, a link to its section of the algorithms reference)."""
+    listed = set(nav_files(load_config()["nav"]))
+    assert f"optimizers/{name}.md" in listed, f"add optimizers/{name}.md to mkdocs.yml's nav"
+    cls = danlu.REGISTRY[name].cls
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith(f"| `danlu.{cls.__name__}` |")]
+    assert rows, f"add a `danlu.{cls.__name__}` row to README.md's optimizer table"
+    assert len(rows) == 1 and "docs/reference/algorithms.md#" in rows[0], rows
+
+
 def test_docs_extra_and_make_target():
     pyproject = (ROOT / "pyproject.toml").read_text()
     docs_extra = re.search(r"^docs = \[(.*?)\]", pyproject, flags=re.S | re.M)

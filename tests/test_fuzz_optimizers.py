@@ -44,9 +44,11 @@ NAMES = sorted(REGISTRY)
 
 def test_every_registered_optimizer_has_a_fuzz_spec():
     for name in NAMES:
-        assert name in SPECS, f"add {name} to tests/fuzz_strategies.py SPECS"
+        assert name in SPECS, f"add a 'fuzz' entry for {name} to tests/optimizer_cases.py"
         args = [a for a in REGISTRY[name].defaults]
         assert sorted(SPECS[name]) == sorted(args), f"{name}: spec and signature differ"
+    # the algorithm-specific invariants below are optional, but only for registered names
+    assert set(INVARIANTS) <= set(NAMES), set(INVARIANTS) - set(NAMES)
 
 
 def is_zero_lr(lr):

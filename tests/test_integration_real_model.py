@@ -19,15 +19,19 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
+from optimizer_cases import CASES  # noqa: E402
+
 import danlu  # noqa: E402
 from danlu.core.precision import rounds_stochastically  # noqa: E402
 
 VOCAB, SEQ, DATA, MICRO = 32, 8, 8, 4  # 2 steps per epoch, so a resume skips data too
 STEPS, SAVE_AT = 6, 3
 
-# A learning rate per registered optimizer (a new optimizer must add its own). Tiger's,
+# A learning rate per registered optimizer (tuned; a new one gets a default below). Tiger's,
 # AdaFactor's and Amos's lr is relative to the parameters' RMS (≈0.02 at init).
 LRS = {"adafactor": 0.1, "adamw": 1e-2, "adax": 1e-2, "amos": 0.1, "lion": 3e-3, "tiger": 0.1}
+# a registered optimizer not listed: its conformance lr (tests/optimizer_cases.py)
+LRS |= {n: CASES[n]["kwargs"]["lr"] for n in danlu.REGISTRY if n not in LRS}
 
 
 @pytest.fixture(autouse=True)

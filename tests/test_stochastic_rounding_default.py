@@ -246,19 +246,19 @@ def test_bad_stochastic_rounding_is_refused(name):
 
 # -- every path ---------------------------------------------------------------------------------
 
-PATHS = {
-    "single": {"foreach": False, "fused": False},
-    "foreach": {"foreach": True},
-    "chunked": {},  # CPU default: the chunked loop (slices of 2^18 elements)
-}
+# the keywords of each path an optimizer declares in its registration; "chunked" is the CPU
+# default (the chunked loop, slices of 2^18 elements, where the optimizer has one)
+PATH_CASES = [
+    (name, path)
+    for name in NAMES
+    for path in ("chunked", "foreach", "single")
+    if path in ("chunked", "single") or path in danlu.REGISTRY[name].paths
+]
 
 
-@pytest.mark.parametrize("path", sorted(PATHS))
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("name", "path"), PATH_CASES, ids=[f"{n}-{p}" for n, p in PATH_CASES])
 def test_every_path_rounds_stochastically(name, path):
-    kwargs = dict(PATHS[path])
-    if name == "adamw":
-        kwargs.pop("fused", None)
+    kwargs = {} if path == "chunked" else dict(danlu.REGISTRY[name].paths[path])
     # larger than one chunk, so that the chunked loop slices it
     gen = torch.Generator().manual_seed(5)
     weight = (torch.randn(640, 512, generator=gen) * 0.02).bfloat16()

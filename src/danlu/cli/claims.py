@@ -8,20 +8,23 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from danlu.cli.common import TaskResult
+from danlu.cli.common import TaskResult, compare_settings, optimizer_choices
 
 REPRODUCED, PARTLY, NOT_REPRODUCED = "reproduced", "partly", "not reproduced"
 
 BLOG = "kexue.fm/archives/"
+#: The sources of the claims that are not about one optimizer's settings (those cite the blog
+#: article its registration names: :func:`source`).
 SOURCES = {
-    "lion": f"{BLOG}9473 · docs: optimizers/lion.md",
-    "tiger": f"{BLOG}9512 · docs: optimizers/tiger.md",
     "accumulation": f"{BLOG}8634 · docs: optimizers/tiger.md",
-    "adafactor": f"{BLOG}7302 · docs: optimizers/adafactor.md",
-    "adax": f"{BLOG}7387 · docs: optimizers/adax.md",
-    "amos": f"{BLOG}9344 · docs: optimizers/amos.md",
     "drift": f"{BLOG}9736 · docs: optimizers/tiger.md, wrappers.md",
 }
+
+
+def source(name: str) -> str:
+    """The blog article an optimizer's claims cite (``CompareSettings.blog``) and its page."""
+    return f"{BLOG}{compare_settings(name).blog} · docs: optimizers/{name}.md"
+
 
 #: AdaFactor factors a matrix whose two largest dimensions are both at least this (its default
 #: ``min_dim_size_to_factor``, the blog's and the paper's).
@@ -116,22 +119,12 @@ def quality_claim(name: str, title: str, tasks: Sequence[TaskResult]) -> Claim |
     return Claim(
         id=f"{name}-matches-adamw",
         claim=title,
-        source=SOURCES[name],
+        source=source(name),
         measured="; ".join(parts),
         tolerance="; ".join(tolerances) + "; state ≤ ½ of AdamW's",
         verdict=_verdict(passed),
         numbers=numbers,
     )
-
-
-RULE_CLAIMS = {
-    "lion": "Lion: AdamW's lr ÷ 10 and weight decay × 10 carry over",
-    "tiger": "Tiger: α = 2e-3 (the top of [1e-3, 2e-3]) with β = 0.965 for language, 0.945 for "
-    "vision",
-    "adafactor": "AdaFactor: an lr of 1e-3 works (even for fine-tuning)",
-    "adax": "AdaX: AdamW's lr carries over",
-    "amos": "Amos: ξ = 1/√N (N batches per epoch) needs no tuning",
-}
 
 
 def rule_claim(name: str, tasks: Sequence[TaskResult]) -> Claim | None:
@@ -170,8 +163,8 @@ def rule_claim(name: str, tasks: Sequence[TaskResult]) -> Claim | None:
         return None
     return Claim(
         id=f"{name}-rule",
-        claim=RULE_CLAIMS[name],
-        source=SOURCES[name],
+        claim=compare_settings(name).rule_claim or "",
+        source=source(name),
         measured="; ".join(parts),
         tolerance="; ".join(tolerances) + " than the best grid point",
         verdict=_verdict(passed),
@@ -226,7 +219,7 @@ def adafactor_claim(tasks: Sequence[TaskResult]) -> Claim | None:
         return Claim(
             id="adafactor-state",
             claim="AdaFactor keeps n + m numbers for an n × m matrix instead of n·m (no momentum)",
-            source=SOURCES["adafactor"],
+            source=source("adafactor"),
             measured=f"{task.name}: {len(exact)} of {len(factored)} matrices with both "
             f"dimensions ≥ {FACTOR_THRESHOLD} hold n + m entries ({state:,} for {full:,} "
             f"weights){bytes_text}",
@@ -286,13 +279,15 @@ def evaluate(results: Sequence[TaskResult]) -> list[Claim]:
     """Every claim the run's tasks test, in a fixed order."""
     sweeps = [t for t in results if t.sweeps]
     by_name = {t.name: t for t in results}
+    # each optimizer's claims, as its registration states them (CompareSettings)
+    names = optimizer_choices()
+    settings = {name: compare_settings(name) for name in names}
     claims: list[Claim | None] = [
-        quality_claim("lion", "Lion reaches AdamW's quality with half its optimizer state", sweeps),
-        quality_claim(
-            "tiger", "Tiger reaches AdamW's quality with half its optimizer state", sweeps
-        ),
+        quality_claim(name, title, sweeps)
+        for name in names
+        if (title := settings[name].matches_adamw_claim) is not None
     ]
-    claims += [rule_claim(name, sweeps) for name in RULE_CLAIMS]
+    claims += [rule_claim(name, sweeps) for name in names if settings[name].rule_claim]
     if "accumulation" in by_name:
         claims.append(accumulation_claim(by_name["accumulation"]))
     claims.append(adafactor_claim(sweeps))

@@ -14,49 +14,30 @@ import torch
 from torch import nn
 
 import danlu
-from danlu.recipes import adamw_to_lion
-
-#: Optimizers ``--optimizers`` accepts, in display order.
-OPTIMIZERS = ("adamw", "lion", "tiger", "adafactor", "adax", "amos")
+from danlu.registry import Baseline, CompareSettings, compare_names, get_info
 
 
-@dataclass(frozen=True)
-class Baseline:
-    """A task's AdamW setting, from which the blog's transfer rules derive the others (the
-    blog articles kexue.fm/archives/9473, 9512, 7302 and 9344; docs: each optimizer's page)."""
+def optimizer_choices() -> tuple[str, ...]:
+    """The optimizers ``--optimizers`` accepts, in display order: every registered optimizer
+    with ``danlu compare`` settings (``danlu.registry.CompareSettings``)."""
+    return compare_names()
 
-    lr: float
-    weight_decay: float
-    batches_per_epoch: int  # N in Amos's ξ ≈ 1/√N
-    tiger_beta: float = 0.965  # the blog: 0.945 for vision, 0.965 for language
+
+def compare_settings(name: str) -> CompareSettings:
+    """``name``'s ``danlu compare`` settings, from its registration."""
+    settings = get_info(name).compare
+    if settings is None:
+        raise ValueError(f"optimizer {name!r} has no danlu compare settings")
+    return settings
 
 
 def transfer_hparams(name: str, base: Baseline, lr_override: float | None) -> dict[str, Any]:
-    """Keyword arguments for optimizer ``name`` derived from the AdamW baseline:
-
-    * AdamW, AdaX: the baseline lr and weight decay (AdaX has no weight decay of its own);
-    * Lion: lr ÷ 10, weight decay × 10 (blog 9473, ``danlu.recipes.adamw_to_lion``);
-    * Tiger: the relative lr α = 2e-3 at the top of the blog's range [1e-3, 2e-3], λ = 0.01,
-      β = 0.965 for language and 0.945 for vision (blog 9512);
-    * AdaFactor: lr 1e-3, the blog's advice even for fine-tuning (blog 7302);
-    * Amos: ξ = 1/√N with N the number of batches in the training data (blog 9344, the Amos
-      paper).
-    """
-    if name == "adamw":
-        kw: dict[str, Any] = {"lr": base.lr, "weight_decay": base.weight_decay}
-    elif name == "lion":
-        lion = adamw_to_lion(base.lr, base.weight_decay)
-        kw = {"lr": lion.lr, "weight_decay": lion.weight_decay}
-    elif name == "tiger":
-        kw = {"lr": 2e-3, "weight_decay": 0.01, "beta": base.tiger_beta}
-    elif name == "adafactor":
-        kw = {"lr": 1e-3}
-    elif name == "adax":
-        kw = {"lr": base.lr, "weight_decay": base.weight_decay}
-    elif name == "amos":
-        kw = {"lr": 1 / math.sqrt(base.batches_per_epoch)}
-    else:  # pragma: no cover - validated by the CLI
-        raise ValueError(f"unknown optimizer {name!r}")
+    """Keyword arguments for optimizer ``name`` derived from the AdamW baseline by the blog's
+    transfer rule, which each optimizer declares in its registration
+    (``CompareSettings.rule``; its ``rule_note`` says what it is), e.g. Lion: lr ÷ 10, weight
+    decay × 10 (blog 9473); Tiger: α = 2e-3, λ = 0.01, β = 0.965 for language and 0.945 for
+    vision (blog 9512); Amos: ξ = 1/√N (blog 9344). ``lr_override`` replaces the lr."""
+    kw = dict(compare_settings(name).rule(base))
     if lr_override is not None:
         kw["lr"] = lr_override
     return kw

@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 import torch
 
 from danlu.cli import claims as claims_module
-from danlu.cli.common import OPTIMIZERS, Context, RunResult, RunSpec, TaskResult
+from danlu.cli.common import Context, RunResult, RunSpec, TaskResult, optimizer_choices
 from danlu.cli.runner import Progress, available_cores, execute
 from danlu.cli.tasks import DEFAULT_TASKS, TASKS
 
@@ -81,10 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--optimizers",
-        default=",".join(OPTIMIZERS),
+        default=",".join(optimizer_choices()),
         metavar="LIST",
         help=f"comma-separated optimizers for the digits and charlm tasks (default: "
-        f"{','.join(OPTIMIZERS)})",
+        f"{','.join(optimizer_choices())})",
     )
     parser.add_argument(
         "--steps",
@@ -222,11 +222,12 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     optimizers = [o.strip().lower() for o in args.optimizers.split(",") if o.strip()]
     if not optimizers:
         raise UsageError("argument --optimizers: give at least one optimizer")
+    choices = optimizer_choices()
     for name in optimizers:
-        if name not in OPTIMIZERS:
+        if name not in choices:
             raise UsageError(
                 f"argument --optimizers: unknown optimizer {name!r} "
-                f"(choose from {', '.join(OPTIMIZERS)})"
+                f"(choose from {', '.join(choices)})"
             )
     optimizers = list(dict.fromkeys(optimizers))
 
@@ -236,9 +237,9 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         name = name.strip().lower()
         if not sep:
             raise UsageError(f"argument --lr: expected NAME=VALUE, got {item!r}")
-        if name not in OPTIMIZERS:
+        if name not in choices:
             raise UsageError(
-                f"argument --lr: unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})"
+                f"argument --lr: unknown optimizer {name!r} (choose from {', '.join(choices)})"
             )
         try:
             lr = float(value)

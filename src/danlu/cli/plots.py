@@ -8,16 +8,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from danlu.cli.common import TaskResult
+from danlu.registry import REGISTRY
 
-#: One colour per optimizer, the same in every panel.
-COLOURS = {
-    "adamw": "#1f77b4",
-    "lion": "#ff7f0e",
-    "tiger": "#2ca02c",
-    "adafactor": "#d62728",
-    "adax": "#9467bd",
-    "amos": "#8c564b",
-}
+
+def optimizer_colour(label: str) -> str | None:
+    """An optimizer's colour, the same in every panel (``CompareSettings.colour``); None (the
+    plot's next colour) for a label that is not an optimizer's name."""
+    info = REGISTRY.get(label)
+    return None if info is None or info.compare is None else info.compare.colour
+
+
 SOURCES = {
     "embedding-drift": "blog: kexue.fm/archives/9736",
     "accumulation": "blog: kexue.fm/archives/8634",
@@ -58,7 +58,7 @@ def _legend_below(ax: Any, ncol: int = 2) -> None:
 
 def _plot_curves(ax: Any, task: TaskResult) -> None:
     for run in task.runs:
-        colour = COLOURS.get(run.label)
+        colour = optimizer_colour(run.label)
         lr = run.hparams.get("lr")
         label = f"{run.label} (lr {lr:.2g})" if lr is not None else run.label
         ax.plot(run.eval_steps, run.metrics, marker=".", color=colour, label=label, lw=1.3)
@@ -83,7 +83,7 @@ def _plot_grid(ax: Any, task: TaskResult) -> None:
     else:
         low, high = min(finals) - 0.25 * margin, max(finals) + margin
     for name, sweep in task.sweeps.items():
-        colour = COLOURS.get(name)
+        colour = optimizer_colour(name)
         lrs = [p.lr for p in sweep.points]
         worst = low if task.higher_is_better else high
         values = [

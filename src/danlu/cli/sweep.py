@@ -13,7 +13,7 @@ grid) and shown as a marked point, so the user sees what the rule gives.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from danlu.cli.common import (
@@ -24,6 +24,7 @@ from danlu.cli.common import (
     RunResult,
     RunSpec,
     TaskResult,
+    compare_settings,
     transfer_hparams,
 )
 
@@ -129,13 +130,17 @@ def choose_best(points: Sequence[GridPoint], higher_is_better: bool) -> int:
 
 
 class SweepTask(Task):
-    """An optimizer comparison with a per-optimizer lr grid. Subclasses give the centres, the
-    baseline the rules start from, the run length and ``train``."""
+    """An optimizer comparison with a per-optimizer lr grid. Subclasses give the baseline the
+    rules start from, the run length and ``train``; each optimizer's centre and grid overrides
+    for the task come from its registration (``CompareSettings.centres``, ``grid_overrides``,
+    keyed by the task's name) unless the subclass sets its own tables."""
 
-    #: the measured centre of each optimizer's grid (see docs/compare.md for how)
-    centres: ClassVar[dict[str, float | None]] = {}
-    #: hyper-parameters of the grid that differ from the rule's (e.g. Tiger's β at this scale)
-    grid_overrides: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: the measured centre of each optimizer's grid (see docs/compare.md for how); None: the
+    #: registry's
+    centres: ClassVar[dict[str, float | None] | None] = None
+    #: hyper-parameters of the grid that differ from the rule's (e.g. Tiger's β at this scale);
+    #: None: the registry's
+    grid_overrides: ClassVar[dict[str, dict[str, Any]] | None] = None
     timing_steps: int = 30
     #: how much worse than AdamW (in the metric's units) still counts as "reaches its quality"
     tolerance: float = math.nan
@@ -170,13 +175,21 @@ class SweepTask(Task):
     def grid_hparams(self, name: str, ctx: Context) -> dict[str, Any]:
         """The grid's hyper-parameters other than the lr: the rule's (the weight decay
         included), with the task's ``grid_overrides``."""
-        return {**self.rule(name, ctx), **self.grid_overrides.get(name, {})}
+        overrides: Mapping[str, Any]
+        if self.grid_overrides is not None:
+            overrides = self.grid_overrides.get(name, {})
+        else:
+            overrides = compare_settings(name).grid_overrides.get(self.name, {})
+        return {**self.rule(name, ctx), **overrides}
 
     def centre(self, name: str, ctx: Context) -> float:
         """--lr NAME=VALUE, else the task's measured centre, else (None) the rule's lr."""
         if name in ctx.lr:
             return ctx.lr[name]
-        centre = self.centres.get(name)
+        if self.centres is not None:
+            centre = self.centres.get(name)
+        else:
+            centre = compare_settings(name).centres.get(self.name)
         return self.rule(name, ctx)["lr"] if centre is None else centre
 
     def plan(self, ctx: Context) -> list[RunSpec]:
@@ -250,7 +263,7 @@ class SweepTask(Task):
                 points=points,
                 best=best,
                 rule_hparams=self.rule(name, ctx),
-                rule_note=RULE_NOTES.get(name, ""),
+                rule_note=compare_settings(name).rule_note,
             )
             rule = sweep.rule_point
             if rule is not None:
@@ -335,15 +348,3 @@ class SweepTask(Task):
             )
             for run in result.runs
         ]
-
-
-#: What each optimizer's rule is, for the tables and results.json (the blog articles: Lion
-#: kexue.fm/archives/9473, Tiger 9512, AdaFactor 7302, AdaX 7387, Amos 9344).
-RULE_NOTES = {
-    "adamw": "the task's AdamW baseline",
-    "lion": "lr ÷ 10, weight decay × 10 (blog 9473)",
-    "tiger": "α = 2e-3, λ = 0.01, β = 0.965 language / 0.945 vision (blog 9512)",
-    "adafactor": "lr 1e-3, even for fine-tuning (blog 7302)",
-    "adax": "AdamW's lr (blog 7387)",
-    "amos": "ξ = 1/√N, N = batches per epoch (Amos paper, blog 9344)",
-}

@@ -31,7 +31,7 @@ from danlu.core.shell import (
     check_positive,
 )
 from danlu.core.tensors import statistics_dtype
-from danlu.registry import register
+from danlu.registry import CompareSettings, register
 
 __all__ = ["AdaFactor"]
 
@@ -309,8 +309,24 @@ class AdaFactor(DanluOptimizer):
 register(
     "adafactor",
     AdaFactor,
-    spec_section="§5",
+    reference="docs/reference/algorithms.md#adafactor-rule",
     summary="factored second moments (n+m per n×m matrix), update clipping, relative scale",
     state_bytes="≈0 (β1=0); ≈4 with momentum",
     state_bytes_accum="≈4 (β1=0); ≈8 with momentum",
+    # no chunked or compiled path: on CPU fused=True runs the single-tensor loop
+    paths={
+        "single": {"foreach": False, "fused": False},
+        "foreach": {"foreach": True},
+        "triton": {"fused": True},
+        "dtensor": {},
+    },
+    compare=CompareSettings(
+        rule=lambda base: {"lr": 1e-3},
+        rule_note="lr 1e-3, even for fine-tuning (blog 7302)",
+        rule_claim="AdaFactor: an lr of 1e-3 works (even for fine-tuning)",
+        blog="7302",
+        centres={"digits": 2e-3, "charlm": 3e-2},
+        colour="#d62728",
+        rank=3,
+    ),
 )

@@ -22,7 +22,7 @@ from danlu.core.shell import (
     check_non_negative,
 )
 from danlu.core.tensors import statistics_dtype
-from danlu.registry import register
+from danlu.registry import CompareSettings, register
 
 __all__ = ["AdaX"]
 
@@ -171,8 +171,24 @@ class AdaX(DanluOptimizer):
 register(
     "adax",
     AdaX,
-    spec_section="§6",
+    reference="docs/reference/algorithms.md#adax-rule",
     summary="Adam with exponential long-term memory in v̂ (β̂_t from 0 to 1), no m correction",
     state_bytes="8",
     state_bytes_accum="12",
+    paths={
+        "single": {"foreach": False, "fused": False},  # on CPU these select "chunked"
+        "foreach": {"foreach": True},
+        "chunked": {"foreach": False, "fused": False},
+        "compiled": {"fused": True},
+        "triton": {"fused": True},
+    },
+    compare=CompareSettings(
+        rule=lambda base: {"lr": base.lr, "weight_decay": base.weight_decay},
+        rule_note="AdamW's lr (blog 7387)",
+        rule_claim="AdaX: AdamW's lr carries over",
+        blog="7387",
+        centres={"digits": 3e-3, "charlm": 6e-3},  # digits: flat, like AdamW
+        colour="#9467bd",
+        rank=4,
+    ),
 )

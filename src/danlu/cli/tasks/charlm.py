@@ -13,7 +13,7 @@ import math
 import os
 import sysconfig
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -129,20 +129,9 @@ class CharLMTask(SweepTask):
     description = DESCRIPTION
     metric = "validation bits/char"
     higher_is_better = False
-    #: Centres of the lr grids, from a wider sweep (×¼ … ×4, benchmarks/compare_centres.py;
-    #: docs/compare.md has its table). Lion keeps the rule's weight decay (1.0 beat 0.3 and
-    #: 0.075 at every lr).
-    centres: ClassVar[dict[str, float | None]] = {
-        "adamw": 6e-3,  # best 5e-3; 6e-3 puts the baseline 3e-3 on the grid
-        "lion": 3e-3,  # 2e-3 and 4e-3 within 0.014 bits/char
-        "tiger": 1e-2,  # with β = 0.9 (below)
-        "adafactor": 3e-2,
-        "adax": 6e-3,
-        "amos": None,  # ξ = 1/√N: the rule is the best of ×¼ … ×4
-    }
-    #: Tiger's β: 0.9 beat the blog's 0.965 for language by 0.18 bits/char (each at its best
-    #: α) over these 400 steps; the rule point keeps 0.965, so both are shown.
-    grid_overrides: ClassVar[dict[str, dict[str, Any]]] = {"tiger": {"beta": 0.9}}
+    # The centres of the lr grids and Tiger's β of 0.9 here: each optimizer's registration
+    # (CompareSettings.centres, grid_overrides), from a wider sweep (×¼ … ×4,
+    # benchmarks/compare_centres.py; docs/compare.md has its table).
     timing_steps = 35
     tolerance = 0.1  # bits/char
 

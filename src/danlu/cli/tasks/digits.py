@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,9 +63,7 @@ def batches(
 
 
 def baseline(num_train: int) -> Baseline:
-    return Baseline(
-        lr=3e-3, weight_decay=0.01, batches_per_epoch=num_train // BATCH, tiger_beta=0.945
-    )
+    return Baseline(lr=3e-3, weight_decay=0.01, batches_per_epoch=num_train // BATCH, vision=True)
 
 
 class DigitsTask(SweepTask):
@@ -73,15 +71,8 @@ class DigitsTask(SweepTask):
     description = DESCRIPTION
     metric = "test accuracy"
     higher_is_better = True
-    #: centres of the lr grids, measured with benchmarks/compare_centres.py (docs/compare.md)
-    centres: ClassVar[dict[str, float | None]] = {
-        "adamw": 3e-3,  # flat: 97.6–98.2 % from 3.75e-4 to 2.4e-2
-        "lion": 3e-4,  # = the rule: 1.5e-4 scored 0.4 points higher, within the seeds' noise
-        "tiger": 1e-3,  # β = 0.945, the blog's value for vision
-        "adafactor": 2e-3,
-        "adax": 3e-3,  # flat, like AdamW
-        "amos": 6.7e-3,  # ξ = 1/√N is 0.21 here: 32 times too large for 1500 steps
-    }
+    # the centres of the lr grids: each optimizer's registration (CompareSettings.centres),
+    # measured with benchmarks/compare_centres.py (docs/compare.md)
     timing_steps = 150
     tolerance = 0.015  # 1.5 points of accuracy: about 5 of the 360 test images
 
