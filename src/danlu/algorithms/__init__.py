@@ -1,12 +1,15 @@
-"""One package per algorithm: its shell class (``optimizer``), its rule and functional entry
-(``functional``), its fast paths (``fast``, ``triton``). Importing this package registers every
-optimizer in ``danlu.registry``."""
+"""One package per algorithm (docs/reference/algorithms.md): ``rule`` (its hyper-parameters and
+update rule), ``optimizer`` (the class and its ``register(...)`` record), ``functional``, and its
+fast paths (``fast``, ``triton``). Importing this package imports every home found here, which
+registers each optimizer in ``danlu.registry``: a new home needs no line in this file."""
 
-from danlu.algorithms.adafactor import AdaFactor
-from danlu.algorithms.adamw import AdamW
-from danlu.algorithms.adax import AdaX
-from danlu.algorithms.amos import Amos
-from danlu.algorithms.lion import Lion
-from danlu.algorithms.tiger import Tiger
+import importlib
+import pkgutil
 
-__all__ = ["AdaFactor", "AdaX", "AdamW", "Amos", "Lion", "Tiger"]
+HOMES = tuple(
+    sorted(info.name for info in pkgutil.iter_modules(__path__) if info.ispkg)  # type: ignore[name-defined]
+)
+for _home in HOMES:
+    importlib.import_module(f"{__name__}.{_home}")
+
+__all__ = ["HOMES"]
