@@ -267,13 +267,17 @@ def lora_pro(results: dict, rank: int, mesh, out_dir: str) -> None:
 
 #: case → (optimizer, overrides, wrapped): the bf16 momenta check that load_state_dict keeps
 #: state dtypes under DCP; "tiger_wrapped" nests GradientAccumulation(NonFiniteGuard(Tiger)).
+#: Every registered optimizer (bf16 state where it takes ``state_dtype``), and Tiger wrapped in
+#: GradientAccumulation(NonFiniteGuard(...)) saved mid-window.
 DCP_CASES = {
-    "lion": ("lion", {"state_dtype": torch.bfloat16}, False),
-    "tiger": ("tiger", {"state_dtype": torch.bfloat16}, False),
-    "adamw": ("adamw", {}, False),
-    "adafactor": ("adafactor", {}, False),
-    "adax": ("adax", {}, False),
-    "amos": ("amos", {}, False),
+    **{
+        name: (
+            name,
+            {"state_dtype": torch.bfloat16} if C.takes_state_dtype(name) else {},
+            False,
+        )
+        for name in C.OPTIMIZERS
+    },
     "tiger_wrapped": ("tiger", {}, True),
 }
 

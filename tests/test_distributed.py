@@ -221,7 +221,7 @@ def test_lora_pro_on_sharded_factors(runs, mode):
 
 # -- distributed checkpoints ---------------------------------------------------------------------
 
-DCP_CASE_NAMES = ["lion", "tiger", "adamw", "adafactor", "adax", "amos", "tiger_wrapped"]
+DCP_CASE_NAMES = [*C.OPTIMIZERS, "tiger_wrapped"]
 
 
 @pytest.mark.parametrize("case", DCP_CASE_NAMES)
@@ -230,7 +230,7 @@ def test_checkpoint_resumes_bit_identically_on_two_ranks(runs, case):
     for r in (r0, r1):
         assert_equal(r[f"dcp/{case}/resumed"], r[f"dcp/{case}/continued"])
         assert r[f"dcp/{case}/resumed_dtypes"] == r[f"dcp/{case}/dtypes"]
-    if case in ("lion", "tiger"):  # bf16 momenta stay bf16 through DCP and load_state_dict
+    if case in C.OPTIMIZERS and C.takes_state_dtype(case):  # bf16 state stays bf16 through DCP
         assert set(r0[f"dcp/{case}/dtypes"].values()) >= {torch.bfloat16}
     if case == "tiger_wrapped":  # GradientAccumulation's and NonFiniteGuard's counters
         assert r0[f"dcp/{case}/records"] == (0, 2)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from optimizer_cases import CASES
 from test_conformance import TinyNet, make_data
 from torch import nn
 
@@ -34,6 +35,13 @@ OPTIMIZERS = {
     "lazy-guard": lambda m: danlu.NonFiniteGuard(
         danlu.Lazy(danlu.Tiger(danlu.param_groups(m), lr=2e-2), lazy_moments=True)
     ),
+    # every registered optimizer at its conformance settings (a new one is covered too)
+    **{
+        f"registry-{name}": lambda m, name=name: danlu.create_optimizer(
+            m, name, **CASES[name]["kwargs"]
+        )
+        for name in danlu.REGISTRY
+    },
 }
 
 
