@@ -18,7 +18,7 @@ are copied with ``non_blocking=True`` and cached by value.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +131,26 @@ def device_scalars(values: Sequence[float], dtype: torch.dtype, device: torch.de
     table = _to_device(values, dtype, device)
     _small.keep(key, table)
     return table
+
+
+class ScalarTable:
+    """The order of a kernel's scalar table (``hyper_ptr``): the one definition of both the
+    offsets the kernel reads (:meth:`at`) and the table the host builds (:meth:`tensor`)."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+        self._offsets = {name: offset for offset, name in enumerate(names)}
+
+    def at(self, name: str) -> tl.constexpr:
+        """The offset of ``name``, as a compile-time constant of the kernel."""
+        return tl.constexpr(self._offsets[name])
+
+    def tensor(
+        self, values: Mapping[str, float], dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
+        """``values`` (by name) in this order, as a cached device tensor
+        (:func:`device_scalars`)."""
+        return device_scalars([values[name] for name in self.names], dtype, device)
 
 
 def int_table(values: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -21,9 +21,9 @@ from danlu.core.overflow import square_bound
 from danlu.core.precision import rounds_stochastically
 from danlu.core.triton import (
     BLOCK,
+    ScalarTable,
     compute_dtype,
     contiguous_or_raise,
-    device_scalars,
     div_rn,
     group_by_dtypes,
     launch_tables,
@@ -41,14 +41,20 @@ __all__ = ["adax_triton"]
 
 # The kernel's scalar table (``hyper_ptr``, in the compute dtype): this order is the one
 # definition of the offsets named below.
-_SCALARS = ("one_minus_beta1", "new_sample_weight", "eps", "weight_decay", "floor", "bound")
-_AT = {name: offset for offset, name in enumerate(_SCALARS)}
-_ONE_MINUS_BETA1 = tl.constexpr(_AT["one_minus_beta1"])  # 1 − β1
-_NEW_SAMPLE_WEIGHT = tl.constexpr(_AT["new_sample_weight"])  # 1 − β̂_t
-_EPS = tl.constexpr(_AT["eps"])  # ε
-_WEIGHT_DECAY = tl.constexpr(_AT["weight_decay"])  # λ
-_FLOOR = tl.constexpr(_AT["floor"])  # rule.denominator_floor (0 where ε keeps it above 0)
-_BOUND = tl.constexpr(_AT["bound"])  # where g² would overflow v̂'s dtype
+_SCALARS = ScalarTable(
+    "one_minus_beta1",
+    "new_sample_weight",
+    "eps",
+    "weight_decay",
+    "floor",
+    "bound",
+)
+_ONE_MINUS_BETA1 = _SCALARS.at("one_minus_beta1")  # 1 − β1
+_NEW_SAMPLE_WEIGHT = _SCALARS.at("new_sample_weight")  # 1 − β̂_t
+_EPS = _SCALARS.at("eps")  # ε
+_WEIGHT_DECAY = _SCALARS.at("weight_decay")  # λ
+_FLOOR = _SCALARS.at("floor")  # rule.denominator_floor (0 where ε keeps it above 0)
+_BOUND = _SCALARS.at("bound")  # where g² would overflow v̂'s dtype
 
 
 def _scalar_table(
@@ -65,7 +71,7 @@ def _scalar_table(
         "floor": 0.0 if floor is None else floor,
         "bound": bound,
     }
-    return device_scalars([values[name] for name in _SCALARS], dtype, device)
+    return _SCALARS.tensor(values, dtype, device)
 
 
 @triton.jit

@@ -23,9 +23,9 @@ from danlu.core.overflow import average_bound
 from danlu.core.precision import rounds_stochastically
 from danlu.core.triton import (
     BLOCK,
+    ScalarTable,
     compute_dtype,
     contiguous_or_raise,
-    device_scalars,
     group_by_dtypes,
     launch_tables,
     lerp,
@@ -42,12 +42,11 @@ __all__ = ["lion_triton"]
 
 # The kernel's scalar table (``hyper_ptr``, in the compute dtype): this order is the one
 # definition of the offsets named below.
-_SCALARS = ("one_minus_beta1", "one_minus_beta2", "weight_decay", "bound")
-_AT = {name: offset for offset, name in enumerate(_SCALARS)}
-_ONE_MINUS_BETA1 = tl.constexpr(_AT["one_minus_beta1"])  # 1 − β1
-_ONE_MINUS_BETA2 = tl.constexpr(_AT["one_minus_beta2"])  # 1 − β2
-_WEIGHT_DECAY = tl.constexpr(_AT["weight_decay"])  # λ
-_BOUND = tl.constexpr(_AT["bound"])  # the gradient's saturation bound
+_SCALARS = ScalarTable("one_minus_beta1", "one_minus_beta2", "weight_decay", "bound")
+_ONE_MINUS_BETA1 = _SCALARS.at("one_minus_beta1")  # 1 − β1
+_ONE_MINUS_BETA2 = _SCALARS.at("one_minus_beta2")  # 1 − β2
+_WEIGHT_DECAY = _SCALARS.at("weight_decay")  # λ
+_BOUND = _SCALARS.at("bound")  # the gradient's saturation bound
 
 
 def _scalar_table(
@@ -61,7 +60,7 @@ def _scalar_table(
         "weight_decay": hyper.weight_decay,
         "bound": bound,
     }
-    return device_scalars([values[name] for name in _SCALARS], dtype, device)
+    return _SCALARS.tensor(values, dtype, device)
 
 
 @triton.jit

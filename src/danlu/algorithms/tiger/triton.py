@@ -25,6 +25,7 @@ from danlu.core.overflow import average_bound
 from danlu.core.precision import rounds_stochastically
 from danlu.core.triton import (
     BLOCK,
+    ScalarTable,
     compute_dtype,
     contiguous_or_raise,
     device_scalars,
@@ -47,15 +48,22 @@ _MODES = {None: 0, "shrink": 1, "skip": 2}
 
 # The kernels' scalar table (``hyper_ptr``, in the compute dtype): this order is the one
 # definition of the offsets named below.
-_SCALARS = ("beta", "one_minus_beta", "grad_weight", "decay", "center", "shrink_ratio", "bound")
-_AT = {name: offset for offset, name in enumerate(_SCALARS)}
-_BETA = tl.constexpr(_AT["beta"])  # β
-_ONE_MINUS_BETA = tl.constexpr(_AT["one_minus_beta"])  # 1 − β
-_GRAD_WEIGHT = tl.constexpr(_AT["grad_weight"])  # (1 − β)/k
-_DECAY = tl.constexpr(_AT["decay"])  # λ (0 for element-wise tensors)
-_CENTER = tl.constexpr(_AT["center"])  # c of the shrink
-_SHRINK_RATIO = tl.constexpr(_AT["shrink_ratio"])  # s of the shrink
-_BOUND = tl.constexpr(_AT["bound"])  # the gradient's saturation bound
+_SCALARS = ScalarTable(
+    "beta",
+    "one_minus_beta",
+    "grad_weight",
+    "decay",
+    "center",
+    "shrink_ratio",
+    "bound",
+)
+_BETA = _SCALARS.at("beta")  # β
+_ONE_MINUS_BETA = _SCALARS.at("one_minus_beta")  # 1 − β
+_GRAD_WEIGHT = _SCALARS.at("grad_weight")  # (1 − β)/k
+_DECAY = _SCALARS.at("decay")  # λ (0 for element-wise tensors)
+_CENTER = _SCALARS.at("center")  # c of the shrink
+_SHRINK_RATIO = _SCALARS.at("shrink_ratio")  # s of the shrink
+_BOUND = _SCALARS.at("bound")  # the gradient's saturation bound
 
 
 def _scalar_table(
@@ -70,7 +78,7 @@ def _scalar_table(
         "shrink_ratio": hyper.shrink_ratio,
         "bound": bound,
     }
-    return device_scalars([values[name] for name in _SCALARS], dtype, device)
+    return _SCALARS.tensor(values, dtype, device)
 
 
 @triton.jit
