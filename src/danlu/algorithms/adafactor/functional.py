@@ -29,7 +29,6 @@ from danlu.algorithms.adafactor.rule import (
     clip_denominator_,
     factored_axes_of,
     gradient_bound,
-    hyper_of,
     inverse_sqrt_factors,
     inverse_sqrt_moment,
     moment_ema_,
@@ -39,6 +38,7 @@ from danlu.algorithms.adafactor.rule import (
     saturated_gradient,
 )
 from danlu.core.dtensor import any_dtensor, local, reduce_partial_sums
+from danlu.core.hyper import accepts_keywords
 from danlu.core.overflow import finite_norms, finite_sum_of_squares
 from danlu.core.precision import saturating_cast, stochastically_rounded_params
 from danlu.core.tensors import foreach_lerp_, group_by_device_and_dtype, select_path
@@ -180,6 +180,7 @@ def _implementation(path: str, on_cpu: bool) -> Callable[..., None]:
     return _single_tensor_adafactor
 
 
+@accepts_keywords(AdaFactorHyper)
 def _single_tensor_adafactor(
     params: list[Tensor],
     grads: list[Tensor],
@@ -187,12 +188,10 @@ def _single_tensor_adafactor(
     exp_avg_sq_cols: list[Tensor | None],
     exp_avg_sqs: list[Tensor | None],
     exp_avgs: list[Tensor | None],
-    hyper: AdaFactorHyper | None = None,
-    **settings: Any,
+    hyper: AdaFactorHyper,
 ) -> None:
     """The reference rule (:func:`~danlu.algorithms.adafactor.rule.adafactor_update_`), one
     tensor at a time."""
-    hyper = hyper_of(hyper, settings)
     for param, grad, row, col, full, exp_avg in zip(
         params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, strict=True
     ):

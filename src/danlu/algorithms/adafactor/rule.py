@@ -58,7 +58,6 @@ __all__ = [
     "clip_denominator_",
     "factored_axes_of",
     "gradient_bound",
-    "hyper_of",
     "inverse_sqrt_factors",
     "inverse_sqrt_moment",
     "moment_ema_",
@@ -177,16 +176,6 @@ def check_modes(factored_dims: str, momentum_mode: str) -> None:
         raise ValueError(f"factored_dims must be one of {FACTORED_DIMS}, got {factored_dims!r}")
     if momentum_mode not in MOMENTUM_MODES:
         raise ValueError(f"momentum_mode must be one of {MOMENTUM_MODES}, got {momentum_mode!r}")
-
-
-def hyper_of(hyper: AdaFactorHyper | None, settings: dict[str, Any]) -> AdaFactorHyper:
-    """``hyper``, or one built from ``settings``, the fields of :class:`AdaFactorHyper` by
-    name (how the parity tests call the paths)."""
-    if hyper is None:
-        return AdaFactorHyper(**settings)
-    if settings:
-        raise TypeError(f"pass the hyper-parameters or {sorted(settings)}, not both")
-    return hyper
 
 
 def adafactor_beta2(

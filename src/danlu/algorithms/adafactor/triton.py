@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, fields
-from typing import Any, cast
+from typing import cast
 
 import torch
 import triton
@@ -42,15 +41,16 @@ from danlu.algorithms.adafactor.rule import (
     clip_denominator_,
     factored_axes_of,
     gradient_bound,
-    hyper_of,
     inverse_sqrt_factors,
     parameter_scale_,
     root_size,
     saturated_gradient,
 )
+from danlu.core.hyper import accepts_keywords
 from danlu.core.precision import rounds_stochastically
 from danlu.core.triton import (
     BLOCK,
+    ScalarTable,
     compute_dtype,
     contiguous_or_raise,
     device_scalars,
@@ -74,34 +74,26 @@ __all__ = ["adafactor_triton"]
 _MOMENTUM = {None: 0, "unit": 1, "scaled": 2}  # the MOMENTUM constexpr of hyper.momentum
 
 
-@dataclass(frozen=True)
-class _KernelScalars:
-    """The scalars the kernels read from ``hyper_ptr``, in this field order (one definition:
-    the buffer is ``astuple`` of it, the offsets below are the field indices)."""
-
-    one_minus_beta2: float  # 1 − β̂_t
-    eps1: float  # ε1
-    one_minus_beta1: float  # 1 − β1
-    weight_decay: float  # λ
-    tiny: float  # the floor of a full v̂ (rule.moment_floor)
-
-    @classmethod
-    def of(cls, hyper: AdaFactorHyper, compute: torch.dtype) -> _KernelScalars:
-        return cls(
-            one_minus_beta2=1 - cast(float, hyper.beta2_t),
-            eps1=hyper.eps1,
-            one_minus_beta1=1 - hyper.beta1,
-            weight_decay=hyper.weight_decay,
-            tiny=torch.finfo(compute).tiny,
-        )
+# The kernels' scalar table (``hyper_ptr``, in the compute dtype): this order is the one
+# definition of the offsets named below.
+_SCALARS = ScalarTable("one_minus_beta2", "eps1", "one_minus_beta1", "weight_decay", "tiny")
+ONE_MINUS_BETA2 = _SCALARS.at("one_minus_beta2")  # 1 − β̂_t
+EPS1 = _SCALARS.at("eps1")  # ε1
+ONE_MINUS_BETA1 = _SCALARS.at("one_minus_beta1")  # 1 − β1
+WEIGHT_DECAY = _SCALARS.at("weight_decay")  # λ
+TINY = _SCALARS.at("tiny")  # the floor of a full v̂ (rule.moment_floor)
 
 
-_OFFSET = {field.name: index for index, field in enumerate(fields(_KernelScalars))}
-ONE_MINUS_BETA2 = tl.constexpr(_OFFSET["one_minus_beta2"])
-EPS1 = tl.constexpr(_OFFSET["eps1"])
-ONE_MINUS_BETA1 = tl.constexpr(_OFFSET["one_minus_beta1"])
-WEIGHT_DECAY = tl.constexpr(_OFFSET["weight_decay"])
-TINY = tl.constexpr(_OFFSET["tiny"])
+def _scalar_table(hyper: AdaFactorHyper, compute: torch.dtype, device: torch.device) -> Tensor:
+    """The kernels' scalars by name."""
+    values = {
+        "one_minus_beta2": 1 - cast(float, hyper.beta2_t),
+        "eps1": hyper.eps1,
+        "one_minus_beta1": 1 - hyper.beta1,
+        "weight_decay": hyper.weight_decay,
+        "tiny": torch.finfo(compute).tiny,
+    }
+    return _SCALARS.tensor(values, compute, device)
 
 
 @triton.jit
@@ -247,7 +239,7 @@ def _adafactor_reduce_kernel(
     block_index,
     info_ptr,
     factors_ptr,
-    hyper_ptr,  # _KernelScalars: 1 − β̂_t, ε1, 1 − β1, λ, the smallest normal number
+    hyper_ptr,  # the scalar table: _SCALARS
     bound_ptr,  # per tensor: the gradient's saturation bound
     partials,  # (2, programs): Σu², Σθ² per block, float64
     num_programs,
@@ -369,7 +361,7 @@ def _adafactor_update_kernel(
     block_index,
     info_ptr,
     factors_ptr,
-    hyper_ptr,  # _KernelScalars: 1 − β̂_t, ε1, 1 − β1, λ, the smallest normal number
+    hyper_ptr,  # the scalar table: _SCALARS
     bound_ptr,  # per tensor: the gradient's saturation bound
     step_ptr,  # α_t, for the decay
     clip_ptr,  # per tensor: max(1, RMS(u)/d)
@@ -431,6 +423,7 @@ def _layout(shape: Sequence[int], largest: int, second: int) -> tuple[int, ...]:
     )
 
 
+@accepts_keywords(AdaFactorHyper)
 def adafactor_triton(
     params: list[Tensor],
     grads: list[Tensor],
@@ -438,15 +431,13 @@ def adafactor_triton(
     exp_avg_sq_cols: list[Tensor | None],
     exp_avg_sqs: list[Tensor | None],
     exp_avgs: list[Tensor | None],
-    hyper: AdaFactorHyper | None = None,
+    hyper: AdaFactorHyper,
     *,
     stochastic_rounding: bool | None = False,
-    **settings: Any,
 ) -> None:
     """AdaFactor on contiguous tensors (same arguments as ``functional._single_tensor_adafactor``:
     ``hyper``, or its fields by name); ``stochastic_rounding`` rounds bf16/fp16 parameters
     stochastically (``core.precision.rounds_stochastically``)."""
-    hyper = hyper_of(hyper, settings)
     # Tensors are grouped by device and dtypes (the kernels' pointer types), and factored ones
     # also by layout: which of P, Q, S are 1 (so a matrix needs one division per element)
     # and whether 64-bit indices are needed.
@@ -541,7 +532,7 @@ def _launch(
     device, stat_dtype = params[0].device, stats[0].dtype
     compute = compute_dtype(params[0].dtype, stat_dtype)
     tables = launch_tables([params, grads, stats, momenta])
-    hyper_table = device_scalars(astuple(_KernelScalars.of(hyper, compute)), compute, device)
+    hyper_table = _scalar_table(hyper, compute, device)
     step = lr_tensor(hyper.step_size, compute, device)
     factored = cols is not None
     bounds = [
